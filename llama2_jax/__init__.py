@@ -1,0 +1,52 @@
+"""llama2_jax: Meta's Llama 2 in JAX/Flax, sharded over whatever devices are present."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Sequence
+
+import numpy as np
+
+from llama2_jax.checkpoint import CheckpointError, load, save
+from llama2_jax.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, preset
+from llama2_jax.engine import ContextError, Engine, Session
+from llama2_jax.model import Transformer
+from llama2_jax.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, make_sampler
+from llama2_jax.sharding import make_mesh
+from llama2_jax.tokenizer import DialogError, StreamDecoder, Tokenizer, encode_dialog
+
+__all__ = [
+    "CheckpointError", "ConfigError", "ContextError", "DialogError", "Engine", "ModelConfig",
+    "Session", "StreamDecoder", "Tokenizer", "Transformer", "encode_dialog", "engine_for",
+    "forward", "from_hf_config", "from_meta_params", "generate", "load", "make_mesh", "preset",
+    "save",
+]
+
+_ENGINES: "weakref.WeakKeyDictionary[Transformer, Engine]" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model: Transformer) -> Engine:
+    """The model's Engine, created once so repeated calls reuse its compiled steps."""
+    engine = _ENGINES.get(model)
+    if engine is None:
+        engine = _ENGINES[model] = Engine(model)
+    return engine
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
+             top_k: int | None = None, seed: int = 0,
+             stop_ids: Sequence[int] | None = None) -> list[list[int]]:
+    """New token ids of each prompt (a list of token-id lists), stop token excluded.
+
+    Stops a row at EOS (`stop_ids`, default Llama 2's EOS id 2), after `max_new_tokens`, or
+    at the context limit. temperature=0 is greedy.
+    """
+    return engine_for(model).generate(
+        prompts, max_new_tokens=max_new_tokens, sampler=make_sampler(temperature, top_p, top_k),
+        seed=seed, stop_ids=(2,) if stop_ids is None else stop_ids)
+
+
+def forward(model: Transformer, token_ids: Sequence[int]) -> np.ndarray:
+    """Float32 logits [T, vocab] of one token sequence."""
+    return engine_for(model).forward(token_ids)

@@ -1,0 +1,233 @@
+"""Orbax checkpoints of llama2_jax models, restored straight onto any mesh.
+
+A checkpoint directory holds:
+  llama2_jax.json   {"format": 1, "model": ModelConfig fields}
+  params/           orbax (StandardCheckpointer) tree of the model's parameters
+  tokenizer.model   optional: the tokenizer the weights were trained with
+It is written under a temporary name and renamed when complete, so a directory with
+`llama2_jax.json` is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from llama2_jax import sharding
+from llama2_jax.config import ModelConfig
+from llama2_jax.model import Transformer, abstract_model, init_model
+
+META_FILE = "llama2_jax.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILE = "tokenizer.model"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or does not fit the model."""
+
+
+def default_dtype() -> str:
+    """bfloat16 on accelerators, float32 on CPU."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def default_mesh(cfg: ModelConfig, devices=None) -> Mesh:
+    """Tensor parallelism over all devices when the heads allow it, else FSDP."""
+    n = len(jax.devices() if devices is None else devices)
+    if cfg.n_heads % n == 0:
+        return sharding.make_mesh(data=1, fsdp=1, tensor=n, devices=devices)
+    return sharding.make_mesh(data=1, fsdp=n, tensor=1, devices=devices)
+
+
+def param_shardings(model: Transformer, mesh: Mesh) -> dict:
+    """Pure-dict tree of NamedShardings for the model's parameters (abstract or concrete)."""
+    state = nnx.state(model, nnx.Param)
+    return jax.tree.map(lambda v: sharding.named_sharding(mesh, v.axes, v.value.shape), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+
+
+def _abstract_target(cfg: ModelConfig, mesh: Mesh):
+    abstract = abstract_model(cfg)
+    graphdef, state = nnx.split(abstract)
+    shardings = param_shardings(abstract, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, cfg.weight_dtype, sharding=s),
+                          state.to_pure_dict(), shardings)
+    return graphdef, state, target
+
+
+def _merge(graphdef, state, params: dict) -> Transformer:
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def from_params(cfg: ModelConfig, params: dict, mesh: Mesh | None = None) -> Transformer:
+    """Model from a nested dict of arrays (numpy or jax) laid out as llama2_jax's parameters."""
+    mesh = mesh or default_mesh(cfg)
+    sharding.check_mesh(mesh, cfg.n_heads, cfg.n_kv_heads)
+    graphdef, state, target = _abstract_target(cfg, mesh)
+    _check_tree(target, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                                     params), "params")
+    placed = jax.tree.map(lambda x, t: jax.device_put(np.asarray(x).astype(t.dtype), t.sharding),
+                          params, target)
+    return _merge(graphdef, state, placed)
+
+
+def random_model(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> Transformer:
+    """Randomly initialised model created directly in its shards (no full copy on one device)."""
+    mesh = mesh or default_mesh(cfg)
+    sharding.check_mesh(mesh, cfg.n_heads, cfg.n_kv_heads)
+    graphdef, state, target = _abstract_target(cfg, mesh)
+    out_shardings = jax.tree.map(lambda t: t.sharding, target)
+
+    def init():
+        return nnx.state(init_model(cfg, seed), nnx.Param).to_pure_dict()
+
+    params = jax.jit(init, out_shardings=out_shardings)()
+    return _merge(graphdef, state, params)
+
+
+def params_of(model: Transformer) -> dict:
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def save(directory: str | os.PathLike, model: Transformer, *,
+         tokenizer_path: str | os.PathLike | None = None, overwrite: bool = False) -> str:
+    """Write `model` (params + config, and the tokenizer if given) to `directory`, atomically.
+
+    An existing directory is refused unless `overwrite`; it is replaced only once the new
+    checkpoint is complete.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not overwrite:
+        raise CheckpointError(f"{directory} already exists; pass overwrite=True to replace it")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), params_of(model))
+        ckptr.wait_until_finished()
+        if jax.process_index() == 0:
+            if tokenizer_path is not None:
+                shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
+            write_config(tmp, model.config)
+            _replace_dir(tmp, directory)
+        _sync("llama2_jax_checkpoint_save")
+    finally:
+        if jax.process_index() == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def write_config(directory: str, cfg: ModelConfig, **extra: Any) -> None:
+    """Write the checkpoint's metadata file (the marker of a complete checkpoint)."""
+    meta = {"format": FORMAT, "model": cfg.to_dict(), **extra}
+    path = os.path.join(directory, META_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    if os.path.exists(dst):
+        old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    path = os.path.join(directory, META_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{directory} is not a llama2_jax checkpoint (no {META_FILE}); convert weights with "
+            "convert/meta_to_orbax.py or convert/hf_to_orbax.py, or it is an incomplete write")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT or "model" not in meta:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}, "
+                              f"expected {FORMAT}")
+    return ModelConfig.from_dict(meta["model"], source=path)
+
+
+def tokenizer_path(directory: str | os.PathLike) -> str | None:
+    path = os.path.join(os.fspath(directory), TOKENIZER_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def load(directory: str | os.PathLike, *, mesh: Mesh | None = None,
+         dtype: str | None = None) -> Transformer:
+    """Restore a checkpoint onto `mesh`, each device reading only its own shards.
+
+    Args:
+      directory: a checkpoint written by `save` or by the converters.
+      mesh: target mesh (default: `default_mesh`).
+      dtype: compute and parameter dtype; weights are cast while loading
+        (default: bfloat16 on accelerators, float32 on CPU).
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    cfg = read_config(directory).with_dtype(dtype or default_dtype())
+    mesh = mesh or default_mesh(cfg)
+    sharding.check_mesh(mesh, cfg.n_heads, cfg.n_kv_heads)
+    graphdef, state, target = _abstract_target(cfg, mesh)
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        found = ckptr.metadata(params_dir).item_metadata.tree
+    except Exception as e:  # orbax raises several types for a missing/corrupt tree
+        raise CheckpointError(f"{params_dir}: cannot read orbax metadata ({e})") from None
+    _check_tree(target, found, params_dir)
+    restored = ckptr.restore(params_dir, target)
+    return _merge(graphdef, state, restored)
+
+
+def _check_tree(expected, found, where: str) -> None:
+    """Raise CheckpointError naming the first parameter whose presence or shape differs."""
+    exp = {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {_path_str(p): tuple(x.shape)
+           for p, x in jax.tree_util.tree_leaves_with_path(found, is_leaf=_has_shape)}
+    missing = sorted(set(exp) - set(got))
+    if missing:
+        raise CheckpointError(f"{where}: parameter(s) missing from the checkpoint: {missing}")
+    extra = sorted(set(got) - set(exp))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected parameter(s) in the checkpoint: {extra}")
+    for key, shape in exp.items():
+        if got[key] != shape:
+            raise CheckpointError(f"{where}: parameter {key} has shape {got[key]}, the model "
+                                  f"config expects {shape}")
+
+
+def _has_shape(x) -> bool:
+    return hasattr(x, "shape") and not isinstance(x, dict)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)

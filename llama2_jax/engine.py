@@ -1,0 +1,261 @@
+"""Jitted prefill and decode steps, batched generation with stop conditions, streaming.
+
+The KV cache is an explicit pytree (model.KVCache) whose slot s holds position s of its row,
+so rows of different lengths share one cache, and a multi-turn `Session` keeps its cache and
+re-uses every slot up to the first token that differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from llama2_jax import sharding
+from llama2_jax.model import KVCache, Transformer, init_cache
+from llama2_jax.sampling import Greedy
+
+MIN_BUCKET = 16
+
+
+class ContextError(ValueError):
+    """A prompt that does not fit the model's context window."""
+
+
+def bucket(n: int, limit: int) -> int:
+    """Smallest power of two >= n (at least MIN_BUCKET), capped at `limit`."""
+    size = MIN_BUCKET
+    while size < n:
+        size *= 2
+    return min(size, limit)
+
+
+def model_mesh(model: Transformer) -> Mesh:
+    """The mesh the model's parameters live on (a 1-device mesh if they are not sharded)."""
+    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    s = getattr(leaf, "sharding", None)
+    if isinstance(s, NamedSharding):
+        return s.mesh
+    return sharding.make_mesh(devices=list(getattr(leaf, "devices", lambda: None)() or
+                                           jax.devices()[:1]))
+
+
+@dataclasses.dataclass
+class Step:
+    """One decoding step's output: the new token of each still-running row (None if done)."""
+
+    tokens: list[int | None]
+    finished: list[bool]
+
+
+class Engine:
+    """Compiled prefill/decode for one model; compiles once per (batch, bucket) shape."""
+
+    def __init__(self, model: Transformer, mesh: Mesh | None = None):
+        self.config = model.config
+        self.mesh = mesh or model_mesh(model)
+        self._graphdef, self._state = nnx.split(model)
+        self.compile_count = 0  # traces of prefill/decode/forward, for tests and benchmarks
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampler",),
+                                donate_argnames=("cache",))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("sampler",),
+                               donate_argnames=("cache",))
+        self._forward = jax.jit(self._forward_fn)
+        self._cache_makers: dict[tuple[int, int], Callable[[], KVCache]] = {}
+
+    # -- jitted bodies -------------------------------------------------------------------------
+    def _model(self) -> Transformer:
+        return nnx.merge(self._graphdef, self._state)
+
+    def _constrain_cache(self, cache: KVCache) -> KVCache:
+        return KVCache(*(sharding.constrain(c, KVCache.axes()) for c in cache))
+
+    def _prefill_fn(self, state, tokens, positions, last, cache, rng, sampler):
+        self.compile_count += 1
+        model = nnx.merge(self._graphdef, state)
+        logits, cache = model(tokens, positions, cache, logits_at=last)  # [B, V]
+        return sampler(logits, rng), logits, self._constrain_cache(cache)
+
+    def _decode_fn(self, state, tokens, positions, cache, rng, sampler):
+        self.compile_count += 1
+        model = nnx.merge(self._graphdef, state)
+        logits, cache = model(tokens[:, None], positions[:, None], cache)  # [B, 1, V]
+        return sampler(logits[:, 0], rng), self._constrain_cache(cache)
+
+    def _forward_fn(self, state, tokens, positions):
+        self.compile_count += 1
+        return nnx.merge(self._graphdef, state)(tokens, positions)[0]
+
+    # -- building blocks -----------------------------------------------------------------------
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        """A zeroed cache for `batch` rows of `length` slots, created in its shards."""
+        make = self._cache_makers.get((batch, length))
+        if make is None:
+            cfg = self.config
+            shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+            s = sharding.named_sharding(self.mesh, KVCache.axes(), shape)
+            make = jax.jit(lambda: init_cache(cfg, batch, length), out_shardings=KVCache(s, s))
+            self._cache_makers[(batch, length)] = make
+        return make()
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits [T, V] (float32) of one sequence, no cache."""
+        n = len(tokens)
+        if not 0 < n <= self.config.max_seq_len:
+            raise ContextError(f"sequence of {n} tokens; expected 1..{self.config.max_seq_len}")
+        t = bucket(n, self.config.max_seq_len)
+        padded = np.zeros((1, t), np.int32)
+        padded[0, :n] = tokens
+        with jax.set_mesh(self.mesh):
+            logits = self._forward(self._state, jnp.asarray(padded),
+                                   jnp.arange(t, dtype=jnp.int32)[None])
+        return np.asarray(logits[0, :n])
+
+    def prefill(self, rows: Sequence[Sequence[int]], starts: Sequence[int], cache: KVCache,
+                rng, sampler):
+        """Write rows[b] at positions starts[b].. into the cache; sample each row's next token.
+
+        Returns (next tokens [B] on device, last logits [B, V], cache).
+        """
+        lengths = [len(r) for r in rows]
+        t = bucket(max(lengths), cache.length)
+        t = min(t, cache.length - max(starts))  # the write must fit: never shift into the cache
+        if t < max(lengths):
+            raise ContextError(f"prefill of {max(lengths)} tokens from position {max(starts)} "
+                               f"does not fit a cache of {cache.length}")
+        tokens = np.zeros((len(rows), t), np.int32)
+        for b, r in enumerate(rows):
+            tokens[b, :len(r)] = r
+        positions = np.asarray(starts, np.int32)[:, None] + np.arange(t, dtype=np.int32)
+        last = np.asarray(lengths, np.int32) - 1
+        with jax.set_mesh(self.mesh):
+            return self._prefill(self._state, jnp.asarray(tokens), jnp.asarray(positions),
+                                 jnp.asarray(last), cache, rng, sampler=sampler)
+
+    def decode(self, tokens, positions, cache: KVCache, rng, sampler):
+        """Feed tokens [B] at positions [B]; returns (next tokens [B], cache)."""
+        with jax.set_mesh(self.mesh):
+            return self._decode(self._state, tokens, positions, cache, rng, sampler=sampler)
+
+    # -- generation ----------------------------------------------------------------------------
+    def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               sampler: Callable = Greedy(), seed: int = 0, stop_ids: Sequence[int] = (),
+               cache: KVCache | None = None, starts: Sequence[int] | None = None,
+               on_cache: Callable[[KVCache], None] | None = None) -> Iterator[Step]:
+        """Generate for a batch of token-id prompts, yielding one Step per decoded position.
+
+        A row stops at a token in `stop_ids` (not yielded), after `max_new_tokens`, or when
+        prompt + answer reach the context limit. With `cache`/`starts`, each prompt continues
+        a sequence whose first starts[b] positions are already in the cache; `on_cache`
+        receives the cache after every step (it is donated to the next one).
+        """
+        cfg = self.config
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        starts = [0] * len(prompts) if starts is None else list(starts)
+        ends = [s + len(p) for s, p in zip(starts, prompts)]
+        context = cfg.max_seq_len if cache is None else min(cfg.max_seq_len, cache.length)
+        if max(ends) > context:
+            raise ContextError(f"prompt of {max(ends)} tokens exceeds the context of "
+                               f"{context} tokens")
+        budget = [min(max_new_tokens, context - e) for e in ends]
+        if cache is None:
+            # Slots for every token fed: the prompt (padded to its bucket) and the answer.
+            need = max(bucket(max(len(p) for p in prompts), context),
+                       max(e + b for e, b in zip(ends, budget)))
+            cache = self.new_cache(len(prompts), bucket(need, context))
+        key = jax.random.PRNGKey(seed)
+        tok, _, cache = self.prefill(prompts, starts, cache, jax.random.fold_in(key, 0), sampler)
+        if on_cache:
+            on_cache(cache)
+        stop = set(int(s) for s in stop_ids)
+        count = [0] * len(prompts)
+        done = [b <= 0 for b in budget]
+        positions = np.asarray(ends, np.int32)
+        limit = cache.length - 1
+        step = 0
+        while not all(done):
+            step += 1
+            # Dispatch the next step before reading this one's tokens, so the device works
+            # while the host checks stop conditions.
+            pos = jnp.asarray(np.minimum(positions, limit))
+            nxt, cache = self.decode(tok, pos, cache, jax.random.fold_in(key, step), sampler)
+            if on_cache:
+                on_cache(cache)
+            host = np.asarray(tok)
+            out: list[int | None] = []
+            for b, t in enumerate(host.tolist()):
+                if done[b]:
+                    out.append(None)
+                    continue
+                if t in stop:
+                    done[b] = True
+                    out.append(None)
+                    continue
+                out.append(t)
+                count[b] += 1
+                done[b] = count[b] >= budget[b]
+            yield Step(out, list(done))
+            positions = positions + 1
+            tok = nxt
+
+    def generate(self, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
+        """The new tokens of each prompt (stop token excluded); see `stream` for arguments."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream(prompts, **kwargs):
+            for b, t in enumerate(step.tokens):
+                if t is not None:
+                    out[b].append(t)
+        return out
+
+
+class Session:
+    """One conversation whose KV cache lives across turns.
+
+    Each `generate` call receives the whole token sequence so far (e.g. a dialog in the chat
+    format); only the tokens after the longest prefix already in the cache are prefilled.
+    """
+
+    def __init__(self, engine: Engine, length: int | None = None):
+        self.engine = engine
+        self.length = length or engine.config.max_seq_len
+        self.cache: KVCache | None = None
+        self.cached: list[int] = []  # tokens whose keys/values are valid in the cache
+
+    def reset(self) -> None:
+        self.cached = []
+
+    def generate(self, tokens: Sequence[int], *, max_new_tokens: int, sampler=Greedy(),
+                 seed: int = 0, stop_ids: Sequence[int] = ()) -> Iterator[int]:
+        tokens = list(tokens)
+        if len(tokens) >= self.length:
+            raise ContextError(f"{len(tokens)} tokens leave no room to answer in a context of "
+                               f"{self.length}")
+        if self.cache is None or self.cache.k.is_deleted():
+            self.cache, self.cached = self.engine.new_cache(1, self.length), []
+        keep = 0
+        for a, b in zip(self.cached, tokens[:-1]):  # at least one token must be prefilled
+            if a != b:
+                break
+            keep += 1
+        self.cached = tokens[:keep]  # valid until the new tokens overwrite the rest
+        answer: list[int] = []
+        steps = self.engine.stream([tokens[keep:]], starts=[keep], cache=self.cache,
+                                   max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+                                   stop_ids=stop_ids, on_cache=self._set_cache)
+        for step in steps:
+            t = step.tokens[0]
+            if t is not None:
+                answer.append(t)
+                # The cache holds every token fed so far: the prompt and all but the newest.
+                self.cached = tokens + answer[:-1]
+                yield t
+        self.cached = tokens + answer[:-1]
+
+    def _set_cache(self, cache: KVCache) -> None:
+        self.cache = cache

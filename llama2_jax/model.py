@@ -1,0 +1,230 @@
+"""Llama 2 in Flax NNX, top to bottom.
+
+Shape letters used in einsums and comments:
+  B batch, T query length, S key/cache length, D model dim, N query heads, K key/value heads,
+  G query heads per KV head (N = K * G), H head dim, F feed-forward width, V vocabulary,
+  L layers.
+
+Parameter names and RoPE layout are Meta's (`tok_embeddings`, `attention.wq`, ...; interleaved
+rotary pairs), stored einsum-friendly: `wq` is [D, N, H], `wo` [N, H, D], `w1` [D, F], `output`
+[D, V]. The layers are one stacked `Block` (every parameter has a leading L axis) run with
+`lax.scan`, so the 80-layer 70B compiles like a 1-layer model.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama2_jax.config import ModelConfig
+from llama2_jax.sharding import constrain
+
+f32 = jnp.float32
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, [L, B, S, K, H] each; slot s holds position s."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    @staticmethod
+    def axes() -> tuple[str, ...]:
+        return ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.compute_dtype)
+    return KVCache(zeros, zeros)
+
+
+def linear(eq: str, x: jax.Array, w) -> jax.Array:
+    """Every weight matmul goes through here (quantized weights plug in at this one spot)."""
+    if hasattr(w, "einsum"):
+        return w.einsum(eq, x)
+    return jnp.einsum(eq, x, w.astype(x.dtype))
+
+
+def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, stack: int | None, init="normal"):
+    if stack is not None:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    if init == "ones":
+        value = jnp.ones(shape, cfg.weight_dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, f32)).astype(cfg.weight_dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
+        self.eps = cfg.norm_eps
+        self.weight = _param(rngs, cfg, (cfg.dim,), ("embed",), stack, init="ones")
+
+    def __call__(self, x):  # [..., D]
+        x32 = x.astype(f32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.weight.value.astype(x.dtype)
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float):
+    """cos, sin of Meta's rotary frequencies at `positions` [B, T]: each [B, T, 1, H/2]."""
+    freqs = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=f32) / head_dim))  # [H/2]
+    angles = positions.astype(f32)[..., None] * freqs  # [B, T, H/2]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, N, H], as Meta's complex product."""
+    xr = x.astype(f32).reshape(*x.shape[:-1], -1, 2)  # [B, T, N, H/2, 2]
+    x0, x1 = xr[..., 0], xr[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def _write(cache: jax.Array, new: jax.Array, layer, start: jax.Array) -> jax.Array:
+    """cache [L, B, S, K, H] with new [B, T, K, H] written at (layer, b, start[b])."""
+    def one(c, u, s):  # c [L, S, K, H], u [T, K, H]
+        return jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, s, 0, 0))
+    return jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(cache, new, start)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
+        d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = _param(rngs, cfg, (d, n, h), ("embed", "heads", "head_dim"), stack)
+        self.wk = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), stack)
+        self.wv = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), stack)
+        self.wo = _param(rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), stack)
+
+    def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None):
+        """x [B, T, D]; positions [B, T]; kv: (k, v) caches [L, B, S, K, H] or None.
+
+        Query at position p sees key slots s <= p (and `mask_extra` [B, T, S] if given).
+        Returns the output [B, T, D] and the updated (k, v).
+        """
+        B, T, _ = x.shape
+        q = apply_rope(linear("BTD,DNH->BTNH", x, self.wq.value), cos, sin)
+        k = apply_rope(linear("BTD,DKH->BTKH", x, self.wk.value), cos, sin)
+        v = linear("BTD,DKH->BTKH", x, self.wv.value)
+        if kv is None:
+            keys, values, key_pos = k, v, positions  # [B, S=T, K, H], [B, S]
+        else:
+            ck, cv = (_write(c, new, layer, positions[:, 0]) for c, new in zip(kv, (k, v)))
+            kv = (ck, cv)
+            keys, values = ck[layer], cv[layer]  # [B, S, K, H]
+            key_pos = jnp.arange(ck.shape[2])[None, :]  # [1, S]
+        K, H = keys.shape[2], keys.shape[3]
+        q = q.reshape(B, T, K, -1, H)  # [B, T, K, G, H]
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(q.dtype),
+                            preferred_element_type=f32) * (H ** -0.5)
+        mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
+        if mask_extra is not None:
+            mask = mask & mask_extra
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values.astype(x.dtype))
+        out = out.reshape(B, T, -1, H)  # [B, T, N, H]
+        return linear("BTNH,NHD->BTD", out, self.wo.value), kv
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
+        d, f = cfg.dim, cfg.ffn_dim
+        self.w1 = _param(rngs, cfg, (d, f), ("embed", "mlp"), stack)
+        self.w2 = _param(rngs, cfg, (f, d), ("mlp", "embed"), stack)
+        self.w3 = _param(rngs, cfg, (d, f), ("embed", "mlp"), stack)
+
+    def __call__(self, x):  # [B, T, D]
+        gate = jax.nn.silu(linear("BTD,DF->BTF", x, self.w1.value))
+        return linear("BTF,FD->BTD", gate * linear("BTD,DF->BTF", x, self.w3.value),
+                      self.w2.value)
+
+
+class Block(nnx.Module):
+    """One transformer layer; built with `stack=L` it holds all L layers' weights."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
+        self.attention = Attention(cfg, rngs, stack)
+        self.feed_forward = FeedForward(cfg, rngs, stack)
+        self.attention_norm = RMSNorm(cfg, rngs, stack)
+        self.ffn_norm = RMSNorm(cfg, rngs, stack)
+
+    def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None):
+        h, kv = self.attention(self.attention_norm(x), positions, cos, sin, mask_extra, kv, layer)
+        x = x + h
+        x = x + self.feed_forward(self.ffn_norm(x))
+        return constrain(x, ("batch", "length", None)), kv
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        self.tok_embeddings = _param(rngs, cfg, (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
+                                     None)
+        self.layers = Block(cfg, rngs, stack=cfg.n_layers)
+        self.norm = RMSNorm(cfg, rngs)
+        self.output = _param(rngs, cfg, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), None)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+                 *, logits_at: jax.Array | None = None, mask_extra: jax.Array | None = None,
+                 remat: bool = False):
+        """Run the model.
+
+        Args:
+          tokens, positions: [B, T] int32. With a cache, token t of row b is written to slot
+            positions[b, t]; the positions of a row must be consecutive.
+          cache: a KVCache, or None for a cache-free pass over `tokens` alone.
+          logits_at: [B] index into T; if given, logits only there ([B, V]).
+          mask_extra: [B, T, S] bool, ANDed with the causal mask (e.g. segment masks).
+          remat: recompute each layer's activations in the backward pass.
+        Returns:
+          (logits [B, T, V] or [B, V] float32, updated cache or None).
+        """
+        cfg = self.config
+        x = jnp.take(self.tok_embeddings.value, tokens, axis=0).astype(cfg.compute_dtype)
+        x = constrain(x, ("batch", "length", None))  # [B, T, D]
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(carry, xs):
+            h, kv = carry
+            layer_state, layer = xs
+            block = nnx.merge(graphdef, layer_state)
+            h, kv = block(h, positions, cos, sin, mask_extra, kv, layer)
+            return (h, kv), None
+
+        if remat:
+            body = jax.checkpoint(body)
+        kv = None if cache is None else (cache.k, cache.v)
+        (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, jnp.arange(cfg.n_layers)))
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
+        x = self.norm(x)
+        logits = jnp.einsum("...D,DV->...V", x, self._output_weight(x.dtype),
+                            preferred_element_type=f32)
+        return logits, (None if kv is None else KVCache(*kv))
+
+    def _output_weight(self, dtype):
+        w = self.output.value
+        return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model with ShapeDtypeStruct leaves: nothing allocated (for 7B-70B shapes)."""
+    return nnx.eval_shape(lambda: init_model(cfg))
+
+
+def param_count(model: Transformer) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
