@@ -53,8 +53,9 @@ def default_mesh(cfg: ModelConfig, devices=None) -> Mesh:
 def param_shardings(model: Transformer, mesh: Mesh) -> dict:
     """Pure-dict tree of NamedShardings for the model's parameters (abstract or concrete)."""
     state = nnx.state(model, nnx.Param)
-    return jax.tree.map(lambda v: sharding.named_sharding(mesh, v.axes, v.value.shape), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    return nnx.to_pure_dict(jax.tree.map(
+        lambda v: sharding.named_sharding(mesh, v.axes, v.get_value().shape), state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def _abstract_target(cfg: ModelConfig, mesh: Mesh):
@@ -62,7 +63,7 @@ def _abstract_target(cfg: ModelConfig, mesh: Mesh):
     graphdef, state = nnx.split(abstract)
     shardings = param_shardings(abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, cfg.weight_dtype, sharding=s),
-                          state.to_pure_dict(), shardings)
+                          nnx.to_pure_dict(state), shardings)
     return graphdef, state, target
 
 
@@ -91,14 +92,14 @@ def random_model(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> T
     out_shardings = jax.tree.map(lambda t: t.sharding, target)
 
     def init():
-        return nnx.state(init_model(cfg, seed), nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(init_model(cfg, seed), nnx.Param))
 
     params = jax.jit(init, out_shardings=out_shardings)()
     return _merge(graphdef, state, params)
 
 
 def params_of(model: Transformer) -> dict:
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def save(directory: str | os.PathLike, model: Transformer, *,

@@ -165,9 +165,9 @@ class Engine:
                                f"{context} tokens")
         budget = [min(max_new_tokens, context - e) for e in ends]
         if cache is None:
-            # Slots for every token fed: the prompt (padded to its bucket) and the answer.
-            need = max(bucket(max(len(p) for p in prompts), context),
-                       max(e + b for e, b in zip(ends, budget)))
+            # Slots for every token fed: the prompt padded to its bucket, then the answer. A
+            # function of the bucket alone, so prompts in one bucket share compiled steps.
+            need = bucket(max(len(p) for p in prompts), context) + max_new_tokens
             cache = self.new_cache(len(prompts), bucket(need, context))
         key = jax.random.PRNGKey(seed)
         tok, _, cache = self.prefill(prompts, starts, cache, jax.random.fold_in(key, 0), sampler)

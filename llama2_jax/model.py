@@ -71,7 +71,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):  # [..., D]
         x32 = x.astype(f32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * self.weight.value.astype(x.dtype)
+        return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
 def rope_angles(positions: jax.Array, head_dim: int, theta: float):
@@ -111,9 +111,9 @@ class Attention(nnx.Module):
         Returns the output [B, T, D] and the updated (k, v).
         """
         B, T, _ = x.shape
-        q = apply_rope(linear("BTD,DNH->BTNH", x, self.wq.value), cos, sin)
-        k = apply_rope(linear("BTD,DKH->BTKH", x, self.wk.value), cos, sin)
-        v = linear("BTD,DKH->BTKH", x, self.wv.value)
+        q = apply_rope(linear("BTD,DNH->BTNH", x, self.wq[...]), cos, sin)
+        k = apply_rope(linear("BTD,DKH->BTKH", x, self.wk[...]), cos, sin)
+        v = linear("BTD,DKH->BTKH", x, self.wv[...])
         if kv is None:
             keys, values, key_pos = k, v, positions  # [B, S=T, K, H], [B, S]
         else:
@@ -132,7 +132,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values.astype(x.dtype))
         out = out.reshape(B, T, -1, H)  # [B, T, N, H]
-        return linear("BTNH,NHD->BTD", out, self.wo.value), kv
+        return linear("BTNH,NHD->BTD", out, self.wo[...]), kv
 
 
 class FeedForward(nnx.Module):
@@ -143,9 +143,9 @@ class FeedForward(nnx.Module):
         self.w3 = _param(rngs, cfg, (d, f), ("embed", "mlp"), stack)
 
     def __call__(self, x):  # [B, T, D]
-        gate = jax.nn.silu(linear("BTD,DF->BTF", x, self.w1.value))
-        return linear("BTF,FD->BTD", gate * linear("BTD,DF->BTF", x, self.w3.value),
-                      self.w2.value)
+        gate = jax.nn.silu(linear("BTD,DF->BTF", x, self.w1[...]))
+        return linear("BTF,FD->BTD", gate * linear("BTD,DF->BTF", x, self.w3[...]),
+                      self.w2[...])
 
 
 class Block(nnx.Module):
@@ -189,7 +189,7 @@ class Transformer(nnx.Module):
           (logits [B, T, V] or [B, V] float32, updated cache or None).
         """
         cfg = self.config
-        x = jnp.take(self.tok_embeddings.value, tokens, axis=0).astype(cfg.compute_dtype)
+        x = jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(cfg.compute_dtype)
         x = constrain(x, ("batch", "length", None))  # [B, T, D]
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
         graphdef, stacked = nnx.split(self.layers)
@@ -213,7 +213,7 @@ class Transformer(nnx.Module):
         return logits, (None if kv is None else KVCache(*kv))
 
     def _output_weight(self, dtype):
-        w = self.output.value
+        w = self.output[...]
         return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
 
 

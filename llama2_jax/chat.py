@@ -1,0 +1,459 @@
+"""Chat with Llama 2 in a terminal: `python -m llama2_jax.chat --config configs/<name>.py`.
+
+  python -m llama2_jax.chat --config configs/demo.py            # CPU, nothing to download
+  python -m llama2_jax.chat --config configs/llama2_7b_chat.py \\
+      --config.checkpoint_dir=/data/llama-2-7b-chat --config.temperature=0
+  python -m llama2_jax.chat --config configs/llama2_7b_chat.py --config.prompt="Hi"  # one-shot
+
+Any field of the config file can be overridden with `--config.<field>=<value>`; the fields are
+described in configs/llama2_7b_chat.py. A checkpoint is a directory written by
+convert/meta_to_orbax.py or convert/hf_to_orbax.py; with `checkpoint_dir` empty the model has
+random weights (`model_preset` plus the `model` fields), for trying the app out.
+
+With `prompt` set, the answer is printed and the app exits: stdout holds the answer alone (the
+banner and notices go to stderr), so it can be scripted. Without it the chat is interactive:
+the conversation's KV cache lives across turns, so a turn prefills only its new tokens. When
+the dialog and room for an answer (`max_new_tokens`) outgrow the context, the oldest
+user/assistant turns are dropped; the system prompt stays. Type /help for the commands.
+
+Multi-host (`--config.multihost=true`, one process per host): process 0 reads the input and
+prints. Ctrl-C reaches process 0 alone, so it cannot stop an answer there: end the run instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import re
+import sys
+from typing import Callable, Sequence, TextIO
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from llama2_jax import checkpoint, sharding
+from llama2_jax.checkpoint import CheckpointError
+from llama2_jax.config import ConfigError, ModelConfig, preset
+from llama2_jax.engine import ContextError, Engine, Session
+from llama2_jax.model import param_count
+from llama2_jax.sampling import make_sampler
+from llama2_jax.sharding import ShardingError
+from llama2_jax.tokenizer import SPECIAL_TAGS, DialogError, StreamDecoder, Tokenizer, encode_dialog
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Chat config file (configs/*.py); override its fields with "
+    "--config.<field>=<value>.", lock_config=True)
+flags.mark_flag_as_required("config")
+
+PROMPT = ">>> "
+HELP = """\
+/reset          forget the conversation (the system prompt stays)
+/system <text>  set the system prompt and start over (/system alone removes it)
+/help           this list
+/quit, /exit    leave (so do Ctrl-D, and Ctrl-C at the prompt)
+Ctrl-C during an answer stops it; what was said so far stays in the conversation.
+A message that starts with '/' is sent as a message if you begin it with a space."""
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ChatError(ValueError):
+    """A chat setting that cannot work; the message says which and why."""
+
+
+# Errors caused by the user's settings or input: reported as one line, never a traceback.
+USER_ERRORS = (ChatError, CheckpointError, ConfigError, ContextError, DialogError,
+               ShardingError, FileNotFoundError)
+
+Message = dict[str, str]
+
+
+@dataclasses.dataclass
+class Reply:
+    text: str
+    interrupted: bool  # stopped by Ctrl-C
+
+
+def context_size(model_cfg: ModelConfig, requested: int, max_new_tokens: int) -> int:
+    """The context a chat runs in (`requested`, 0 = the model's), checked against the room
+    for an answer (`max_new_tokens`) that it must leave."""
+    length = requested or model_cfg.max_seq_len
+    if not 0 < length <= model_cfg.max_seq_len:
+        raise ChatError(f"context_length={requested} must be 0 (the model's) or in "
+                        f"1..{model_cfg.max_seq_len}, the model's max_seq_len")
+    if not 0 < max_new_tokens < length:
+        raise ChatError(f"max_new_tokens={max_new_tokens} must be in 1..{length - 1}: it is the "
+                        f"room kept for an answer in the context of {length} tokens")
+    return length
+
+
+class Chat:
+    """One conversation: system prompt, user/assistant history and a KV cache across turns."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, *, sampler, max_new_tokens: int,
+                 context_length: int = 0, system_prompt: str = "", seed: int = 0):
+        check_vocab(tokenizer, engine.config)
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.sampler = sampler
+        self.max_new_tokens = max_new_tokens
+        self.context_length = context_size(engine.config, context_length, max_new_tokens)
+        self.system_prompt = system_prompt
+        self.seed = seed
+        self.session = Session(engine, self.context_length)
+        self.history: list[Message] = []  # user, assistant, user, assistant, ...
+        self.turns = 0
+
+    def reset(self, system_prompt: str | None = None) -> None:
+        """Forget the conversation; with `system_prompt`, replace the system prompt too.
+
+        The KV cache is kept: the next turn re-uses whatever prefix it shares.
+        """
+        if system_prompt is not None:
+            self.system_prompt = system_prompt
+        self.history = []
+
+    def dialog(self, user_text: str, history: Sequence[Message] | None = None) -> list[Message]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        history = self.history if history is None else history
+        return system + list(history) + [{"role": "user", "content": user_text}]
+
+    def fit(self, user_text: str) -> tuple[list[Message], list[int]]:
+        """The history that fits with `user_text` and an answer, and the dialog's token ids.
+
+        Drops the oldest user/assistant pairs until the tokens plus `max_new_tokens` fit the
+        context. Raises DialogError for a message the chat format rejects, ContextError when
+        the message does not fit even alone.
+        """
+        history = self.history
+        while True:
+            tokens = encode_dialog(self.tokenizer, self.dialog(user_text, history))
+            if len(tokens) + self.max_new_tokens <= self.context_length:
+                return history, tokens
+            if not history:
+                what = "the system prompt and message" if self.system_prompt else "the message"
+                raise ContextError(
+                    f"{what} take {len(tokens)} tokens; with room for max_new_tokens="
+                    f"{self.max_new_tokens} to answer that exceeds the context of "
+                    f"{self.context_length} tokens: shorten it, or raise context_length or "
+                    "lower max_new_tokens")
+            history = history[2:]
+
+    def reply(self, user_text: str, emit: Callable[[str], None],
+              notice: Callable[[str], None]) -> Reply:
+        """Answer `user_text`, streaming the text to `emit` as it is generated.
+
+        `notice` receives remarks about the conversation (dropped turns). Ctrl-C stops the
+        answer (Reply.interrupted); a stopped answer that said nothing drops the turn.
+        Raises what `fit` raises, leaving the conversation unchanged.
+        """
+        history, tokens = self.fit(user_text)
+        dropped = (len(self.history) - len(history)) // 2
+        if dropped:
+            turns = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
+            notice(f"[context full: dropped {turns}]")
+        self.history = list(history)
+        decoder = StreamDecoder(self.tokenizer)
+        steps = self.session.generate(tokens, max_new_tokens=self.max_new_tokens,
+                                      sampler=self.sampler, seed=self.seed + self.turns,
+                                      stop_ids=[self.tokenizer.eos_id])
+        self.turns += 1
+        interrupted = False
+        try:
+            for token in steps:
+                piece = decoder.push([token])
+                if piece:
+                    emit(piece)
+            emit(decoder.flush())
+        except KeyboardInterrupt:
+            # Session keeps its cache consistent (a donated cache is re-created next turn).
+            interrupted = True
+        finally:
+            steps.close()
+        text = self.tokenizer.decode(decoder.ids)
+        if interrupted and not text.strip():
+            return Reply(text, interrupted)
+        tags = [t for t in SPECIAL_TAGS if t in text]
+        if tags:
+            # The chat format refuses them in any message: kept, they would reject every turn.
+            for tag in tags:
+                text = text.replace(tag, "")
+            notice(f"[the answer's reserved tag(s) {', '.join(tags)} were left out of the "
+                   "conversation]")
+        self.history += [{"role": "user", "content": user_text},
+                         {"role": "assistant", "content": text}]
+        return Reply(text, interrupted)
+
+
+def run_once(chat: Chat, prompt: str, out: TextIO, err: TextIO) -> int:
+    """Answer `prompt` on `out`; returns the exit status (1 for a rejected prompt)."""
+    try:
+        reply = chat.reply(prompt, _writer(out), _writer(err, "\n"))
+    except (DialogError, ContextError) as e:
+        err.write(f"error: {e}\n")
+        return 1
+    out.write("\n")
+    out.flush()
+    return 130 if reply.interrupted else 0
+
+
+def run_repl(chat: Chat, input_fn: Callable[[str], str], out: TextIO, err: TextIO) -> int:
+    """Chat until /quit, end of input or Ctrl-C at the prompt; returns the exit status (0)."""
+    emit, notice = _writer(out), _writer(err, "\n")
+    while True:
+        line = _read_line(input_fn)
+        if line is None:  # EOF or Ctrl-C at the prompt
+            out.write("\n")
+            break
+        if line.startswith("/"):
+            command, _, arg = line.strip().partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                chat.reset()
+                notice("[conversation reset]")
+            elif command == "/system":
+                chat.reset(system_prompt=arg.strip())
+                notice(f"[system prompt {'set' if arg.strip() else 'removed'}; "
+                       "conversation reset]")
+            elif command == "/help":
+                out.write(HELP + "\n")
+            else:
+                notice(f"unknown command {command}; /help lists the commands")
+            continue
+        if not line.strip():
+            continue
+        try:
+            reply = chat.reply(line, emit, notice)
+        except (DialogError, ContextError) as e:
+            notice(f"error: {e}")
+            continue
+        except KeyboardInterrupt:  # before the answer began: the turn did not happen
+            out.write("\n")
+            continue
+        out.write("\n")
+        if reply.interrupted:
+            notice("[stopped]")
+    out.flush()
+    return 0
+
+
+def _writer(stream: TextIO, end: str = "") -> Callable[[str], None]:
+    def write(text: str) -> None:
+        stream.write(text + end)
+        stream.flush()
+    return write
+
+
+def _read_line(input_fn: Callable[[str], str]) -> str | None:
+    """Process 0's next input line, on every process (None: end of input)."""
+    line = None
+    if sharding.is_main_process():
+        try:
+            line = input_fn(PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            line = None
+    if jax.process_count() == 1:
+        return line
+    from jax.experimental import multihost_utils
+    data = np.frombuffer((line or "").encode(), np.uint8)
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if line is None else data.size)))
+    if n < 0:
+        return None
+    buf = np.zeros(max(n, 1), np.uint8)
+    buf[:data.size] = data[:n]
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n]).decode()
+
+
+def random_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The architecture of a random-weights model: `model_preset` with `model` fields over it."""
+    if not config.model_preset:
+        raise ChatError("set checkpoint_dir (a converted checkpoint) or model_preset "
+                        "(random weights)")
+    model = config.get("model") or ml_collections.ConfigDict()
+    fields = {**preset(config.model_preset).to_dict(), **model.to_dict()}
+    return ModelConfig.from_dict(fields, source="config.model")
+
+
+def check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise ChatError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the "
+                        f"model's vocab_size is {model_cfg.vocab_size}")
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    try:
+        return Tokenizer(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; set --config.tokenizer_path to Llama 2's "
+                                "tokenizer.model") from None
+    except ValueError as e:  # not a SentencePiece model
+        raise ChatError(str(e)) from None
+
+
+def build(config: ml_collections.ConfigDict, err: TextIO) -> Chat:
+    """The Chat `config` describes, its settings checked before any weights are loaded.
+
+    Prints what is loaded and a banner to `err`. Raises one of USER_ERRORS for bad settings.
+    """
+    dtype = config.dtype or checkpoint.default_dtype()
+    if dtype not in _DTYPES:
+        raise ChatError(f"dtype={config.dtype!r}: expected one of {', '.join(_DTYPES)} or '' "
+                        "(bfloat16 on accelerators, float32 on CPU)")
+    mesh = sharding.make_mesh(config.data, config.fsdp, config.tensor)
+    if config.checkpoint_dir:
+        if not os.path.isdir(config.checkpoint_dir):
+            raise CheckpointError(
+                f"checkpoint directory not found: {config.checkpoint_dir} (convert weights there "
+                "with convert/meta_to_orbax.py or convert/hf_to_orbax.py, or set "
+                "--config.checkpoint_dir)")
+        model_cfg = checkpoint.read_config(config.checkpoint_dir)
+        tokenizer_path = config.tokenizer_path or os.path.join(config.checkpoint_dir,
+                                                               checkpoint.TOKENIZER_FILE)
+    else:
+        model_cfg = random_config(config)
+        if not config.tokenizer_path:
+            raise ChatError("tokenizer_path is required when checkpoint_dir is empty")
+        tokenizer_path = config.tokenizer_path
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_vocab(tokenizer, model_cfg)
+    length = context_size(model_cfg, config.context_length, config.max_new_tokens)
+    try:
+        sampler = make_sampler(config.temperature, config.top_p, config.top_k or None)
+    except ValueError as e:
+        raise ChatError(str(e)) from None
+    sharding.check_mesh(mesh, model_cfg.n_heads, model_cfg.n_kv_heads)
+
+    if config.checkpoint_dir:
+        err.write(f"loading {config.checkpoint_dir} ...\n")
+        err.flush()
+        model = checkpoint.load(config.checkpoint_dir, mesh=mesh, dtype=dtype)
+        source = config.checkpoint_dir
+    else:
+        model = checkpoint.random_model(model_cfg.with_dtype(dtype), mesh, seed=config.seed)
+        source = f"random weights, model_preset={config.model_preset!r}"
+    err.write(banner(model, source, mesh, length))
+    if not config.checkpoint_dir:
+        err.write("NOTE: no checkpoint_dir, so the model has random weights; its answers are "
+                  "noise.\n")
+    err.flush()
+    return Chat(Engine(model, mesh), tokenizer, sampler=sampler,
+                max_new_tokens=config.max_new_tokens, context_length=length,
+                system_prompt=config.system_prompt, seed=config.seed)
+
+
+def banner(model, source: str, mesh, length: int) -> str:
+    c = model.config
+    device = mesh.devices.flat[0]
+    return (f"llama2_jax chat: {source}\n"
+            f"  {_count(param_count(model))} parameters: dim {c.dim}, {c.n_layers} layers, "
+            f"{c.n_heads} heads ({c.n_kv_heads} KV), ffn {c.ffn_dim}, vocab {c.vocab_size}; "
+            f"context {length}, {c.dtype}\n"
+            f"  mesh {', '.join(f'{k}={v}' for k, v in mesh.shape.items())} over {mesh.size} x "
+            f"{device.device_kind} in {jax.process_count()} process(es)\n")
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+# -- command line ----------------------------------------------------------------------------
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with one clear line (and the valid keys) for bad flags."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError) as e:  # ml_collections: a key the locked config lacks
+        message = _unknown_key(argv) or str(e)
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def _unknown_key(argv: Sequence[str]) -> str | None:
+    """The message for the first `--config.<key>` that the config file lacks, if any."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    try:
+        spec = importlib.util.spec_from_file_location("_llama2_jax_chat_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        keys = _keys(module.get_config())
+    except Exception:  # noqa: BLE001 -- fall back to ml_collections' own message
+        return None
+    for arg in argv:
+        m = re.match(r"--(?:no)?config\.([^=]+)", arg)
+        if m and m.group(1) not in keys:
+            key = m.group(1)
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return (f"{arg.split('=', 1)[0]}: {path} has no config key {key!r}{hint}; valid keys: "
+                    f"{', '.join(keys)}")
+    return None
+
+
+def _keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in sorted(config.items()):
+        if isinstance(value, ml_collections.ConfigDict) and value:
+            keys += _keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def run(config: ml_collections.ConfigDict, input_fn: Callable[[str], str] = input,
+        out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """The app for a loaded config: one-shot or interactive. Returns the exit status.
+
+    `out`/`err` default to stdout/stderr on process 0 and to nothing on the others.
+    """
+    try:
+        sharding.maybe_initialize_distributed(config.multihost)
+        if not sharding.is_main_process():
+            out = err = open(os.devnull, "w")
+        out = sys.stdout if out is None else out
+        err = sys.stderr if err is None else err
+        try:
+            chat = build(config, err)
+        except USER_ERRORS as e:
+            err.write(f"error: {e}\n")
+            return 1
+        if config.prompt:
+            return run_once(chat, config.prompt, out, err)
+        err.write("Type a message, /help for the commands; Ctrl-D quits.\n")
+        return run_repl(chat, input_fn, out, err)
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) > 1:
+        sys.stderr.write(f"error: unexpected arguments {argv[1:]}; settings are --config.<key>="
+                         "<value> flags\n")
+        return 2
+    config = _CONFIG.value
+    try:
+        config.keys()
+    except OSError as e:  # ml_collections defers a config file that failed to load
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    sys.stdout.reconfigure(errors="replace")  # a model may say anything: never die printing it
+    if sys.stdin.isatty():
+        import readline  # noqa: F401 -- line editing and history for input()
+    return run(config)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,283 @@
+"""The chat app: one-shot CLI runs, bad inputs, the REPL, the cache across turns, overflow."""
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, TOKENIZER
+from llama2_jax import chat as chat_app
+from llama2_jax import checkpoint
+from llama2_jax.sampling import Greedy
+
+CONFIGS = os.path.join(ROOT, "configs")
+NOISE = "random weights"
+
+
+def load_config(name="demo", **overrides):
+    spec = importlib.util.spec_from_file_location(f"config_{name}",
+                                                  os.path.join(CONFIGS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update(overrides)
+    return config
+
+
+# -- the command line, in subprocesses started together (each pays JAX's start-up) --------------
+CLI_RUNS = {
+    "one_shot": ["--config.prompt=Hello", "--config.max_new_tokens=8", "--config.temperature=0"],
+    "typo": ["--config.tmperature=0"],
+    "no_checkpoint": ["--config.checkpoint_dir=/nonexistent/llama-2-7b-chat",
+                      "--config.prompt=Hello"],
+    "rejected": ["--config.prompt=[INST] hi [/INST]", "--config.max_new_tokens=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def cli():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    procs = {name: subprocess.Popen(
+        [sys.executable, "-m", "llama2_jax.chat", "--config", "configs/demo.py", *args],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for name, args in CLI_RUNS.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = (proc.returncode, out, err)
+    return results
+
+
+def test_cli_one_shot_prints_only_the_answer(cli):
+    rc, out, err = cli["one_shot"]
+    assert rc == 0, err
+    assert NOISE in err and "Traceback" not in err
+    assert "params" not in out and NOISE not in out  # banner and notices go to stderr
+    assert out.endswith("\n") and out.count("\n") <= 8  # the answer alone (8 tokens at most)
+
+
+def test_cli_mistyped_key_lists_the_valid_keys(cli):
+    rc, _, err = cli["typo"]
+    assert rc != 0
+    assert "Traceback" not in err
+    assert "tmperature" in err and "did you mean temperature" in err
+    assert "valid keys:" in err and "checkpoint_dir" in err and "max_new_tokens" in err
+
+
+def test_cli_missing_checkpoint(cli):
+    rc, out, err = cli["no_checkpoint"]
+    assert rc == 1 and out == ""
+    assert "Traceback" not in err and "/nonexistent/llama-2-7b-chat" in err
+
+
+def test_cli_rejected_dialog(cli):
+    rc, out, err = cli["rejected"]
+    assert rc == 1 and out == ""
+    assert "Traceback" not in err and "[INST]" in err and "error:" in err
+
+
+# -- in-process: the configs, bad settings, a real checkpoint ---------------------------------
+def test_configs_share_fields():
+    demo = load_config()
+    for size in ("7b", "13b", "70b"):
+        config = load_config(f"llama2_{size}_chat")
+        assert set(config) == set(demo)
+        assert config.checkpoint_dir == f"checkpoints/llama-2-{size}-chat"
+        assert config.model_preset == size and config.temperature == 0.6 and config.top_p == 0.9
+    assert demo.checkpoint_dir == "" and os.path.isabs(demo.tokenizer_path)
+    assert os.path.samefile(demo.tokenizer_path, TOKENIZER)
+    assert chat_app.random_config(demo).vocab_size == 32000
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(tokenizer_path="/nonexistent/tokenizer.model"), ["/nonexistent/tokenizer.model"]),
+    (dict(checkpoint_dir="/nonexistent/ckpt"), ["/nonexistent/ckpt"]),
+    (dict(model=dict(vocab_size=256)), ["32000", "256"]),
+    (dict(context_length=2000), ["context_length=2000", "1024"]),
+    (dict(temperature=-1.0), ["temperature"]),
+    (dict(model_preset="nope"), ["nope", "tiny"]),
+])
+def test_bad_settings_fail_clearly(overrides, words):
+    model = overrides.pop("model", None)
+    config = load_config(**overrides)
+    if model:
+        config.model.update(model)
+    out, err = io.StringIO(), io.StringIO()
+    assert chat_app.run(config, out=out, err=err) == 1
+    assert out.getvalue() == ""
+    assert err.getvalue().startswith("error: ")
+    for word in words:
+        assert word in err.getvalue()
+
+
+def test_one_shot_from_a_checkpoint(tmp_path):
+    config = load_config(max_new_tokens=4, temperature=0.0)
+    model = checkpoint.random_model(chat_app.random_config(config), seed=1)
+    directory = checkpoint.save(tmp_path / "ckpt", model, tokenizer_path=TOKENIZER)
+    # The tokenizer is found in the checkpoint directory.
+    config.update(dict(checkpoint_dir=directory, tokenizer_path="", prompt="Hi"))
+    out, err = io.StringIO(), io.StringIO()
+    assert chat_app.run(config, out=out, err=err) == 0, err.getvalue()
+    assert directory in err.getvalue() and NOISE not in err.getvalue()
+    assert out.getvalue().endswith("\n")
+
+
+# -- in-process: the REPL ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_chat():
+    """The demo's chat, built once: tests make fresh Chats on its engine (compiled steps)."""
+    return chat_app.build(load_config(), io.StringIO())
+
+
+def new_chat(demo_chat, **kwargs):
+    kwargs = dict(dict(sampler=Greedy(), max_new_tokens=8), **kwargs)
+    return chat_app.Chat(demo_chat.engine, demo_chat.tokenizer, **kwargs)
+
+
+class Lines:
+    """input() from a list of lines: EOFError after the last; counts the lines read."""
+
+    def __init__(self, *lines):
+        self.lines, self.read = list(lines), 0
+
+    def __call__(self, prompt):
+        if self.read == len(self.lines):
+            raise EOFError
+        self.read += 1
+        return self.lines[self.read - 1]
+
+
+def spy_prefill(monkeypatch, chat):
+    """Record (start, number of tokens) of every prefill."""
+    calls = []
+    real = chat.engine.prefill
+
+    def prefill(rows, starts, *args, **kwargs):
+        calls.append((starts[0], len(rows[0])))
+        return real(rows, starts, *args, **kwargs)
+
+    monkeypatch.setattr(chat.engine, "prefill", prefill)
+    return calls
+
+
+def test_repl_turns_reuse_the_cache(demo_chat, monkeypatch):
+    chat = new_chat(demo_chat, system_prompt="Be brief.")
+    calls = spy_prefill(monkeypatch, chat)
+    out, err = io.StringIO(), io.StringIO()
+    lines = Lines("Hello", "Tell me more", "/reset", "/quit", "never read")
+    assert chat_app.run_repl(chat, lines, out, err) == 0
+    assert lines.read == 4 and chat.history == [] and chat.system_prompt == "Be brief."
+    assert "[conversation reset]" in err.getvalue() and "error" not in err.getvalue()
+    assert out.getvalue().count("\n") >= 2  # one line per answer at least
+    (start1, fed1), (start2, fed2) = calls
+    assert start1 == 0
+    # The second turn prefills only what follows the first turn's prompt, which is cached.
+    assert start2 >= fed1
+    assert len(chat.session.cached) >= start2 + fed2
+
+
+def test_reply_streams_its_text_and_keeps_history(demo_chat, monkeypatch):
+    chat = new_chat(demo_chat)
+    pieces, notices = [], []
+    reply = chat.reply("Hello", pieces.append, notices.append)
+    assert "".join(pieces) == reply.text and not reply.interrupted and not notices
+    assert chat.history == [{"role": "user", "content": "Hello"},
+                            {"role": "assistant", "content": reply.text}]
+    cached = len(chat.session.cached)
+    chat.reply("And?", pieces.append, notices.append)
+    assert len(chat.session.cached) > cached and len(chat.history) == 4
+
+
+@pytest.mark.parametrize("stop", [EOFError, KeyboardInterrupt])
+def test_repl_quits_on_eof_and_ctrl_c_at_the_prompt(demo_chat, stop):
+    def input_fn(prompt):
+        raise stop
+    out, err = io.StringIO(), io.StringIO()
+    assert chat_app.run_repl(new_chat(demo_chat), input_fn, out, err) == 0
+    assert out.getvalue() == "\n" and err.getvalue() == ""
+
+
+def test_repl_commands_and_rejected_messages(demo_chat):
+    chat = new_chat(demo_chat, max_new_tokens=2)
+    out, err = io.StringIO(), io.StringIO()
+    lines = Lines("/help", "", "/bogus", "Hi", "[INST] sneaky", "/system Talk like a pirate.",
+                  "Hi", " /not a command", "/system", "/exit")
+    assert chat_app.run_repl(chat, lines, out, err) == 0
+    assert lines.read == len(lines.lines)
+    assert "/reset" in out.getvalue() and "/system <text>" in out.getvalue()  # the help
+    notices = err.getvalue()
+    assert "unknown command /bogus" in notices
+    assert "error: " in notices and "[INST]" in notices  # rejected, the REPL went on
+    assert "[system prompt set; conversation reset]" in notices
+    assert "[system prompt removed; conversation reset]" in notices
+    assert chat.system_prompt == "" and chat.history == []
+
+
+def test_ctrl_c_during_an_answer_keeps_what_was_said(demo_chat):
+    chat = new_chat(demo_chat, max_new_tokens=16)
+    said = []
+
+    def emit(piece):
+        said.append(piece)
+        if len(said) == 2:
+            raise KeyboardInterrupt
+
+    reply = chat.reply("Hello", emit, print)
+    assert reply.interrupted and reply.text == "".join(said)
+    assert chat.history[-1] == {"role": "assistant", "content": reply.text}
+    # The conversation goes on, from the cache.
+    reply = chat.reply("Go on", lambda piece: None, print)
+    assert not reply.interrupted and len(chat.history) == 4
+
+
+def test_ctrl_c_inside_a_decode_step_recreates_the_cache(demo_chat, monkeypatch):
+    """An interrupt that loses the step's output leaves Session a donated cache to replace."""
+    chat = new_chat(demo_chat)
+    calls = spy_prefill(monkeypatch, chat)
+    real = chat.engine.decode
+    steps = []
+
+    def decode(*args, **kwargs):
+        result = real(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt  # after dispatch: the input cache is donated, the new one lost
+        return result
+
+    monkeypatch.setattr(chat.engine, "decode", decode)
+    first = chat.reply("Hello", lambda piece: None, print)
+    assert first.interrupted
+    monkeypatch.setattr(chat.engine, "decode", real)
+    second = chat.reply("Go on", lambda piece: None, print)
+    # Same answer as a chat that never saw the interrupt and prefills the whole dialog.
+    fresh = new_chat(demo_chat)
+    fresh.history = chat.history[:-2]
+    expected = fresh.reply("Go on", lambda piece: None, print)
+    assert second.text == expected.text
+    if first.text.strip():
+        assert calls[1][0] == 0, "the donated cache must be re-created, not re-used"
+
+
+def test_context_overflow_drops_the_oldest_turns(demo_chat):
+    chat = new_chat(demo_chat, system_prompt="Be brief.", context_length=96, max_new_tokens=16)
+    out, err = io.StringIO(), io.StringIO()
+    lines = Lines("What is the capital of France?", "And of Spain?", "And of Italy?",
+                  "And of Portugal?", "word " * 200, "Thanks!")
+    assert chat_app.run_repl(chat, lines, out, err) == 0
+    notices = err.getvalue()
+    assert "[context full: dropped the oldest turn]" in notices
+    assert "error: " in notices and "exceeds the context of 96 tokens" in notices
+    assert chat.system_prompt == "Be brief." and chat.history[-2]["content"] == "Thanks!"
+    assert len(chat.history) < 2 * 5
+    tokens = chat_app.encode_dialog(chat.tokenizer, chat.dialog("next"))
+    assert len(tokens) < 96
+
+
+def test_one_shot_too_long_fails(demo_chat):
+    chat = new_chat(demo_chat, context_length=32, max_new_tokens=8)
+    out, err = io.StringIO(), io.StringIO()
+    assert chat_app.run_once(chat, "word " * 40, out, err) == 1
+    assert out.getvalue() == "" and "exceeds the context of 32 tokens" in err.getvalue()
