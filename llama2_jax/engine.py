@@ -123,11 +123,11 @@ class Engine:
         Returns (next tokens [B] on device, last logits [B, V], cache).
         """
         lengths = [len(r) for r in rows]
-        t = bucket(max(lengths), cache.length)
-        t = min(t, cache.length - max(starts))  # the write must fit: never shift into the cache
-        if t < max(lengths):
-            raise ContextError(f"prefill of {max(lengths)} tokens from position {max(starts)} "
-                               f"does not fit a cache of {cache.length}")
+        end = max(s + n for s, n in zip(starts, lengths))
+        if end > cache.length:
+            raise ContextError(f"prefill up to position {end} does not fit a cache of "
+                               f"{cache.length}")
+        t = bucket(max(lengths), self.config.max_seq_len)  # padding past the cache is dropped
         tokens = np.zeros((len(rows), t), np.int32)
         for b, r in enumerate(rows):
             tokens[b, :len(r)] = r

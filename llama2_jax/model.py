@@ -89,11 +89,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
-def _write(cache: jax.Array, new: jax.Array, layer, start: jax.Array) -> jax.Array:
-    """cache [L, B, S, K, H] with new [B, T, K, H] written at (layer, b, start[b])."""
-    def one(c, u, s):  # c [L, S, K, H], u [T, K, H]
-        return jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, s, 0, 0))
-    return jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(cache, new, start)
+def _write(cache: jax.Array, new: jax.Array, layer, positions: jax.Array) -> jax.Array:
+    """cache [L, B, S, K, H] with new [B, T, K, H] scattered to (layer, b, positions[b, t]).
+
+    Positions past the cache's end (padding of a prefill bucket) are dropped. A scatter is
+    updated in place inside the layer scan; a vmapped dynamic_update_slice was copied.
+    """
+    rows = jnp.arange(new.shape[0])[:, None]  # [B, 1]
+    return cache.at[layer, rows, positions].set(new.astype(cache.dtype), mode="drop")
 
 
 class Attention(nnx.Module):
@@ -117,7 +120,7 @@ class Attention(nnx.Module):
         if kv is None:
             keys, values, key_pos = k, v, positions  # [B, S=T, K, H], [B, S]
         else:
-            ck, cv = (_write(c, new, layer, positions[:, 0]) for c, new in zip(kv, (k, v)))
+            ck, cv = (_write(c, new, layer, positions) for c, new in zip(kv, (k, v)))
             kv = (ck, cv)
             keys, values = ck[layer], cv[layer]  # [B, S, K, H]
             key_pos = jnp.arange(ck.shape[2])[None, :]  # [1, S]
@@ -180,7 +183,7 @@ class Transformer(nnx.Module):
 
         Args:
           tokens, positions: [B, T] int32. With a cache, token t of row b is written to slot
-            positions[b, t]; the positions of a row must be consecutive.
+            positions[b, t] (dropped if past the cache's end).
           cache: a KVCache, or None for a cache-free pass over `tokens` alone.
           logits_at: [B] index into T; if given, logits only there ([B, V]).
           mask_extra: [B, T, S] bool, ANDed with the causal mask (e.g. segment masks).
