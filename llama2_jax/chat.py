@@ -33,7 +33,7 @@ from typing import Callable, Sequence, TextIO
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llama2_jax import checkpoint, sharding
@@ -44,11 +44,6 @@ from llama2_jax.model import param_count
 from llama2_jax.sampling import make_sampler
 from llama2_jax.sharding import ShardingError
 from llama2_jax.tokenizer import SPECIAL_TAGS, DialogError, StreamDecoder, Tokenizer, encode_dialog
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Chat config file (configs/*.py); override its fields with "
-    "--config.<field>=<value>.", lock_config=True)
-flags.mark_flag_as_required("config")
 
 PROMPT = ">>> "
 HELP = """\
@@ -439,11 +434,12 @@ def run(config: ml_collections.ConfigDict, input_fn: Callable[[str], str] = inpu
 
 
 def main(argv: Sequence[str]) -> int:
+    logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing off the chat screen
     if len(argv) > 1:
         sys.stderr.write(f"error: unexpected arguments {argv[1:]}; settings are --config.<key>="
                          "<value> flags\n")
         return 2
-    config = _CONFIG.value
+    config = flags.FLAGS["config"].value
     try:
         config.keys()
     except OSError as e:  # ml_collections defers a config file that failed to load
@@ -455,5 +451,14 @@ def main(argv: Sequence[str]) -> int:
     return run(config)
 
 
+def define_flags() -> None:
+    """The --config flag; defined by the app alone, so importing this module defines none."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Chat config file (configs/*.py); override its fields with "
+        "--config.<field>=<value>.", lock_config=True)
+    flags.mark_flag_as_required("config")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=_parse_flags)

@@ -46,11 +46,14 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     return KVCache(zeros, zeros)
 
 
-def linear(eq: str, x: jax.Array, w) -> jax.Array:
-    """Every weight matmul goes through here (quantized weights plug in at this one spot)."""
+def linear(eq: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
+    """Every weight matmul goes through here, so quantized weights plug in at one spot.
+
+    `w` is an array or an object with `einsum(eq, x, out_dtype)` (a quantized weight).
+    """
     if hasattr(w, "einsum"):
-        return w.einsum(eq, x)
-    return jnp.einsum(eq, x, w.astype(x.dtype))
+        return w.einsum(eq, x, out_dtype)
+    return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=out_dtype)
 
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, stack: int | None, init="normal"):
@@ -211,13 +214,8 @@ class Transformer(nnx.Module):
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
         x = self.norm(x)
-        logits = jnp.einsum("...D,DV->...V", x, self._output_weight(x.dtype),
-                            preferred_element_type=f32)
+        logits = linear("...D,DV->...V", x, self.output[...], out_dtype=f32)
         return logits, (None if kv is None else KVCache(*kv))
-
-    def _output_weight(self, dtype):
-        w = self.output[...]
-        return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import ROOT, TOKENIZER
 from llama2_jax import chat as chat_app
 from llama2_jax import checkpoint
+from llama2_jax.engine import Engine
 from llama2_jax.sampling import Greedy
 
 CONFIGS = os.path.join(ROOT, "configs")
@@ -23,7 +24,7 @@ def load_config(name="demo", **overrides):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    config.update(overrides)
+    config.update_from_flattened_dict(overrides)  # keys as on the command line: "model.dim"
     return config
 
 
@@ -55,7 +56,7 @@ def test_cli_one_shot_prints_only_the_answer(cli):
     rc, out, err = cli["one_shot"]
     assert rc == 0, err
     assert NOISE in err and "Traceback" not in err
-    assert "params" not in out and NOISE not in out  # banner and notices go to stderr
+    assert "parameters" not in out and NOISE not in out  # banner and notices go to stderr
     assert out.endswith("\n") and out.count("\n") <= 8  # the answer alone (8 tokens at most)
 
 
@@ -95,16 +96,13 @@ def test_configs_share_fields():
 @pytest.mark.parametrize("overrides, words", [
     (dict(tokenizer_path="/nonexistent/tokenizer.model"), ["/nonexistent/tokenizer.model"]),
     (dict(checkpoint_dir="/nonexistent/ckpt"), ["/nonexistent/ckpt"]),
-    (dict(model=dict(vocab_size=256)), ["32000", "256"]),
+    ({"model.vocab_size": 256}, ["32000", "256"]),
     (dict(context_length=2000), ["context_length=2000", "1024"]),
     (dict(temperature=-1.0), ["temperature"]),
     (dict(model_preset="nope"), ["nope", "tiny"]),
 ])
 def test_bad_settings_fail_clearly(overrides, words):
-    model = overrides.pop("model", None)
     config = load_config(**overrides)
-    if model:
-        config.model.update(model)
     out, err = io.StringIO(), io.StringIO()
     assert chat_app.run(config, out=out, err=err) == 1
     assert out.getvalue() == ""
@@ -113,12 +111,11 @@ def test_bad_settings_fail_clearly(overrides, words):
         assert word in err.getvalue()
 
 
-def test_one_shot_from_a_checkpoint(tmp_path):
-    config = load_config(max_new_tokens=4, temperature=0.0)
-    model = checkpoint.random_model(chat_app.random_config(config), seed=1)
-    directory = checkpoint.save(tmp_path / "ckpt", model, tokenizer_path=TOKENIZER)
+def test_one_shot_from_a_checkpoint(demo_model, tmp_path):
+    directory = checkpoint.save(tmp_path / "ckpt", demo_model, tokenizer_path=TOKENIZER)
     # The tokenizer is found in the checkpoint directory.
-    config.update(dict(checkpoint_dir=directory, tokenizer_path="", prompt="Hi"))
+    config = load_config(checkpoint_dir=directory, tokenizer_path="", prompt="Hi",
+                         max_new_tokens=4, temperature=0.0)
     out, err = io.StringIO(), io.StringIO()
     assert chat_app.run(config, out=out, err=err) == 0, err.getvalue()
     assert directory in err.getvalue() and NOISE not in err.getvalue()
@@ -127,14 +124,19 @@ def test_one_shot_from_a_checkpoint(tmp_path):
 
 # -- in-process: the REPL ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def demo_chat():
-    """The demo's chat, built once: tests make fresh Chats on its engine (compiled steps)."""
-    return chat_app.build(load_config(), io.StringIO())
+def demo_model():
+    return checkpoint.random_model(chat_app.random_config(load_config()))
 
 
-def new_chat(demo_chat, **kwargs):
-    kwargs = dict(dict(sampler=Greedy(), max_new_tokens=8), **kwargs)
-    return chat_app.Chat(demo_chat.engine, demo_chat.tokenizer, **kwargs)
+@pytest.fixture(scope="module")
+def new_chat(demo_model, tokenizer):
+    """Fresh greedy Chats on one engine of the demo's model, so they share compiled steps."""
+    engine = Engine(demo_model)
+
+    def new(**kwargs):
+        return chat_app.Chat(engine, tokenizer, **{"sampler": Greedy(), "max_new_tokens": 8,
+                                                   **kwargs})
+    return new
 
 
 class Lines:
@@ -163,8 +165,8 @@ def spy_prefill(monkeypatch, chat):
     return calls
 
 
-def test_repl_turns_reuse_the_cache(demo_chat, monkeypatch):
-    chat = new_chat(demo_chat, system_prompt="Be brief.")
+def test_repl_turns_reuse_the_cache(new_chat, monkeypatch):
+    chat = new_chat(system_prompt="Be brief.")
     calls = spy_prefill(monkeypatch, chat)
     out, err = io.StringIO(), io.StringIO()
     lines = Lines("Hello", "Tell me more", "/reset", "/quit", "never read")
@@ -179,8 +181,8 @@ def test_repl_turns_reuse_the_cache(demo_chat, monkeypatch):
     assert len(chat.session.cached) >= start2 + fed2
 
 
-def test_reply_streams_its_text_and_keeps_history(demo_chat, monkeypatch):
-    chat = new_chat(demo_chat)
+def test_reply_streams_its_text_and_keeps_history(new_chat):
+    chat = new_chat()
     pieces, notices = [], []
     reply = chat.reply("Hello", pieces.append, notices.append)
     assert "".join(pieces) == reply.text and not reply.interrupted and not notices
@@ -192,16 +194,16 @@ def test_reply_streams_its_text_and_keeps_history(demo_chat, monkeypatch):
 
 
 @pytest.mark.parametrize("stop", [EOFError, KeyboardInterrupt])
-def test_repl_quits_on_eof_and_ctrl_c_at_the_prompt(demo_chat, stop):
+def test_repl_quits_on_eof_and_ctrl_c_at_the_prompt(new_chat, stop):
     def input_fn(prompt):
         raise stop
     out, err = io.StringIO(), io.StringIO()
-    assert chat_app.run_repl(new_chat(demo_chat), input_fn, out, err) == 0
+    assert chat_app.run_repl(new_chat(), input_fn, out, err) == 0
     assert out.getvalue() == "\n" and err.getvalue() == ""
 
 
-def test_repl_commands_and_rejected_messages(demo_chat):
-    chat = new_chat(demo_chat, max_new_tokens=2)
+def test_repl_commands_and_rejected_messages(new_chat):
+    chat = new_chat(max_new_tokens=2)
     out, err = io.StringIO(), io.StringIO()
     lines = Lines("/help", "", "/bogus", "Hi", "[INST] sneaky", "/system Talk like a pirate.",
                   "Hi", " /not a command", "/system", "/exit")
@@ -216,8 +218,8 @@ def test_repl_commands_and_rejected_messages(demo_chat):
     assert chat.system_prompt == "" and chat.history == []
 
 
-def test_ctrl_c_during_an_answer_keeps_what_was_said(demo_chat):
-    chat = new_chat(demo_chat, max_new_tokens=16)
+def test_ctrl_c_during_an_answer_keeps_what_was_said(new_chat):
+    chat = new_chat(max_new_tokens=16)
     said = []
 
     def emit(piece):
@@ -233,9 +235,9 @@ def test_ctrl_c_during_an_answer_keeps_what_was_said(demo_chat):
     assert not reply.interrupted and len(chat.history) == 4
 
 
-def test_ctrl_c_inside_a_decode_step_recreates_the_cache(demo_chat, monkeypatch):
+def test_ctrl_c_inside_a_decode_step_recreates_the_cache(new_chat, monkeypatch):
     """An interrupt that loses the step's output leaves Session a donated cache to replace."""
-    chat = new_chat(demo_chat)
+    chat = new_chat()
     calls = spy_prefill(monkeypatch, chat)
     real = chat.engine.decode
     steps = []
@@ -249,20 +251,19 @@ def test_ctrl_c_inside_a_decode_step_recreates_the_cache(demo_chat, monkeypatch)
 
     monkeypatch.setattr(chat.engine, "decode", decode)
     first = chat.reply("Hello", lambda piece: None, print)
-    assert first.interrupted
+    assert first.interrupted and first.text.strip() and chat.session.cache.k.is_deleted()
     monkeypatch.setattr(chat.engine, "decode", real)
     second = chat.reply("Go on", lambda piece: None, print)
     # Same answer as a chat that never saw the interrupt and prefills the whole dialog.
-    fresh = new_chat(demo_chat)
+    fresh = new_chat()
     fresh.history = chat.history[:-2]
     expected = fresh.reply("Go on", lambda piece: None, print)
     assert second.text == expected.text
-    if first.text.strip():
-        assert calls[1][0] == 0, "the donated cache must be re-created, not re-used"
+    assert calls[1][0] == 0, "the donated cache must be re-created, not re-used"
 
 
-def test_context_overflow_drops_the_oldest_turns(demo_chat):
-    chat = new_chat(demo_chat, system_prompt="Be brief.", context_length=96, max_new_tokens=16)
+def test_context_overflow_drops_the_oldest_turns(new_chat):
+    chat = new_chat(system_prompt="Be brief.", context_length=96, max_new_tokens=16)
     out, err = io.StringIO(), io.StringIO()
     lines = Lines("What is the capital of France?", "And of Spain?", "And of Italy?",
                   "And of Portugal?", "word " * 200, "Thanks!")
@@ -276,8 +277,8 @@ def test_context_overflow_drops_the_oldest_turns(demo_chat):
     assert len(tokens) < 96
 
 
-def test_one_shot_too_long_fails(demo_chat):
-    chat = new_chat(demo_chat, context_length=32, max_new_tokens=8)
+def test_one_shot_too_long_fails(new_chat):
+    chat = new_chat(context_length=32, max_new_tokens=8)
     out, err = io.StringIO(), io.StringIO()
     assert chat_app.run_once(chat, "word " * 40, out, err) == 1
     assert out.getvalue() == "" and "exceeds the context of 32 tokens" in err.getvalue()

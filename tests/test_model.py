@@ -100,3 +100,22 @@ def test_bfloat16_runs_close_to_float32(one_device_mesh):
     assert b.dtype == np.float32  # logits are float32 whatever the compute dtype
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+
+
+def test_layer_count_does_not_grow_the_program():
+    """80 stacked layers lower to the same program as 2 (scan), so 70B compiles like 2 layers."""
+    from llama2_jax.config import LLAMA2_70B
+    from llama2_jax.model import KVCache, abstract_model
+
+    def lowered_ops(cfg):
+        graphdef, state = nnx.split(abstract_model(cfg))
+        tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+        shape = (cfg.n_layers, 1, 64, cfg.n_kv_heads, cfg.head_dim)
+        cache = KVCache(*[jax.ShapeDtypeStruct(shape, cfg.compute_dtype)] * 2)
+        fn = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, t, c))
+        text = fn.lower(state, tokens, cache).as_text()
+        return sum(1 for line in text.splitlines() if " = " in line)
+
+    big = LLAMA2_70B.with_dtype("bfloat16")
+    small = big.replace(n_layers=2)
+    assert lowered_ops(big) == lowered_ops(small)
