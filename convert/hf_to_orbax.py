@@ -1,0 +1,70 @@
+"""Convert a Hugging Face Llama 2 model directory into a llama2_jax checkpoint.
+
+  python convert/hf_to_orbax.py --input_dir=Llama-2-7b-hf --output_dir=ckpt/llama2-7b
+
+Reads config.json and the safetensors (lazily, `safe_open`) or .bin (`torch.load(mmap=True,
+weights_only=True)`) shards tensor by tensor, un-permutes q/k from HF's rotate-half RoPE layout
+back to Meta's interleaved one, and handles tied or untied output embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make `convert` and `llama2_jax` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from convert import common, orbax_io, verify
+from convert.sources import HFSource
+from llama2_jax.config import ConfigError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command line (defined only when run as a script, so that tests can import
+    several converters)."""
+    flags.DEFINE_string("input_dir", None, "Hugging Face model directory (config.json + weights).")
+    flags.DEFINE_string("output_dir", None, "Checkpoint directory to create.")
+    flags.DEFINE_enum("dtype", None, list(common.DTYPES),
+                      "Weight dtype to write (default: the source's).")
+    flags.DEFINE_string("tokenizer", None, "tokenizer.model to copy in (default: the one in "
+                        "input_dir or its parent, if any).")
+    flags.DEFINE_bool("overwrite", False, "Replace output_dir if it exists.")
+    flags.DEFINE_bool("verify", False, "Compare the converted model's logits with Hugging Face "
+                      "transformers on the input directory (needs ~8 bytes/parameter of RAM).")
+    flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def convert(input_dir: str, output_dir: str, *, dtype: str | None = None,
+            tokenizer: str | None = None, overwrite: bool = False, verify_logits: bool = False,
+            progress: bool = True) -> float | None:
+    """Convert; returns the --verify logits difference (None without verify)."""
+    start = time.perf_counter()
+    common.check_output(output_dir, overwrite)  # before the slow checks of the input
+    source = HFSource(input_dir, tokenizer=common.find_tokenizer(input_dir, tokenizer))
+    orbax_io.write_checkpoint(source, output_dir, dtype=dtype, overwrite=overwrite,
+                              progress=progress, start=start)
+    if verify_logits:
+        return verify.compare(output_dir, lambda: verify.reference_from_dir(input_dir))
+    return None
+
+
+def main(argv):
+    del argv
+    common.quiet_logs()
+    try:
+        convert(FLAGS.input_dir, FLAGS.output_dir, dtype=FLAGS.dtype, tokenizer=FLAGS.tokenizer,
+                overwrite=FLAGS.overwrite, verify_logits=FLAGS.verify, progress=FLAGS.progress)
+    except (common.ConversionError, ConfigError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    flags.mark_flags_as_required(["input_dir", "output_dir"])
+    app.run(main)

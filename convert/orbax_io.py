@@ -1,0 +1,181 @@
+"""Orbax parameter trees written and read a layer at a time.
+
+The checkpoint is orbax's own (PyTreeCheckpointHandler: OCDBT + zarr, the layout
+`llama2_jax.checkpoint.load` restores onto any mesh), but the arrays never sit whole in memory:
+each leaf is a `Streamed` parameter that the type handler below pulls one layer at a time and
+writes into its slice of the tensorstore array. Stacked parameters are chunked with a leading
+layer axis of 1, so a layer's write fills whole chunks and is flushed on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+from typing import Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from orbax.checkpoint._src.serialization import type_handler_registry
+
+from convert import mapping
+from convert.common import Progress, output_dtype, staged_output
+from llama2_jax import checkpoint
+
+CHUNK_BYTES = 32 << 20  # zarr chunk target; a tensor-parallel shard reads only its chunks
+WHOLE_BYTES = 64 << 20  # stacked parameters up to this size are written in one piece
+
+
+@dataclasses.dataclass(frozen=True)
+class Streamed:
+    """A parameter produced piece by piece while orbax writes it.
+
+    `read(i)` returns layer i ([1:] of `shape`) of a stacked parameter, or the whole array
+    (`i` None) of a global one.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[int | None], np.ndarray]
+    stacked: bool
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def pieces(self):
+        """(index into the full array, array, number of per-layer tensors in it), in order."""
+        if not self.stacked:
+            yield (), self.read(None), 1
+        elif self.nbytes <= WHOLE_BYTES:  # norms: one write instead of L tiny ones
+            yield (), np.stack([self.read(i) for i in range(self.shape[0])]), self.shape[0]
+        else:
+            for i in range(self.shape[0]):
+                yield (i,), self.read(i), 1
+
+    def save_args(self) -> ocp.SaveArgs:
+        if self.stacked and self.nbytes > WHOLE_BYTES:
+            return ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,))
+        return ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES)
+
+
+class _StreamingHandler(ocp.type_handlers.NumpyHandler):
+    """Writes `Streamed` leaves as orbax writes numpy arrays (same spec, same metadata:
+    'np.ndarray'), one parameter at a time, one piece at a time."""
+
+    def __init__(self, on_piece: Callable[[np.ndarray, int], None]):
+        super().__init__(deepcopy_host_arrays=False)
+        self._on_piece = on_piece
+        self._lock: asyncio.Lock | None = None
+
+    async def _open_and_write(self, value: Streamed, tspec, ts_context):
+        # orbax gathers all leaves' writes at once; the lock makes memory one piece, not a model.
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+            loop = asyncio.get_running_loop()
+            pieces = value.pieces()
+            pending = None
+            while True:
+                # Read (and transpose) the next piece in a thread while the last one is written.
+                item = await loop.run_in_executor(None, next, pieces, None)
+                if pending is not None:
+                    await pending[0]
+                    self._on_piece(pending[1], pending[2])
+                if item is None:
+                    break
+                index, data, count = item
+                if data.shape != store[index].shape or data.dtype != value.dtype:
+                    raise ValueError(f"piece {index} is {data.dtype}{list(data.shape)}, "
+                                     f"expected {value.dtype}{list(store[index].shape)}")
+                write = store[index].write(data, can_reference_source_data_indefinitely=True)
+                pending = (write, data, count)
+
+
+# Unused, but orbax disables its array-metadata store (with a warning) without one.
+_ARRAY_HANDLER = ((jax.Array, ocp.type_handlers.ArrayHandler()),)
+
+
+def write_params(params_dir: str, tree: dict, on_piece=lambda piece, tensors: None) -> None:
+    """Write a nested dict of `Streamed` leaves as an orbax checkpoint at `params_dir`.
+
+    `on_piece(array, tensors)` is called after each piece is on disk, with the number of
+    per-layer tensors the piece holds.
+    """
+    registry = type_handler_registry.create_type_handler_registry(
+        (Streamed, _StreamingHandler(on_piece)), *_ARRAY_HANDLER)
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    save_args = jax.tree.map(lambda s: s.save_args(), tree)
+    ckptr.save(params_dir, args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    ckptr.close()
+
+
+class _Lazy:
+    """Restore type: the opened tensorstore instead of the data."""
+
+
+class _OpeningHandler(ocp.type_handlers.NumpyHandler):
+    async def deserialize(self, infos, args=None):
+        stores = []
+        for info in infos:
+            await info.await_path_creation()
+            spec = ts_utils.build_array_read_spec(info, use_ocdbt=info.is_ocdbt_checkpoint).json
+            stores.append(await ts.open(ts.Spec(spec), open=True, context=info.ts_context))
+        return stores
+
+
+def open_params(params_dir: str) -> dict:
+    """The orbax tree at `params_dir` as a nested dict of tensorstore arrays, opened but not
+    read: `store[i].read().result()` reads layer i only."""
+    tree = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
+    registry = type_handler_registry.create_type_handler_registry((_Lazy, _OpeningHandler()),
+                                                                  *_ARRAY_HANDLER)
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=_Lazy), tree)
+    return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def write_checkpoint(source, output_dir: str, *, dtype: str | None = None,
+                     overwrite: bool = False, progress: bool = True,
+                     start: float | None = None) -> str:
+    """Convert an opened `convert.sources.Source` into a llama2_jax checkpoint directory.
+
+    Writes params, tokenizer (if the source has one) and, last, the config marker into a
+    temporary sibling that is renamed to `output_dir` when complete. Returns the summary line.
+    """
+    dtype = output_dtype(dtype, source.dtype)
+    cfg = source.cfg.with_dtype(dtype.name)
+    tree: dict = {}
+    for path, stacked in mapping.param_paths():
+        shape = mapping.jax_shape(path, cfg)
+        if stacked:
+            leaf = Streamed((cfg.n_layers, *shape), dtype,
+                            lambda i, path=path: source.read(path, i, dtype), True)
+        else:
+            leaf = Streamed(shape, dtype, lambda _, path=path: source.read(path, None, dtype),
+                            False)
+        mapping.set_path(tree, path, leaf)
+    leaves = jax.tree.leaves(tree)
+    with Progress(n_tensors=sum(x.shape[0] if x.stacked else 1 for x in leaves),
+                  n_bytes=sum(x.nbytes for x in leaves), enabled=progress,
+                  start=start) as bar, \
+            staged_output(output_dir, overwrite) as tmp:
+        write_params(os.path.join(tmp, checkpoint.PARAMS_DIR), tree,
+                     lambda piece, tensors: bar.add(piece.size, piece.nbytes, tensors))
+        if source.tokenizer:
+            shutil.copyfile(source.tokenizer, os.path.join(tmp, checkpoint.TOKENIZER_FILE))
+        checkpoint.write_config(tmp, cfg, source={"format": source.kind,
+                                                  "path": os.path.abspath(source.dir)})
+    return bar.summary(f"converted {source.kind} checkpoint", os.path.abspath(output_dir))
