@@ -73,6 +73,31 @@ class Reply:
     interrupted: bool  # stopped by Ctrl-C
 
 
+def base_config() -> ml_collections.ConfigDict:
+    """Every chat setting with its default; configs/*.py start from this and change a few."""
+    c = ml_collections.ConfigDict()
+    c.checkpoint_dir = ""  # converted checkpoint; "" = random weights (model_preset + model)
+    c.tokenizer_path = ""  # "" = <checkpoint_dir>/tokenizer.model
+    c.model_preset = ""  # llama2_jax.config.PRESETS name, for random weights only
+    c.model = ml_collections.ConfigDict()  # ModelConfig fields over the preset (random only)
+    c.dtype = ""  # "" = bfloat16 on accelerators, float32 on CPU
+    # Mesh sizes, -1 = the devices left. Tensor parallelism is the fastest for one
+    # conversation but must divide the heads; FSDP works with any device count.
+    c.data = 1
+    c.fsdp = 1
+    c.tensor = -1
+    c.multihost = False  # jax.distributed.initialize(); process 0 reads input and prints
+    c.system_prompt = ""
+    c.temperature = 0.6  # Meta's chat defaults; 0 = greedy
+    c.top_p = 0.9
+    c.top_k = 0  # 0 = off
+    c.max_new_tokens = 512
+    c.seed = 0
+    c.prompt = ""  # "" = interactive; else answer this one message and exit
+    c.context_length = 0  # 0 = the model's max_seq_len
+    return c
+
+
 def context_size(model_cfg: ModelConfig, requested: int, max_new_tokens: int) -> int:
     """The context a chat runs in (`requested`, 0 = the model's), checked against the room
     for an answer (`max_new_tokens`) that it must leave."""
