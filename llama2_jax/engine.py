@@ -21,6 +21,7 @@ from llama2_jax.model import KVCache, Transformer, init_cache
 from llama2_jax.sampling import Greedy
 
 MIN_BUCKET = 16
+SESSION_MIN_CACHE = 256
 
 
 class ContextError(ValueError):
@@ -66,7 +67,7 @@ class Engine:
         self._decode = jax.jit(self._decode_fn, static_argnames=("sampler",),
                                donate_argnames=("cache",))
         self._forward = jax.jit(self._forward_fn)
-        self._cache_makers: dict[tuple[int, int], Callable[[], KVCache]] = {}
+        self._cache_makers: dict[tuple, Callable] = {}
 
     # -- jitted bodies -------------------------------------------------------------------------
     def _model(self) -> Transformer:
@@ -97,11 +98,24 @@ class Engine:
         make = self._cache_makers.get((batch, length))
         if make is None:
             cfg = self.config
-            shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+            shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
             s = sharding.named_sharding(self.mesh, KVCache.axes(), shape)
             make = jax.jit(lambda: init_cache(cfg, batch, length), out_shardings=KVCache(s, s))
             self._cache_makers[(batch, length)] = make
         return make()
+
+    def grow_cache(self, cache: KVCache, length: int) -> KVCache:
+        """A copy of `cache` with its slots extended to `length`."""
+        make = self._cache_makers.get(("grow", cache.k.shape, length))
+        if make is None:
+            cfg = self.config
+            shape = (cfg.n_layers, cache.k.shape[1], cfg.n_kv_heads, length, cfg.head_dim)
+            s = sharding.named_sharding(self.mesh, KVCache.axes(), shape)
+            pad = ((0, 0), (0, 0), (0, 0), (0, length - cache.length), (0, 0))
+            make = jax.jit(lambda c: KVCache(*(jnp.pad(x, pad) for x in c)),
+                           out_shardings=KVCache(s, s))
+            self._cache_makers[("grow", cache.k.shape, length)] = make
+        return make(cache)
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits [T, V] (float32) of one sequence, no cache."""
@@ -218,7 +232,9 @@ class Session:
     """One conversation whose KV cache lives across turns.
 
     Each `generate` call receives the whole token sequence so far (e.g. a dialog in the chat
-    format); only the tokens after the longest prefix already in the cache are prefilled.
+    format); only the tokens after the longest prefix already in the cache are prefilled. The
+    cache grows in power-of-two steps (from SESSION_MIN_CACHE slots) as the conversation does:
+    each decode step reads every slot, so a short chat in a 4096-token context stays fast.
     """
 
     def __init__(self, engine: Engine, length: int | None = None):
@@ -236,8 +252,12 @@ class Session:
         if len(tokens) >= self.length:
             raise ContextError(f"{len(tokens)} tokens leave no room to answer in a context of "
                                f"{self.length}")
+        size = max(min(SESSION_MIN_CACHE, self.length),
+                   bucket(len(tokens) + max_new_tokens, self.length))
         if self.cache is None or self.cache.k.is_deleted():
-            self.cache, self.cached = self.engine.new_cache(1, self.length), []
+            self.cache, self.cached = self.engine.new_cache(1, size), []
+        elif self.cache.length < size:
+            self.cache = self.engine.grow_cache(self.cache, size)
         keep = 0
         for a, b in zip(self.cached, tokens[:-1]):  # at least one token must be prefilled
             if a != b:

@@ -26,22 +26,22 @@ f32 = jnp.float32
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, [L, B, S, K, H] each; slot s holds position s."""
+    """Keys and values of every layer, [L, B, K, S, H] each; slot s holds position s."""
 
     k: jax.Array
     v: jax.Array
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @staticmethod
     def axes() -> tuple[str, ...]:
-        return ("layers", "batch", "length", "kv_heads", "head_dim")
+        return ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)
     return KVCache(zeros, zeros)
 
@@ -93,13 +93,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _write(cache: jax.Array, new: jax.Array, layer, positions: jax.Array) -> jax.Array:
-    """cache [L, B, S, K, H] with new [B, T, K, H] scattered to (layer, b, positions[b, t]).
+    """cache [L, B, K, S, H] with new [B, T, K, H] scattered to (layer, b, :, positions[b, t]).
 
     Positions past the cache's end (padding of a prefill bucket) are dropped. A scatter is
     updated in place inside the layer scan; a vmapped dynamic_update_slice was copied.
     """
     rows = jnp.arange(new.shape[0])[:, None]  # [B, 1]
-    return cache.at[layer, rows, positions].set(new.astype(cache.dtype), mode="drop")
+    return cache.at[layer, rows, :, positions].set(new.astype(cache.dtype), mode="drop")
 
 
 class Attention(nnx.Module):
@@ -111,34 +111,39 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), stack)
 
     def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None):
-        """x [B, T, D]; positions [B, T]; kv: (k, v) caches [L, B, S, K, H] or None.
+        """x [B, T, D]; positions [B, T]; kv: (k, v) caches [L, B, K, S, H] or None.
 
         Query at position p sees key slots s <= p (and `mask_extra` [B, T, S] if given).
         Returns the output [B, T, D] and the updated (k, v).
         """
-        B, T, _ = x.shape
-        q = apply_rope(linear("BTD,DNH->BTNH", x, self.wq[...]), cos, sin)
-        k = apply_rope(linear("BTD,DKH->BTKH", x, self.wk[...]), cos, sin)
-        v = linear("BTD,DKH->BTKH", x, self.wv[...])
+        B, T, D = x.shape
+        N, H = self.wq.shape[-2:]
+        K = self.wk.shape[-2]
+        # Weights enter the matmuls as 2-D [in, out] views (free reshapes): XLA then needs no
+        # transposed copies of them.
+        q = linear("BTD,DQ->BTQ", x, self.wq[...].reshape(D, N * H)).reshape(B, T, N, H)
+        k = linear("BTD,DQ->BTQ", x, self.wk[...].reshape(D, K * H)).reshape(B, T, K, H)
+        v = linear("BTD,DQ->BTQ", x, self.wv[...].reshape(D, K * H)).reshape(B, T, K, H)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:
-            keys, values, key_pos = k, v, positions  # [B, S=T, K, H], [B, S]
+            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S=T, H]
+            key_pos = positions  # [B, S]
         else:
             ck, cv = (_write(c, new, layer, positions) for c, new in zip(kv, (k, v)))
             kv = (ck, cv)
-            keys, values = ck[layer], cv[layer]  # [B, S, K, H]
-            key_pos = jnp.arange(ck.shape[2])[None, :]  # [1, S]
-        K, H = keys.shape[2], keys.shape[3]
-        q = q.reshape(B, T, K, -1, H)  # [B, T, K, G, H]
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(q.dtype),
+            keys, values = ck[layer], cv[layer]  # [B, K, S, H]
+            key_pos = jnp.arange(ck.shape[3])[None, :]  # [1, S]
+        q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
+        scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys.astype(q.dtype),
                             preferred_element_type=f32) * (H ** -0.5)
         mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
         if mask_extra is not None:
             mask = mask & mask_extra
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values.astype(x.dtype))
-        out = out.reshape(B, T, -1, H)  # [B, T, N, H]
-        return linear("BTNH,NHD->BTD", out, self.wo[...]), kv
+        out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values.astype(x.dtype))
+        out = out.reshape(B, T, N * H)
+        return linear("BTQ,QD->BTD", out, self.wo[...].reshape(N * H, D)), kv
 
 
 class FeedForward(nnx.Module):

@@ -65,14 +65,17 @@ def test_seeded_sampling_is_reproducible(model):
     assert a == b != c
 
 
-def test_session_reuses_cache_across_turns(engine):
+def test_session_reuses_cache_across_turns(engine, monkeypatch):
+    monkeypatch.setattr("llama2_jax.engine.SESSION_MIN_CACHE", 16)
     session = Session(engine, length=64)
     turn1 = prompt(10, 5)
     answer1 = list(session.generate(turn1, max_new_tokens=6, sampler=Greedy()))
     assert answer1 == engine.generate([turn1], max_new_tokens=6, sampler=Greedy())[0]
     assert session.cached == turn1 + answer1[:-1]
+    assert session.cache.length == 16  # sized by need, not by the 64-token context
     turn2 = turn1 + answer1 + prompt(7, 6)
     answer2 = list(session.generate(turn2, max_new_tokens=6, sampler=Greedy()))
+    assert session.cache.length == 32  # grown, keeping what it held
     assert answer2 == engine.generate([turn2], max_new_tokens=6, sampler=Greedy())[0]
     # a prompt that diverges early re-uses only the common prefix
     turn3 = turn1[:4] + prompt(9, 7)

@@ -110,7 +110,7 @@ def test_layer_count_does_not_grow_the_program():
     def lowered_ops(cfg):
         graphdef, state = nnx.split(abstract_model(cfg))
         tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
-        shape = (cfg.n_layers, 1, 64, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, 1, cfg.n_kv_heads, 64, cfg.head_dim)
         cache = KVCache(*[jax.ShapeDtypeStruct(shape, cfg.compute_dtype)] * 2)
         fn = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, t, c))
         text = fn.lower(state, tokens, cache).as_text()
