@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ __all__ = [
     "CheckpointError", "ConfigError", "ContextError", "DialogError", "Engine", "ModelConfig",
     "Session", "StreamDecoder", "Tokenizer", "Transformer", "encode_dialog", "engine_for",
     "forward", "from_hf_config", "from_meta_params", "generate", "load", "make_mesh", "preset",
-    "save",
+    "save", "stream_text",
 ]
 
 _ENGINES: "weakref.WeakKeyDictionary[Transformer, Engine]" = weakref.WeakKeyDictionary()
@@ -50,3 +50,25 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
 def forward(model: Transformer, token_ids: Sequence[int]) -> np.ndarray:
     """Float32 logits [T, vocab] of one token sequence."""
     return engine_for(model).forward(token_ids)
+
+
+def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], *,
+                max_new_tokens: int, temperature: float = DEFAULT_TEMPERATURE,
+                top_p: float = DEFAULT_TOP_P, top_k: int | None = None,
+                seed: int = 0) -> Iterator[str]:
+    """Text of the answer to one token-id prompt, piece by piece as it is decoded.
+
+    Pieces never split a multi-byte character; generation stops at the tokenizer's EOS.
+    """
+    decoder = StreamDecoder(tokenizer)
+    steps = engine_for(model).stream(
+        [prompt], max_new_tokens=max_new_tokens, seed=seed, stop_ids=(tokenizer.eos_id,),
+        sampler=make_sampler(temperature, top_p, top_k))
+    for step in steps:
+        if step.tokens[0] is not None:
+            piece = decoder.push(step.tokens[:1])
+            if piece:
+                yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail

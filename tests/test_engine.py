@@ -93,3 +93,13 @@ def test_session_survives_interrupted_answer(engine):
         engine.generate([turn], max_new_tokens=5, sampler=Greedy())[0]
     with pytest.raises(ContextError, match="no room"):
         next(session.generate(prompt(64), max_new_tokens=5))
+
+
+def test_stream_text_matches_generate(tokenizer, one_device_mesh):
+    from llama2_jax.config import TINY as T
+    model = checkpoint.random_model(T.replace(vocab_size=32000), one_device_mesh, seed=2)
+    ids = llama2_jax.encode_dialog(tokenizer, [{"role": "user", "content": "Hi 🦙"}])
+    pieces = list(llama2_jax.stream_text(model, tokenizer, ids, max_new_tokens=24,
+                                         temperature=0))
+    [tokens] = llama2_jax.generate(model, [ids], max_new_tokens=24, temperature=0)
+    assert len(pieces) > 1 and "".join(pieces) == tokenizer.decode(tokens)
