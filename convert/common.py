@@ -15,6 +15,8 @@ import numpy as np
 from absl import flags, logging
 from tqdm import tqdm
 
+from llama2_jax import checkpoint
+
 TOKENIZER_FILE = "tokenizer.model"
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -72,13 +74,7 @@ def staged_output(output_dir: str, overwrite: bool):
     os.makedirs(tmp)
     try:
         yield tmp
-        if os.path.exists(output_dir):
-            old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(output_dir, old)
-            os.rename(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output_dir)
+        checkpoint.replace_dir(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,7 +17,6 @@ import uuid
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -123,7 +122,7 @@ def save(directory: str | os.PathLike, model: Transformer, *,
             if tokenizer_path is not None:
                 shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
             write_config(tmp, model.config)
-            _replace_dir(tmp, directory)
+            replace_dir(tmp, directory)
         _sync("llama2_jax_checkpoint_save")
     finally:
         if jax.process_index() == 0 and os.path.exists(tmp):
@@ -142,9 +141,11 @@ def write_config(directory: str, cfg: ModelConfig, **extra: Any) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _replace_dir(src: str, dst: str) -> None:
+def replace_dir(src: str, dst: str) -> None:
+    """Move the complete directory `src` to `dst`, replacing `dst` only once `src` is there."""
     if os.path.exists(dst):
-        old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+        parent, base = os.path.split(dst)
+        old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
         os.rename(dst, old)
         os.rename(src, dst)
         shutil.rmtree(old, ignore_errors=True)
