@@ -211,10 +211,10 @@ class Ours:
         tok, _, cache = self.engine.prefill([self.prompt], [0], cache, rng, Greedy())
         jax.block_until_ready(tok)
         times = []
+        pos = jnp.asarray(np.asarray([len(self.prompt)], np.int32))
         for i in range(n):
             t0 = time.perf_counter()
-            pos = jnp.asarray(np.asarray([len(self.prompt) + i], np.int32))
-            tok, cache = self.engine.decode(tok, pos, cache, rng, Greedy())
+            tok, pos, cache = self.engine.decode(tok, pos, cache, rng, i + 1, Greedy())
             jax.block_until_ready(tok)
             times.append(time.perf_counter() - t0)
         return times

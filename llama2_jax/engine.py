@@ -82,11 +82,14 @@ class Engine:
         logits, cache = model(tokens, positions, cache, logits_at=last)  # [B, V]
         return sampler(logits, rng), logits, self._constrain_cache(cache)
 
-    def _decode_fn(self, state, tokens, positions, cache, rng, sampler):
+    def _decode_fn(self, state, tokens, positions, cache, key, step, sampler):
         self.compile_count += 1
         model = nnx.merge(self._graphdef, state)
         logits, cache = model(tokens[:, None], positions[:, None], cache)  # [B, 1, V]
-        return sampler(logits[:, 0], rng), self._constrain_cache(cache)
+        next_tokens = sampler(logits[:, 0], jax.random.fold_in(key, step))
+        # Rows that have stopped keep stepping; clamped, they rewrite their last slot.
+        next_positions = sharding.constrain(jnp.minimum(positions + 1, cache.length - 1), (None,))
+        return next_tokens, next_positions, self._constrain_cache(cache)
 
     def _forward_fn(self, state, tokens, positions):
         self.compile_count += 1
@@ -151,10 +154,15 @@ class Engine:
             return self._prefill(self._state, jnp.asarray(tokens), jnp.asarray(positions),
                                  jnp.asarray(last), cache, rng, sampler=sampler)
 
-    def decode(self, tokens, positions, cache: KVCache, rng, sampler):
-        """Feed tokens [B] at positions [B]; returns (next tokens [B], cache)."""
+    def decode(self, tokens, positions, cache: KVCache, key, step: int, sampler):
+        """Feed tokens [B] at positions [B], sampling with `fold_in(key, step)`.
+
+        Returns (next tokens [B], next positions [B], cache), all on device: a decode loop
+        needs no host work but reading the tokens.
+        """
         with jax.set_mesh(self.mesh):
-            return self._decode(self._state, tokens, positions, cache, rng, sampler=sampler)
+            return self._decode(self._state, tokens, positions, cache, key, np.int32(step),
+                                sampler=sampler)
 
     # -- generation ----------------------------------------------------------------------------
     def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -190,15 +198,15 @@ class Engine:
         stop = set(int(s) for s in stop_ids)
         count = [0] * len(prompts)
         done = [b <= 0 for b in budget]
-        positions = np.asarray(ends, np.int32)
-        limit = cache.length - 1
+        # Placed as the decode step returns them, so its first call does not compile twice.
+        positions = jax.device_put(np.minimum(ends, cache.length - 1).astype(np.int32),
+                                   NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
         step = 0
         while not all(done):
             step += 1
             # Dispatch the next step before reading this one's tokens, so the device works
             # while the host checks stop conditions.
-            pos = jnp.asarray(np.minimum(positions, limit))
-            nxt, cache = self.decode(tok, pos, cache, jax.random.fold_in(key, step), sampler)
+            nxt, positions, cache = self.decode(tok, positions, cache, key, step, sampler)
             if on_cache:
                 on_cache(cache)
             host = np.asarray(tok)
@@ -215,7 +223,6 @@ class Engine:
                 count[b] += 1
                 done[b] = count[b] >= budget[b]
             yield Step(out, list(done))
-            positions = positions + 1
             tok = nxt
 
     def generate(self, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
