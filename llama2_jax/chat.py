@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.prompt = ""  # "" = interactive; else answer this one message and exit
     c.context_length = 0  # 0 = the model's max_seq_len
+    # Compiled prefill/decode steps persist here, so the next start skips XLA compilation
+    # (minutes for 70B on some backends). "" = off.
+    c.compilation_cache_dir = "~/.cache/llama2_jax/xla"
     return c
 
 
@@ -470,6 +473,9 @@ def main(argv: Sequence[str]) -> int:
     except OSError as e:  # ml_collections defers a config file that failed to load
         sys.stderr.write(f"error: {e}\n")
         return 2
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.expanduser(config.compilation_cache_dir))
     sys.stdout.reconfigure(errors="replace")  # a model may say anything: never die printing it
     if sys.stdin.isatty():
         import readline  # noqa: F401 -- line editing and history for input()

@@ -39,8 +39,9 @@ CLI_RUNS = {
 
 
 @pytest.fixture(scope="module")
-def cli():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+def cli(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")  # the compilation cache goes under ~/.cache
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", HOME=str(home))
     procs = {name: subprocess.Popen(
         [sys.executable, "-m", "llama2_jax.chat", "--config", "configs/demo.py", *args],
         cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -49,6 +50,7 @@ def cli():
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         results[name] = (proc.returncode, out, err)
+    results["cache_dir"] = str(home / ".cache" / "llama2_jax" / "xla")
     return results
 
 
@@ -58,6 +60,7 @@ def test_cli_one_shot_prints_only_the_answer(cli):
     assert NOISE in err and "Traceback" not in err
     assert "parameters" not in out and NOISE not in out  # banner and notices go to stderr
     assert out.endswith("\n") and out.count("\n") <= 8  # the answer alone (8 tokens at most)
+    assert os.listdir(cli["cache_dir"])  # compiled steps kept for the next start
 
 
 def test_cli_mistyped_key_lists_the_valid_keys(cli):
