@@ -25,6 +25,22 @@ class ConversionError(ValueError):
     """An input the converters refuse, or an output they will not overwrite."""
 
 
+def define_import_flags(input_help: str, verify_help: str) -> None:
+    """The flags meta_to_orbax.py and hf_to_orbax.py share (defined by each script's __main__,
+    so that tests can import several converters)."""
+    flags.DEFINE_string("input_dir", None, input_help)
+    flags.DEFINE_string("output_dir", None, "Checkpoint directory to create.")
+    flags.DEFINE_enum("dtype", None, list(DTYPES),
+                      "Weight dtype to write (default: the source's; bfloat16 for Llama 2).")
+    flags.DEFINE_string("tokenizer", None, "tokenizer.model to copy in (default: the one in "
+                        "input_dir or its parent, if any).")
+    flags.DEFINE_bool("overwrite", False, "Replace output_dir if it exists.")
+    flags.DEFINE_bool("verify", False, "Compare the converted model's logits with Hugging Face "
+                      f"transformers on {verify_help} (needs ~8 bytes/parameter of RAM).")
+    flags.DEFINE_bool("progress", True, "Show progress bars.")
+    flags.mark_flags_as_required(["input_dir", "output_dir"])
+
+
 def quiet_logs() -> None:
     """Orbax logs every step at INFO: show warnings and up unless --verbosity was given."""
     if not flags.FLAGS["verbosity"].present:

@@ -25,23 +25,6 @@ from llama2_jax.config import ConfigError
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-    """The command line (defined only when run as a script, so that tests can import
-    several converters)."""
-    flags.DEFINE_string("input_dir", None, "Meta checkpoint directory (consolidated.NN.pth, "
-                        "params.json, optionally checklist.chk).")
-    flags.DEFINE_string("output_dir", None, "Checkpoint directory to create.")
-    flags.DEFINE_enum("dtype", None, list(common.DTYPES),
-                      "Weight dtype to write (default: the source's, bfloat16 for Meta's files).")
-    flags.DEFINE_string("tokenizer", None, "tokenizer.model to copy in and to take vocab_size from "
-                        "(default: the one in input_dir or its parent, if any).")
-    flags.DEFINE_bool("skip_checksum", False, "Do not verify the md5 sums of checklist.chk.")
-    flags.DEFINE_bool("overwrite", False, "Replace output_dir if it exists.")
-    flags.DEFINE_bool("verify", False, "Compare the converted model's logits with Hugging Face "
-                      "transformers on the same weights (needs ~8 bytes/parameter of RAM).")
-    flags.DEFINE_bool("progress", True, "Show progress bars.")
-
-
 def convert(input_dir: str, output_dir: str, *, dtype: str | None = None,
             tokenizer: str | None = None, skip_checksum: bool = False, overwrite: bool = False,
             verify_logits: bool = False, progress: bool = True) -> float | None:
@@ -69,6 +52,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    flags.mark_flags_as_required(["input_dir", "output_dir"])
+    common.define_import_flags("Meta checkpoint directory (consolidated.NN.pth, params.json, "
+                               "optionally checklist.chk).", "the same weights")
+    flags.DEFINE_bool("skip_checksum", False, "Do not verify the md5 sums of checklist.chk.")
+    flags.adopt_module_key_flags(common)  # --help lists the shared flags too
     app.run(main)
