@@ -39,11 +39,9 @@ def bucket(n: int, limit: int) -> int:
 def model_mesh(model: Transformer) -> Mesh:
     """The mesh the model's parameters live on (a 1-device mesh if they are not sharded)."""
     leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
-    s = getattr(leaf, "sharding", None)
-    if isinstance(s, NamedSharding):
-        return s.mesh
-    return sharding.make_mesh(devices=list(getattr(leaf, "devices", lambda: None)() or
-                                           jax.devices()[:1]))
+    if isinstance(leaf.sharding, NamedSharding):
+        return leaf.sharding.mesh
+    return sharding.make_mesh(devices=sorted(leaf.devices(), key=lambda d: d.id))
 
 
 @dataclasses.dataclass

@@ -39,7 +39,11 @@ class ShardingError(ValueError):
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all). One size may be -1: the rest."""
+    """A (data, fsdp, tensor) mesh over `devices` (default: all).
+
+    One size may be -1: the devices left. Sizes whose product is smaller than the device
+    count use the first devices only (e.g. tensor=2 on a machine with 8).
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -106,12 +110,6 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(axes, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
-
-
-def tree_shardings(mesh: Mesh, abstract_tree, axes_tree):
-    """NamedShardings for a pytree of ShapeDtypeStructs given a matching tree of logical axes."""
-    return jax.tree.map(lambda a, ax: named_sharding(mesh, ax, a.shape), abstract_tree,
-                        axes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def maybe_initialize_distributed(enabled: bool) -> None:
