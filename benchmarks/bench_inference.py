@@ -62,6 +62,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from llama2_jax.checkpoint import params_of, random_model  # noqa: E402
+from llama2_jax.engine import cache_length  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from llama2_jax.config import BENCH_134M, LLAMA2_7B  # noqa: E402
 from llama2_jax.engine import Engine  # noqa: E402
 from llama2_jax.model import param_count  # noqa: E402
@@ -171,7 +173,7 @@ class Ours:
             stamps.append(time.perf_counter())
             tokens.append(step.tokens[0])
         jax.block_until_ready(last)  # the step dispatched after the last token is still running
-        self.cache_len = last[0].length
+        self.cache_len = cache_length(last[0])
         return tokens, stamps[0] - t0, stamps
 
     def warm_up(self) -> None:
@@ -211,7 +213,9 @@ class Ours:
         tok, _, cache = self.engine.prefill([self.prompt], [0], cache, rng, Greedy())
         jax.block_until_ready(tok)
         times = []
-        pos = jnp.asarray(np.asarray([len(self.prompt)], np.int32))
+        # placed as the decode step returns positions, so this loop does not compile again
+        pos = jax.device_put(np.asarray([len(self.prompt)], np.int32),
+                             NamedSharding(self.engine.mesh, PartitionSpec()))
         for i in range(n):
             t0 = time.perf_counter()
             tok, pos, cache = self.engine.decode(tok, pos, cache, rng, i + 1, Greedy())

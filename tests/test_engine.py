@@ -6,7 +6,7 @@ import pytest
 import llama2_jax
 from llama2_jax import checkpoint
 from llama2_jax.config import TINY
-from llama2_jax.engine import ContextError, Engine, Session, bucket
+from llama2_jax.engine import ContextError, Engine, Session, bucket, cache_length
 from llama2_jax.sampling import Greedy, Sample
 
 CFG = TINY.replace(n_kv_heads=2, max_seq_len=64)
@@ -17,9 +17,22 @@ def model(one_device_mesh):
     return checkpoint.random_model(CFG, one_device_mesh, seed=11)
 
 
-@pytest.fixture(scope="module")
-def engine(model):
-    return Engine(model)
+@pytest.fixture(scope="module", params=[True, False], ids=["unstacked", "scan"])
+def engine(model, request):
+    """Both layer paths: per-layer weights in a loop (CPU default) and the stacked scan."""
+    return Engine(model, unstack=request.param)
+
+
+def test_unstacked_and_scanned_layers_agree(model):
+    loop, scan = Engine(model, unstack=True), Engine(model, unstack=False)
+    caches = loop.new_cache(1, 16)  # a tuple of one-layer caches
+    assert [c.k.shape for c in caches] == [(1, 1, CFG.n_kv_heads, 16, CFG.head_dim)] * 2
+    assert scan.new_cache(1, 16).k.shape == (CFG.n_layers, 1, CFG.n_kv_heads, 16, CFG.head_dim)
+    tokens = prompt(21, 12)
+    np.testing.assert_allclose(loop.forward(tokens), scan.forward(tokens), atol=1e-5, rtol=0)
+    prompts = [prompt(4, 13), prompt(19, 14)]
+    assert loop.generate(prompts, max_new_tokens=10, sampler=Greedy()) == \
+        scan.generate(prompts, max_new_tokens=10, sampler=Greedy())
 
 
 def prompt(n, seed=0):
@@ -72,10 +85,10 @@ def test_session_reuses_cache_across_turns(engine, monkeypatch):
     answer1 = list(session.generate(turn1, max_new_tokens=6, sampler=Greedy()))
     assert answer1 == engine.generate([turn1], max_new_tokens=6, sampler=Greedy())[0]
     assert session.cached == turn1 + answer1[:-1]
-    assert session.cache.length == 16  # sized by need, not by the 64-token context
+    assert cache_length(session.cache) == 16  # sized by need, not by the 64-token context
     turn2 = turn1 + answer1 + prompt(7, 6)
     answer2 = list(session.generate(turn2, max_new_tokens=6, sampler=Greedy()))
-    assert session.cache.length == 32  # grown, keeping what it held
+    assert cache_length(session.cache) == 32  # grown, keeping what it held
     assert answer2 == engine.generate([turn2], max_new_tokens=6, sampler=Greedy())[0]
     # a prompt that diverges early re-uses only the common prefix
     turn3 = turn1[:4] + prompt(9, 7)

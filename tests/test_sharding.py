@@ -41,9 +41,11 @@ def test_mesh_gives_single_device_results(params, single, data, fsdp, tensor):
     np.testing.assert_allclose(llama2_jax.forward(model, tokens),
                                llama2_jax.forward(single, tokens), atol=2e-5, rtol=0)
     prompts = [tokens[:5], tokens[:19], tokens[:11], tokens]
-    got = Engine(model).generate(prompts, max_new_tokens=6, sampler=Greedy())
     want = Engine(single).generate(prompts, max_new_tokens=6, sampler=Greedy())
-    assert got == want
+    for unstack in (True, False):
+        got = Engine(model, unstack=unstack).generate(prompts, max_new_tokens=6,
+                                                      sampler=Greedy())
+        assert got == want
 
 
 def test_kv_heads_not_divisible_by_tensor_are_replicated(params):
