@@ -22,8 +22,10 @@ from llama2_jax.sampling import Greedy
 
 MIN_BUCKET = 16
 # On CPU, models whose layers take at most this many bytes run with a second, per-layer copy of
-# the layer weights (see Transformer's `unstacked`): ~1.5x faster decode.
+# the layer weights (see Transformer's `unstacked`): ~1.5x faster decode with caches of up to
+# UNSTACK_MAX_SLOTS slots; past that XLA:CPU copies per-layer caches and the scan is faster.
 UNSTACK_MAX_BYTES = 2 << 30
+UNSTACK_MAX_SLOTS = 1024
 SESSION_MIN_CACHE = 256
 
 
@@ -55,6 +57,11 @@ class Step:
     finished: list[bool]
 
 
+def _layers_for(cache, unstacked):
+    """The per-layer weights when `cache` is per layer (a tuple), else None: scan."""
+    return None if isinstance(cache, KVCache) else unstacked
+
+
 def cache_length(cache) -> int:
     """Slots of a KVCache, or of a tuple of one-layer KVCaches."""
     return (cache if isinstance(cache, KVCache) else cache[0]).length
@@ -64,7 +71,8 @@ class Engine:
     """Compiled prefill/decode for one model; compiles once per (batch, bucket) shape.
 
     `unstack` runs the layers from a per-layer copy of their weights (None: on CPU, for
-    layers of at most UNSTACK_MAX_BYTES); the KV cache is then a tuple of one-layer caches.
+    layers of at most UNSTACK_MAX_BYTES) when the KV cache has at most UNSTACK_MAX_SLOTS
+    slots; such a cache is a tuple of one-layer caches, a longer one is stacked and scanned.
     """
 
     def __init__(self, model: Transformer, mesh: Mesh | None = None,
@@ -95,14 +103,14 @@ class Engine:
         self.compile_count += 1
         model = nnx.merge(self._graphdef, state)
         logits, cache = model(tokens, positions, cache, logits_at=last,
-                              unstacked=unstacked)  # [B, V]
+                              unstacked=_layers_for(cache, unstacked))  # [B, V]
         return sampler(logits, rng), logits, self._constrain_cache(cache)
 
     def _decode_fn(self, state, unstacked, tokens, positions, cache, key, step, sampler):
         self.compile_count += 1
         model = nnx.merge(self._graphdef, state)
         logits, cache = model(tokens[:, None], positions[:, None], cache,
-                              unstacked=unstacked)  # [B, 1, V]
+                              unstacked=_layers_for(cache, unstacked))  # [B, 1, V]
         next_tokens = sampler(logits[:, 0], jax.random.fold_in(key, step))
         # Rows that have stopped keep stepping; clamped, they rewrite their last slot.
         last_slot = cache_length(cache) - 1
@@ -114,37 +122,46 @@ class Engine:
         return nnx.merge(self._graphdef, state)(tokens, positions, unstacked=unstacked)[0]
 
     # -- building blocks -----------------------------------------------------------------------
+    def _per_layer(self, length: int) -> bool:
+        """Whether a cache of `length` slots is kept per layer (and the layers unstacked)."""
+        return self._unstacked is not None and length <= UNSTACK_MAX_SLOTS
+
     def _cache_shardings(self, batch: int, length: int):
         cfg = self.config
-        layers = 1 if self._unstacked is not None else cfg.n_layers
-        shape = (layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+        per_layer = self._per_layer(length)
+        shape = (1 if per_layer else cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
         s = sharding.named_sharding(self.mesh, KVCache.axes(), shape)
-        one = KVCache(s, s)
-        return tuple([one] * cfg.n_layers) if self._unstacked is not None else one
+        return tuple([KVCache(s, s)] * cfg.n_layers) if per_layer else KVCache(s, s)
 
     def new_cache(self, batch: int, length: int):
         """A zeroed cache for `batch` rows of `length` slots, created in its shards."""
         make = self._cache_makers.get((batch, length))
         if make is None:
             cfg = self.config
-            if self._unstacked is not None:
-                one = cfg.replace(n_layers=1)
-                init = lambda: tuple(init_cache(one, batch, length)  # noqa: E731
-                                     for _ in range(cfg.n_layers))
-            else:
-                init = lambda: init_cache(cfg, batch, length)  # noqa: E731
+
+            def init():
+                if self._per_layer(length):
+                    return tuple(init_cache(cfg.replace(n_layers=1), batch, length)
+                                 for _ in range(cfg.n_layers))
+                return init_cache(cfg, batch, length)
+
             make = jax.jit(init, out_shardings=self._cache_shardings(batch, length))
             self._cache_makers[(batch, length)] = make
         return make()
 
     def grow_cache(self, cache, length: int):
-        """A copy of `cache` with its slots extended to `length`."""
+        """A copy of `cache` with its slots extended to `length` (stacked if it gets long)."""
         batch, old = jax.tree.leaves(cache)[0].shape[1], cache_length(cache)
         make = self._cache_makers.get(("grow", batch, old, length))
         if make is None:
             pad = ((0, 0), (0, 0), (0, 0), (0, length - old), (0, 0))
-            make = jax.jit(lambda c: jax.tree.map(lambda x: jnp.pad(x, pad), c),
-                           out_shardings=self._cache_shardings(batch, length))
+
+            def grow(c):
+                if not isinstance(c, KVCache) and not self._per_layer(length):
+                    c = KVCache(*(jnp.concatenate(parts) for parts in zip(*c)))
+                return jax.tree.map(lambda x: jnp.pad(x, pad), c)
+
+            make = jax.jit(grow, out_shardings=self._cache_shardings(batch, length))
             self._cache_makers[("grow", batch, old, length)] = make
         return make(cache)
 

@@ -7,6 +7,7 @@ import llama2_jax
 from llama2_jax import checkpoint
 from llama2_jax.config import TINY
 from llama2_jax.engine import ContextError, Engine, Session, bucket, cache_length
+from llama2_jax.model import KVCache
 from llama2_jax.sampling import Greedy, Sample
 
 CFG = TINY.replace(n_kv_heads=2, max_seq_len=64)
@@ -78,17 +79,22 @@ def test_seeded_sampling_is_reproducible(model):
     assert a == b != c
 
 
-def test_session_reuses_cache_across_turns(engine, monkeypatch):
+def test_session_reuses_cache_across_turns(engine, model, monkeypatch):
     monkeypatch.setattr("llama2_jax.engine.SESSION_MIN_CACHE", 16)
+    # The unstacked engine's cache starts per layer and turns stacked when it grows past 16.
+    monkeypatch.setattr("llama2_jax.engine.UNSTACK_MAX_SLOTS", 16)
+    engine = Engine(model, unstack=engine._unstacked is not None)
     session = Session(engine, length=64)
     turn1 = prompt(10, 5)
     answer1 = list(session.generate(turn1, max_new_tokens=6, sampler=Greedy()))
     assert answer1 == engine.generate([turn1], max_new_tokens=6, sampler=Greedy())[0]
     assert session.cached == turn1 + answer1[:-1]
     assert cache_length(session.cache) == 16  # sized by need, not by the 64-token context
+    assert isinstance(session.cache, KVCache) == (engine._unstacked is None)
     turn2 = turn1 + answer1 + prompt(7, 6)
     answer2 = list(session.generate(turn2, max_new_tokens=6, sampler=Greedy()))
     assert cache_length(session.cache) == 32  # grown, keeping what it held
+    assert isinstance(session.cache, KVCache)  # stacked past UNSTACK_MAX_SLOTS
     assert answer2 == engine.generate([turn2], max_new_tokens=6, sampler=Greedy())[0]
     # a prompt that diverges early re-uses only the common prefix
     turn3 = turn1[:4] + prompt(9, 7)
