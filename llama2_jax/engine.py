@@ -321,14 +321,15 @@ class Session:
         steps = self.engine.stream([tokens[keep:]], starts=[keep], cache=self.cache,
                                    max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
                                    stop_ids=stop_ids, on_cache=self._set_cache)
-        for step in steps:
-            t = step.tokens[0]
-            if t is not None:
-                answer.append(t)
-                # The cache holds every token fed so far: the prompt and all but the newest.
-                self.cached = tokens + answer[:-1]
-                yield t
-        self.cached = tokens + answer[:-1]
+        try:
+            for step in steps:
+                t = step.tokens[0]
+                if t is not None:
+                    answer.append(t)
+                    yield t
+        finally:  # also when the caller stops early (Ctrl-C closes the generator)
+            # The cache holds every token fed so far: the prompt and all but the newest.
+            self.cached = tokens + answer[:-1]
 
     def _set_cache(self, cache) -> None:
         self.cache = cache
