@@ -23,22 +23,18 @@ prints. Ctrl-C reaches process 0 alone, so it cannot stop an answer there: end t
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib.util
 import os
-import re
 import sys
 from typing import Callable, Sequence, TextIO
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
-from llama2_jax import checkpoint, sharding
+from llama2_jax import checkpoint, cli, sharding
 from llama2_jax.checkpoint import CheckpointError
-from llama2_jax.config import ConfigError, ModelConfig, preset
+from llama2_jax.config import ConfigError, ModelConfig
 from llama2_jax.engine import ContextError, Engine, Session
 from llama2_jax.model import param_count
 from llama2_jax.sampling import make_sampler
@@ -292,16 +288,6 @@ def _read_line(input_fn: Callable[[str], str]) -> str | None:
     return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n]).decode()
 
 
-def random_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The architecture of a random-weights model: `model_preset` with `model` fields over it."""
-    if not config.model_preset:
-        raise ChatError("set checkpoint_dir (a converted checkpoint) or model_preset "
-                        "(random weights)")
-    model = config.get("model") or ml_collections.ConfigDict()
-    fields = {**preset(config.model_preset).to_dict(), **model.to_dict()}
-    return ModelConfig.from_dict(fields, source="config.model")
-
-
 def check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
     if tokenizer.vocab_size != model_cfg.vocab_size:
         raise ChatError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the "
@@ -338,7 +324,7 @@ def build(config: ml_collections.ConfigDict, err: TextIO) -> Chat:
         tokenizer_path = config.tokenizer_path or os.path.join(config.checkpoint_dir,
                                                                checkpoint.TOKENIZER_FILE)
     else:
-        model_cfg = random_config(config)
+        model_cfg = cli.random_config(config)
         if not config.tokenizer_path:
             raise ChatError("tokenizer_path is required when checkpoint_dir is empty")
         tokenizer_path = config.tokenizer_path
@@ -388,54 +374,6 @@ def _count(n: int) -> str:
 
 
 # -- command line ----------------------------------------------------------------------------
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with one clear line (and the valid keys) for bad flags."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        message = str(e)
-    except (AttributeError, KeyError) as e:  # ml_collections: a key the locked config lacks
-        message = _unknown_key(argv) or str(e)
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(2)
-
-
-def _unknown_key(argv: Sequence[str]) -> str | None:
-    """The message for the first `--config.<key>` that the config file lacks, if any."""
-    path = None
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-    try:
-        spec = importlib.util.spec_from_file_location("_llama2_jax_chat_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        keys = _keys(module.get_config())
-    except Exception:  # noqa: BLE001 -- fall back to ml_collections' own message
-        return None
-    for arg in argv:
-        m = re.match(r"--(?:no)?config\.([^=]+)", arg)
-        if m and m.group(1) not in keys:
-            key = m.group(1)
-            close = difflib.get_close_matches(key, keys, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            return (f"{arg.split('=', 1)[0]}: {path} has no config key {key!r}{hint}; valid keys: "
-                    f"{', '.join(keys)}")
-    return None
-
-
-def _keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
-    for name, value in sorted(config.items()):
-        if isinstance(value, ml_collections.ConfigDict) and value:
-            keys += _keys(value, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
 def run(config: ml_collections.ConfigDict, input_fn: Callable[[str], str] = input,
         out: TextIO | None = None, err: TextIO | None = None) -> int:
     """The app for a loaded config: one-shot or interactive. Returns the exit status.
@@ -463,15 +401,8 @@ def run(config: ml_collections.ConfigDict, input_fn: Callable[[str], str] = inpu
 
 def main(argv: Sequence[str]) -> int:
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing off the chat screen
-    if len(argv) > 1:
-        sys.stderr.write(f"error: unexpected arguments {argv[1:]}; settings are --config.<key>="
-                         "<value> flags\n")
-        return 2
-    config = flags.FLAGS["config"].value
-    try:
-        config.keys()
-    except OSError as e:  # ml_collections defers a config file that failed to load
-        sys.stderr.write(f"error: {e}\n")
+    config = cli.flag_config(argv)
+    if config is None:
         return 2
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir",
@@ -482,14 +413,6 @@ def main(argv: Sequence[str]) -> int:
     return run(config)
 
 
-def define_flags() -> None:
-    """The --config flag; defined by the app alone, so importing this module defines none."""
-    config_flags.DEFINE_config_file(
-        "config", None, "Chat config file (configs/*.py); override its fields with "
-        "--config.<field>=<value>.", lock_config=True)
-    flags.mark_flag_as_required("config")
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    cli.define_config_flag("Chat")
+    app.run(main, flags_parser=cli.parse_flags)

@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import ROOT, TOKENIZER
 from llama2_jax import chat as chat_app
 from llama2_jax import checkpoint
+from llama2_jax import cli as app_cli
 from llama2_jax.engine import Engine
 from llama2_jax.sampling import Greedy
 
@@ -94,7 +95,7 @@ def test_configs_share_fields():
         assert config.model_preset == size and config.temperature == 0.6 and config.top_p == 0.9
     assert demo.checkpoint_dir == "" and os.path.isabs(demo.tokenizer_path)
     assert os.path.samefile(demo.tokenizer_path, TOKENIZER)
-    assert chat_app.random_config(demo).vocab_size == 32000
+    assert app_cli.random_config(demo).vocab_size == 32000
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -129,7 +130,7 @@ def test_one_shot_from_a_checkpoint(demo_model, tmp_path):
 # -- in-process: the REPL ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_model():
-    return checkpoint.random_model(chat_app.random_config(load_config()))
+    return checkpoint.random_model(app_cli.random_config(load_config()))
 
 
 @pytest.fixture(scope="module")
