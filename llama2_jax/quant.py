@@ -1,0 +1,301 @@
+"""Weight-only 8-bit quantization: int8 and FP8 (e4m3) with one scale per output channel.
+
+A quantized weight is a `QArray`: `q` holds the weight in 8 bits, `scale` one float32 per
+output channel, and w ~ q * scale (symmetric absmax: the channel's largest |w| maps to 127 for
+int8, to 448, e4m3's largest finite value, for FP8). It is a pytree (`q` and `scale` are its
+leaves), so it sits inside an `nnx.Param`, is sharded, sliced by the layer scan and saved like
+an array; model.py's `linear()` calls its `einsum`, which multiplies by q and then by the
+scale (a per-column factor of the product). Layout: `q` [lead..., in..., out...] and `scale`
+[lead..., out...], where `lead` is the stacked-layer axis L (none for `output`).
+
+Embeddings (a gather, not a matmul) and norms stay in the model's dtype. On CPU, and on
+accelerators without FP8 matmuls, the 8-bit weights are converted to the compute dtype inside
+the jitted step; XLA:CPU does this slowly (see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from llama2_jax import sharding
+from llama2_jax.config import ConfigError
+
+f32 = jnp.float32
+METHODS = ("none", "int8", "fp8")
+QDTYPE = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
+QMAX = {"int8": 127.0, "fp8": 448.0}
+# Quantized parameters, by their last name, and how many of their axes (after the stacked L
+# axis) are the matmul's inputs: model.py's layouts (wq [D, N, H], wo [N, H, D], output [D, V]).
+INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w2": 1, "w3": 1, "output": 1}
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ConfigError(f"quantization must be one of {', '.join(METHODS)}, got {method!r}")
+    return method
+
+
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """An 8-bit weight and its per-output-channel scales; w ~ q * scale.
+
+    `n_out` (static) is the number of trailing output axes of `q`, which `scale` shares.
+    """
+
+    q: Any  # [lead..., in..., out...] int8 or float8_e4m3fn
+    scale: Any  # [lead..., out...] float32
+    n_out: int = 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    @property
+    def dtype(self):
+        return self.q.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.q.ndim
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+    @property
+    def method(self) -> str:
+        return "int8" if self.q.dtype == QDTYPE["int8"] else "fp8"
+
+    @property
+    def n_in(self) -> int:
+        return self.q.ndim - self.scale.ndim
+
+    def __getitem__(self, index):
+        """`w[...]` is `w` itself; `w[i]` is layer i of a stacked weight."""
+        if index is Ellipsis:
+            return self
+        if isinstance(index, int) and self.scale.ndim > self.n_out:
+            return QArray(self.q[index], self.scale[index], self.n_out)
+        raise TypeError(f"a QArray is indexed with ... or a layer index, not {index!r}")
+
+    def reshape(self, *shape) -> "QArray":
+        """The same weight viewed as `shape`: its last axis holds all the output channels
+        (e.g. wq [D, N, H] as the matrix [D, N*H]), or it keeps the output axes as they are."""
+        shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        lead = self.scale.shape[:self.scale.ndim - self.n_out]
+        out = self.scale.shape[len(lead):]
+        if tuple(shape[-len(out):]) == out:
+            new_out = out
+        elif shape[-1] == math.prod(out):
+            new_out = (shape[-1],)
+        else:
+            raise ValueError(f"cannot view a weight of shape {self.shape} with output axes "
+                             f"{out} as {shape}")
+        if tuple(shape[:len(lead)]) != lead or len(shape) <= len(lead) + len(new_out):
+            raise ValueError(f"cannot view a weight of shape {self.shape} as {shape}")
+        return QArray(self.q.reshape(shape), self.scale.reshape(lead + new_out), len(new_out))
+
+    def einsum(self, eq: str, x: jax.Array, out_dtype=None) -> jax.Array:
+        """`jnp.einsum(eq, x, w)` as (x @ q) * scale, accumulated in float32.
+
+        `eq`'s output must end with the weight's output axes (as every matmul in model.py).
+        """
+        w_spec, out_spec = eq.split(",")[1].split("->")
+        if (self.scale.ndim != self.n_out or len(w_spec) != self.q.ndim
+                or not out_spec.endswith(w_spec[-self.n_out:])):
+            raise ValueError(f"{eq!r} does not fit a weight {self.shape} with output axes "
+                             f"{self.scale.shape} (stacked weights are used per layer)")
+        y = jnp.einsum(eq, x, self.q.astype(x.dtype), preferred_element_type=f32)
+        return (y * self.scale).astype(out_dtype or x.dtype)
+
+    def dequantize(self, dtype=f32) -> jax.Array:
+        return (self.q.astype(f32) * _expand(self.scale, self)).astype(dtype)
+
+
+jax.tree_util.register_dataclass(QArray, data_fields=("q", "scale"), meta_fields=("n_out",))
+
+
+def _expand(scale, w: QArray):
+    """`scale` broadcastable against `w.q`: size-1 axes where q has its input axes."""
+    lead = scale.ndim - w.n_out
+    return scale.reshape(scale.shape[:lead] + (1,) * w.n_in + scale.shape[lead:])
+
+
+def quantize(w, method: str, n_in: int, n_lead: int = 0) -> QArray:
+    """Symmetric per-output-channel absmax quantization of `w` [lead..., in..., out...].
+
+    Args:
+      w: the weight (any float dtype; computed in float32).
+      method: "int8" or "fp8".
+      n_in: how many axes after the `n_lead` leading ones are the matmul's inputs.
+    Returns:
+      QArray with |w - q * scale| <= scale / 2 (int8), or e4m3's relative rounding (FP8:
+      2^-4 of |w| for normal values, scale * 2^-10 below them).
+    """
+    if method not in QDTYPE:
+        raise ConfigError(f"quantize: method must be int8 or fp8, got {method!r}")
+    w = jnp.asarray(w).astype(f32)
+    axes = tuple(range(n_lead, n_lead + n_in))
+    amax = jnp.max(jnp.abs(w), axis=axes)  # [lead..., out...]
+    scale = jnp.where(amax > 0, amax / QMAX[method], 1.0)
+    ws = w / jnp.expand_dims(scale, axes)
+    if method == "int8":
+        q = jnp.clip(jnp.round(ws), -127, 127).astype(jnp.int8)
+    else:  # the cast rounds to nearest; clipping keeps a rounding overshoot off NaN
+        q = jnp.clip(ws, -448.0, 448.0).astype(jnp.float8_e4m3fn)
+    return QArray(q, scale, w.ndim - n_lead - n_in)
+
+
+# -- parameter trees ---------------------------------------------------------------------------
+def quantizable(path) -> bool:
+    """Whether the parameter at `path` (a tuple of names) is quantized."""
+    return path[-1] in INPUT_AXES
+
+
+def _lead(path) -> int:
+    return 1 if path[0] == "layers" else 0
+
+
+def quantize_param(path, w, method: str) -> QArray:
+    return quantize(w, method, INPUT_AXES[path[-1]], _lead(path))
+
+
+def scale_axes(path, axes: tuple) -> tuple:
+    """Logical axes of a weight's scales: its axes without the input ones."""
+    lead = _lead(path)
+    return axes[:lead] + axes[lead + INPUT_AXES[path[-1]]:]
+
+
+def scale_shape(path, shape: tuple) -> tuple:
+    return scale_axes(path, tuple(shape))
+
+
+def method_of(params) -> str:
+    """"int8", "fp8" or "none": how the weights in a parameter tree are stored."""
+    methods = {x.method for x in jax.tree.leaves(params, is_leaf=_is_q) if _is_q(x)}
+    if len(methods) > 1:
+        raise ConfigError(f"parameters mix quantization methods {sorted(methods)}")
+    return methods.pop() if methods else "none"
+
+
+def _is_q(x) -> bool:
+    return isinstance(x, QArray)
+
+
+def to_tree(params: Mapping) -> dict:
+    """Nested dict with every QArray as {"q": ..., "scale": ...}: what orbax saves."""
+    return {k: ({"q": v.q, "scale": v.scale} if _is_q(v)
+                else to_tree(v) if isinstance(v, Mapping) else v) for k, v in params.items()}
+
+
+def from_tree(tree: Mapping, path: tuple = ()) -> dict:
+    """Inverse of to_tree: {"q", "scale"} dicts at quantizable paths become QArrays."""
+    out = {}
+    for k, v in tree.items():
+        p = (*path, k)
+        if isinstance(v, Mapping) and quantizable(p) and set(v) == {"q", "scale"}:
+            out[k] = QArray(v["q"], v["scale"], len(v["scale"].shape) - _lead(p))
+        elif isinstance(v, Mapping):
+            out[k] = from_tree(v, p)
+        else:
+            out[k] = v
+    return out
+
+
+def map_params(fn, params: Mapping, path: tuple = ()) -> dict:
+    """fn(path, leaf) over a nested param dict, QArrays passed whole."""
+    return {k: (map_params(fn, v, (*path, k)) if isinstance(v, Mapping) and not _is_q(v)
+                else fn((*path, k), v)) for k, v in params.items()}
+
+
+def abstract_params(cfg_target: Mapping, axes: Mapping, mesh: Mesh, method: str) -> dict:
+    """The restore target of quantized weights: each quantizable ShapeDtypeStruct of the
+    unquantized `cfg_target` becomes a QArray of ShapeDtypeStructs, scales sharded along the
+    weight's output axes (`axes`: the logical axes of every parameter)."""
+    if method == "none":
+        return dict(cfg_target)
+
+    def leaf(path, t):
+        if not quantizable(path):
+            return t
+        ax = _get(axes, path)
+        s_shape, s_axes = scale_shape(path, t.shape), scale_axes(path, ax)
+        q = jax.ShapeDtypeStruct(t.shape, QDTYPE[method], sharding=t.sharding)
+        s = jax.ShapeDtypeStruct(s_shape, f32,
+                                 sharding=sharding.named_sharding(mesh, s_axes, s_shape))
+        return QArray(q, s, len(s_shape) - _lead(path))
+    return map_params(leaf, cfg_target)
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def param_axes(model) -> dict:
+    """Nested dict of every parameter's logical axes."""
+    state = nnx.state(model, nnx.Param)
+    return nnx.to_pure_dict(jax.tree.map(lambda v: v.axes, state,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def quantize_params(params: Mapping, method: str, target: Mapping | None = None) -> dict:
+    """Quantize every quantizable weight of a nested param dict, on device.
+
+    With `target` (from `abstract_params`) the results are placed in its shardings; each
+    weight's full-precision input may be freed by the caller as soon as this returns.
+    """
+    if check_method(method) == "none":
+        return dict(params)
+
+    def leaf(path, w):
+        if not quantizable(path):
+            return w
+        if _is_q(w):
+            raise ConfigError(f"{'/'.join(path)} is already {w.method}-quantized")
+        shardings = None if target is None else jax.tree.map(lambda t: t.sharding,
+                                                             _get(target, path))
+        fn = jax.jit(quantize_param, static_argnums=(0, 2), out_shardings=shardings)
+        return fn(path, w, method)
+    return map_params(leaf, params)
+
+
+def dequantize_params(params: Mapping, dtype, shardings: Mapping | None = None) -> dict:
+    """Every QArray of a nested param dict back to a `dtype` array (in `shardings` if given)."""
+    def leaf(path, w):
+        if not _is_q(w):
+            return w
+        s = None if shardings is None else _get(shardings, path)
+        return jax.jit(lambda w: w.dequantize(dtype), out_shardings=s)(w)
+    return map_params(leaf, params)
+
+
+def quantize_model(model, method: str):
+    """A copy of `model` with its weights quantized in place on their devices (scales sharded
+    like their weights' output axes). `method` "none" returns the model itself."""
+    if check_method(method) == "none":
+        return model
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    leaves = jax.tree.leaves(params)
+    mesh = leaves[0].sharding.mesh if hasattr(leaves[0].sharding, "mesh") else None
+    target = None
+    if mesh is not None:
+        sds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                           params)
+        target = abstract_params(sds, param_axes(model), mesh, method)
+    nnx.replace_by_pure_dict(state, quantize_params(params, method, target))
+    return nnx.merge(graphdef, state)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters as stored (8-bit weights, their scales, the rest)."""
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
