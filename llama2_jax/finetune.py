@@ -1,0 +1,698 @@
+"""Supervised fine-tuning: `python -m llama2_jax.finetune --config configs/<name>.py`.
+
+  python -m llama2_jax.finetune --config configs/sft_tiny.py          # CPU, under a minute
+  python -m llama2_jax.finetune --config configs/sft_7b_lora.py \\
+      --config.checkpoint_dir=/data/llama-2-7b-chat --config.train_data=my_dialogs.jsonl
+
+Trains on JSONL dialogs (see llama2_jax/data.py for the two line formats) with the loss on the
+assistant's tokens. The whole model (`lora.rank=0`) or low-rank adapters on chosen projections
+(the base frozen) are trained with AdamW, warmup + cosine decay, global-norm clipping and
+gradient accumulation, sharded over a (data, fsdp, tensor) mesh.
+
+Everything a run writes is under `output_dir`:
+  run.json         the settings; a rerun with different ones is refused
+  checkpoints/     orbax CheckpointManager: trained params (or adapters), optimizer state,
+                   step, data position; every `save_every` steps and on SIGTERM
+  metrics.jsonl    loss, eval_loss, learning rate, grad norm, tokens/s per logged step
+  final/           the fine-tuned model (adapters merged) as a llama2_jax checkpoint, which
+                   `llama2_jax.load` and the chat app read directly
+Running the same command again resumes from the newest checkpoint, with the weights an
+uninterrupted run would have had. `checkpoint_dir` is only read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Sequence, TextIO
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llama2_jax import checkpoint, cli, data, sharding
+from llama2_jax.checkpoint import CheckpointError
+from llama2_jax.config import ConfigError, ModelConfig
+from llama2_jax.data import DataError
+from llama2_jax.model import Transformer, abstract_model
+from llama2_jax.sharding import ShardingError
+from llama2_jax.tokenizer import Tokenizer
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+# Where each LoRA target lives and how many leading (input) axes its weight has.
+LORA_TARGETS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention", 1),
+                "wo": ("attention", 2), "w1": ("feed_forward", 1), "w2": ("feed_forward", 1),
+                "w3": ("feed_forward", 1)}
+_DTYPES = ("float32", "bfloat16", "float16")
+# Settings a resumed run may change without changing what it computes.
+_RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "log_every", "keep_checkpoints",
+                      "compilation_cache_dir", "multihost", "progress"}
+
+
+class FinetuneError(ValueError):
+    """A fine-tuning setting or state that cannot work; the message says which and why."""
+
+
+class NonFiniteLoss(FinetuneError):
+    """Loss or gradient became NaN/inf; the last checkpoint is the last good state."""
+
+
+USER_ERRORS = (FinetuneError, DataError, CheckpointError, ConfigError, ShardingError,
+               FileNotFoundError)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every fine-tuning setting with its default; configs/sft_*.py change a few."""
+    c = ml_collections.ConfigDict()
+    c.checkpoint_dir = ""  # base weights (a converted checkpoint); "" = random init of `model`
+    c.tokenizer_path = ""  # "" = <checkpoint_dir>/tokenizer.model
+    c.model_preset = ""  # random init only: llama2_jax.config preset name ...
+    c.model = ml_collections.ConfigDict()  # ... with these ModelConfig fields over it
+    c.train_data = ""  # JSONL dialogs
+    c.eval_data = ""  # JSONL; "" = hold out eval_fraction of train_data
+    c.eval_fraction = 0.0
+    c.output_dir = ""
+    c.steps = 1000
+    c.seed = 0
+    c.batch_size = 8  # sequences per optimizer step (all devices, all accumulation steps)
+    c.grad_accum = 1  # micro-batches per step: batch_size / grad_accum sequences each
+    c.seq_len = 1024
+    c.packing = True  # several short examples per sequence (attention never crosses them)
+    c.max_length_policy = data.TRUNCATE  # or "drop", for examples longer than seq_len + 1
+    c.learning_rate = 2e-5
+    c.warmup_steps = 100
+    c.final_lr_ratio = 0.1  # cosine decay to learning_rate * this at `steps`
+    c.weight_decay = 0.0  # AdamW; never applied to norms and embeddings
+    c.b1 = 0.9
+    c.b2 = 0.95
+    c.eps = 1e-8
+    c.clip_norm = 1.0  # global gradient norm; 0 = off
+    c.dtype = ""  # compute dtype; "" = bfloat16 on accelerators, float32 on CPU
+    c.param_dtype = "float32"  # trained (master) weights; the frozen base under LoRA too
+    c.remat = False  # recompute each layer's activations in the backward pass
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("wq", "wv")))
+    c.data = 1  # mesh sizes; -1 = the devices left
+    c.fsdp = -1
+    c.tensor = 1
+    c.multihost = False
+    c.save_every = 500
+    c.keep_checkpoints = 2
+    c.eval_every = 500
+    c.log_every = 10
+    c.progress = True  # a progress bar on a terminal's stderr
+    c.compilation_cache_dir = "~/.cache/llama2_jax/xla"
+    return c
+
+
+# -- LoRA ------------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoRA:
+    """A frozen weight plus a low-rank update, W + scale * a @ b, as `model.linear` takes it.
+
+    `base` has the weight's own shape (reshaped by the model to its 2-D [in, out] view);
+    `a` [in, r] and `b` [r, out] are always 2-D (a leading L axis when stacked).
+    """
+
+    base: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError("a LoRA weight is read whole, as w[...]")
+        return self
+
+    def reshape(self, *shape):
+        return dataclasses.replace(self, base=self.base.reshape(*shape))
+
+    def einsum(self, eq: str, x: jax.Array, out_dtype=None) -> jax.Array:
+        # The contraction is over x's last axis, so the adapter path is two plain matmuls.
+        y = jnp.einsum(eq, x, jax.lax.stop_gradient(self.base).astype(x.dtype),
+                       preferred_element_type=out_dtype)
+        low = (x @ self.a.astype(x.dtype)) @ self.b.astype(x.dtype)  # [..., out]
+        return y + (self.scale * low).astype(y.dtype)
+
+
+def lora_scale(config) -> float:
+    return float(config.lora.alpha) / int(config.lora.rank)
+
+
+def check_lora(lora) -> None:
+    if lora.rank < 0:
+        raise FinetuneError(f"lora.rank={lora.rank}: expected 0 (full fine-tuning) or a rank > 0")
+    if lora.rank:
+        bad = [t for t in lora.targets if t not in LORA_TARGETS]
+        if bad or not lora.targets:
+            raise FinetuneError(f"lora.targets={tuple(lora.targets)}: expected a non-empty subset "
+                                f"of {', '.join(LORA_TARGETS)}")
+
+
+def init_adapters(params: dict, targets: Sequence[str], rank: int, seed: int) -> dict:
+    """Adapters for `targets`: a ~ N(0, 1/in), b = 0, so the model starts as the base exactly."""
+    out: dict = {}
+    keys = jax.random.split(jax.random.key(seed), len(targets))
+    for key, name in zip(keys, targets):
+        module, n_in = LORA_TARGETS[name]
+        w = params["layers"][module][name]  # [L, in..., out...]
+        fan_in, fan_out = math.prod(w.shape[1:1 + n_in]), math.prod(w.shape[1 + n_in:])
+        a = jax.random.normal(key, (w.shape[0], fan_in, rank), jnp.float32) * fan_in ** -0.5
+        out.setdefault("layers", {}).setdefault(module, {})[name] = {
+            "a": a, "b": jnp.zeros((w.shape[0], rank, fan_out), jnp.float32)}
+    return out
+
+
+def _with_adapters(params: dict, adapters: dict, fn: Callable) -> dict:
+    out = jax.tree.map(lambda x: x, params)  # a new nested dict, same arrays
+    for module, weights in adapters.get("layers", {}).items():
+        for name, ab in weights.items():
+            out["layers"][module][name] = fn(params["layers"][module][name], ab)
+    return out
+
+
+def apply_adapters(params: dict, adapters: dict, scale: float) -> dict:
+    """`params` with each adapted weight replaced by its LoRA object (for training)."""
+    return _with_adapters(params, adapters, lambda w, ab: LoRA(w, ab["a"], ab["b"], scale))
+
+
+def merge_adapters(params: dict, adapters: dict, scale: float) -> dict:
+    """`params` with W + scale * a @ b folded in (in float32, stored in W's dtype)."""
+    def merge(w, ab):
+        delta = jnp.einsum("lir,lro->lio", ab["a"], ab["b"]).reshape(w.shape)
+        return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+    return _with_adapters(params, adapters, merge)
+
+
+# -- the training step ------------------------------------------------------------------------
+def bind(graphdef, state, params: dict) -> Transformer:
+    """The model with `params` (a pure dict; leaves may be LoRA objects) as its weights."""
+    state = jax.tree.map(lambda x: x, state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def loss_sums(model: Transformer, batch: dict, remat: bool = False):
+    """(sum of token cross-entropies weighted by batch["weights"], sum of weights)."""
+    mask = data.segment_mask(batch["segments"])  # [B, T, T]
+    logits, _ = model(batch["inputs"], batch["positions"], mask_extra=mask, remat=remat)
+    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    gold = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    w = batch["weights"]
+    return jnp.sum((logz - gold) * w), jnp.sum(w)
+
+
+def decay_mask(tree: dict) -> dict:
+    """True where AdamW decays: not norms, not embeddings."""
+    def keep(path, _):
+        names = [str(getattr(k, "key", k)) for k in path]
+        return not any(n.endswith("norm") or n == "tok_embeddings" for n in names)
+    return jax.tree_util.tree_map_with_path(keep, tree)
+
+
+def make_optimizer(config, trainable: dict) -> tuple[optax.GradientTransformation, Callable]:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+        decay_steps=max(config.steps, config.warmup_steps + 1),
+        end_value=config.learning_rate * config.final_lr_ratio)
+    parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
+    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                             weight_decay=config.weight_decay, mask=decay_mask(trainable)))
+    return optax.chain(*parts), schedule
+
+
+def make_train_step(graphdef, state, tx, *, lora_scale_: float | None, remat: bool):
+    """step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
+
+    `batch` leaves are [grad_accum, micro_batch, T]; the micro-batches' gradients are summed
+    and divided by the step's total loss weight, so accumulation changes nothing but memory.
+    """
+    def params_for(trainable, frozen):
+        if lora_scale_ is None:
+            return trainable
+        return apply_adapters(frozen, trainable, lora_scale_)
+
+    def step(trainable, frozen, opt_state, batch):
+        def micro(carry, mb):
+            grads, loss, weight = carry
+            def f(p):
+                return loss_sums(bind(graphdef, state, params_for(p, frozen)), mb, remat)
+            (l, w), g = jax.value_and_grad(f, has_aux=True)(trainable)
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            return (grads, loss + l, weight + w), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        (grads, loss, weight), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss / denom, "grad_norm": optax.global_norm(grads),
+                   "loss_tokens": weight}
+        return trainable, opt_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef, state, *, lora_scale_: float | None):
+    def step(trainable, frozen, batch):
+        params = trainable if lora_scale_ is None else apply_adapters(frozen, trainable,
+                                                                      lora_scale_)
+        return loss_sums(bind(graphdef, state, params), batch)
+    return step
+
+
+def _shardings_like(tree, reference: dict, mesh: Mesh):
+    """A sharding for each leaf of `tree` (e.g. optimizer state): the one of the parameter at
+    the same dict path in `reference`, else replicated (step counts, scalars)."""
+    by_path = {tuple(str(k.key) for k in path): s
+               for path, s in jax.tree_util.tree_leaves_with_path(reference)}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        s = by_path.get(keys)
+        return s if s is not None and getattr(leaf, "shape", ()) != () else replicated
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+# -- the run ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Progress:
+    """What a run has done: saved in every checkpoint, and all that resuming needs besides
+    the arrays (the data order and the LoRA init follow from `seed`)."""
+
+    step: int = 0
+    data: dict = dataclasses.field(default_factory=lambda: {"epoch": 0, "row": 0})
+    seed: int = 0
+    tokens: int = 0
+
+
+class Trainer:
+    """One fine-tuning run of `config`; `run()` trains to `config.steps` and exports."""
+
+    def __init__(self, config: ml_collections.ConfigDict, err: TextIO = sys.stderr):
+        self.config = c = config
+        self.err = err
+        check_settings(c)
+        self.out = os.path.abspath(os.path.expanduser(c.output_dir))
+        self.mesh = sharding.make_mesh(c.data, c.fsdp, c.tensor)
+        self.lora_scale = lora_scale(c) if c.lora.rank else None
+        self.dtype = c.dtype or checkpoint.default_dtype()
+        self._stop_signal: int | None = None
+
+        # The base model and the tokenizer.
+        if c.checkpoint_dir:
+            base = os.path.abspath(os.path.expanduser(c.checkpoint_dir))
+            _check_not_inside(self.out, base)
+            self.base_cfg = checkpoint.read_config(base)
+            tokenizer_path = c.tokenizer_path or os.path.join(base, checkpoint.TOKENIZER_FILE)
+        else:
+            self.base_cfg = cli.random_config(c)
+            if not c.tokenizer_path:
+                raise FinetuneError("tokenizer_path is required when checkpoint_dir is empty")
+            tokenizer_path = c.tokenizer_path
+        self.tokenizer_path = os.path.abspath(os.path.expanduser(tokenizer_path))
+        self.tokenizer = Tokenizer(self.tokenizer_path)
+        if self.tokenizer.vocab_size != self.base_cfg.vocab_size:
+            raise FinetuneError(f"tokenizer {self.tokenizer_path} has {self.tokenizer.vocab_size} "
+                                f"pieces but the model's vocab_size is {self.base_cfg.vocab_size}")
+        if c.seq_len > self.base_cfg.max_seq_len:
+            raise FinetuneError(f"seq_len={c.seq_len} exceeds the model's max_seq_len="
+                                f"{self.base_cfg.max_seq_len}")
+        sharding.check_mesh(self.mesh, self.base_cfg.n_heads, self.base_cfg.n_kv_heads)
+        self.cfg = self.base_cfg.replace(dtype=jnp.dtype(self.dtype).name,
+                                         param_dtype=jnp.dtype(c.param_dtype).name)
+        self._load_data()
+
+    # -- data
+    def _load_data(self) -> None:
+        c = self.config
+        self.stats = data.Stats()
+        examples = data.read_jsonl(c.train_data, self.tokenizer, max_length=c.seq_len + 1,
+                                   policy=c.max_length_policy, stats=self.stats)
+        if not examples:
+            raise DataError(f"{c.train_data}: no usable examples ({self.stats})")
+        if c.eval_data:
+            self.eval_stats = data.Stats()
+            eval_examples = data.read_jsonl(c.eval_data, self.tokenizer,
+                                            max_length=c.seq_len + 1, policy=c.max_length_policy,
+                                            stats=self.eval_stats)
+            if not eval_examples:
+                raise DataError(f"{c.eval_data}: no usable examples ({self.eval_stats})")
+        else:
+            examples, eval_examples = data.split(examples, c.eval_fraction, c.seed)
+            if not examples:
+                raise DataError(f"{c.train_data}: eval_fraction={c.eval_fraction} leaves no "
+                                "training examples")
+        self.batches = data.Batches(examples, batch_size=c.batch_size, seq_len=c.seq_len,
+                                    packing=c.packing, seed=c.seed)
+        self.eval_set = data.eval_batches(eval_examples, batch_size=c.batch_size // c.grad_accum,
+                                          seq_len=c.seq_len, packing=c.packing)
+        self.n_train, self.n_eval = len(examples), len(eval_examples)
+
+    # -- state
+    def _init_state(self):
+        c = self.config
+        abstract = abstract_model(self.cfg)
+        self.graphdef, self.state = nnx.split(abstract)
+        self.param_shardings = checkpoint.param_shardings(abstract, self.mesh)
+        if c.checkpoint_dir:
+            model = checkpoint.load(c.checkpoint_dir, mesh=self.mesh, dtype=c.param_dtype)
+        else:
+            model = checkpoint.random_model(self.cfg, self.mesh, seed=c.seed)
+        params = checkpoint.params_of(model)
+        del model
+        replicated = NamedSharding(self.mesh, P())
+        if self.lora_scale is None:
+            trainable, frozen = params, {}
+            self.trainable_shardings, self.frozen_shardings = self.param_shardings, {}
+        else:
+            init = jax.jit(lambda p: init_adapters(p, tuple(c.lora.targets), c.lora.rank,
+                                                   c.seed), out_shardings=replicated)
+            trainable, frozen = init(params), params
+            self.trainable_shardings = jax.tree.map(lambda _: replicated, trainable)
+            self.frozen_shardings = self.param_shardings
+        self.tx, self.schedule = make_optimizer(c, trainable)
+        opt_abstract = jax.eval_shape(self.tx.init, trainable)
+        self.opt_shardings = _shardings_like(opt_abstract, self.trainable_shardings, self.mesh)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(trainable)
+        return trainable, frozen, opt_state
+
+    def _compile(self) -> None:
+        c = self.config
+        batch_spec = NamedSharding(self.mesh, P(None, *sharding.logical_to_spec(
+            ("batch", None), (c.batch_size // c.grad_accum, c.seq_len), self.mesh)))
+        self.batch_sharding = batch_spec
+        replicated = NamedSharding(self.mesh, P())
+        step = make_train_step(self.graphdef, self.state, self.tx,
+                               lora_scale_=self.lora_scale, remat=c.remat)
+        self.train_step = jax.jit(
+            step, in_shardings=(self.trainable_shardings, self.frozen_shardings,
+                                self.opt_shardings, batch_spec),
+            out_shardings=(self.trainable_shardings, self.opt_shardings, replicated),
+            donate_argnums=(0, 2))
+        eval_spec = NamedSharding(self.mesh, P(*batch_spec.spec[1:]))
+        self.eval_step = jax.jit(
+            make_eval_step(self.graphdef, self.state, lora_scale_=self.lora_scale),
+            in_shardings=(self.trainable_shardings, self.frozen_shardings, eval_spec),
+            out_shardings=replicated)
+
+    def _manager(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.config.keep_checkpoints,
+                                               create=True)
+        return ocp.CheckpointManager(os.path.join(self.out, CHECKPOINTS_DIR), options=options)
+
+    def _save(self, manager, trainable, opt_state, progress: Progress) -> None:
+        manager.save(progress.step, args=ocp.args.Composite(
+            trainable=ocp.args.StandardSave(trainable),
+            opt_state=ocp.args.StandardSave(opt_state),
+            progress=ocp.args.JsonSave(dataclasses.asdict(progress))), force=True)
+
+    def _restore(self, manager, step: int, trainable, opt_state):
+        def target(tree, shardings):
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                tree, shardings)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            trainable=ocp.args.StandardRestore(target(trainable, self.trainable_shardings)),
+            opt_state=ocp.args.StandardRestore(target(opt_state, self.opt_shardings)),
+            progress=ocp.args.JsonRestore()))
+        return restored.trainable, restored.opt_state, Progress(**restored.progress)
+
+    # -- the loop
+    def run(self) -> dict:
+        """Train (or resume) to `config.steps`, then export `<output_dir>/final`.
+
+        Returns a summary: steps, final loss and eval loss, the final checkpoint's path.
+        """
+        c = self.config
+        final = os.path.join(self.out, FINAL_DIR)
+        if os.path.exists(os.path.join(final, checkpoint.META_FILE)):
+            self._say(f"{final} already exists: this run is complete (use a new output_dir to "
+                      "train again)")
+            return {"final": final, "steps": c.steps, "resumed": True, "complete": True}
+        self._claim_output_dir()
+        trainable, frozen, opt_state = self._init_state()
+        self._compile()
+        manager = self._manager()
+        progress = Progress(seed=c.seed)
+        resumed = manager.latest_step() is not None
+        if resumed:
+            trainable, opt_state, progress = self._restore(manager, manager.latest_step(),
+                                                           trainable, opt_state)
+            self.batches.seek(progress.data)
+            self._say(f"resuming from step {progress.step} ({manager.directory})")
+        self._say(self._describe(trainable))
+
+        last = {}
+        previous = signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            with jax.set_mesh(self.mesh), open(os.path.join(self.out, METRICS_FILE), "a") as mf:
+                t0, tokens0 = time.perf_counter(), 0
+                while progress.step < c.steps:
+                    host_batch = next(self.batches)
+                    batch = self._device_batch(host_batch)
+                    trainable, opt_state, metrics = self.train_step(trainable, frozen,
+                                                                    opt_state, batch)
+                    progress.step += 1
+                    progress.data = self.batches.position
+                    n_tokens = int(np.count_nonzero(host_batch["segments"]))
+                    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        saved = manager.latest_step()
+                        raise NonFiniteLoss(
+                            f"step {progress.step}: loss {loss}, grad norm {grad_norm}; stopped. "
+                            + (f"The last good checkpoint (step {saved}) is intact in "
+                               f"{manager.directory}." if saved is not None else
+                               "No checkpoint was saved yet.")
+                            + " Lower learning_rate or check the data.")
+                    progress.tokens += n_tokens
+                    tokens0 += n_tokens
+                    last = {"step": progress.step, "loss": loss, "grad_norm": grad_norm,
+                            "lr": float(self.schedule(progress.step - 1))}
+                    done = progress.step == c.steps
+                    if c.eval_every and (progress.step % c.eval_every == 0 or done):
+                        last["eval_loss"] = self.evaluate(trainable, frozen)
+                    if progress.step % c.log_every == 0 or done or "eval_loss" in last:
+                        elapsed = time.perf_counter() - t0
+                        last["tokens_per_s"] = tokens0 / elapsed if elapsed > 0 else 0.0
+                        t0, tokens0 = time.perf_counter(), 0
+                        mf.write(json.dumps(last) + "\n")
+                        mf.flush()
+                        self._log(last)
+                    self._bar(progress.step, last)
+                    stop = self._stop_signal is not None
+                    if stop or done or progress.step % c.save_every == 0:
+                        self._save(manager, trainable, opt_state, progress)
+                    if stop:
+                        manager.wait_until_finished()
+                        self._say(f"\nstopped by signal {self._stop_signal} after step "
+                                  f"{progress.step}; checkpoint saved. Run the same command to "
+                                  "resume.")
+                        return {"steps": progress.step, "stopped": True, **last}
+            manager.wait_until_finished()
+            self._export(trainable, frozen, final)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            manager.close()
+        self._say(f"\nfine-tuned model written to {final}; chat with it:\n  python -m "
+                  f"llama2_jax.chat --config configs/llama2_7b_chat.py "
+                  f"--config.checkpoint_dir={final}")
+        return {"final": final, "steps": progress.step, "resumed": resumed, **last}
+
+    def evaluate(self, trainable, frozen) -> float:
+        """Mean token loss over the eval set (nan when there is none)."""
+        if not self.eval_set:
+            return float("nan")
+        total = weight = 0.0
+        for batch in self.eval_set:
+            l, w = self.eval_step(trainable, frozen, self._device_batch(batch, micro=False))
+            total, weight = total + float(l), weight + float(w)
+        return total / max(weight, 1.0)
+
+    def _device_batch(self, batch: dict, micro: bool = True) -> dict:
+        c = self.config
+        if micro:
+            batch = {k: v.reshape(c.grad_accum, -1, *v.shape[1:]) for k, v in batch.items()}
+            target = self.batch_sharding
+        else:
+            target = NamedSharding(self.mesh, P(*self.batch_sharding.spec[1:]))
+        return {k: jax.make_array_from_process_local_data(target, v) if jax.process_count() > 1
+                else jax.device_put(v, target) for k, v in batch.items()}
+
+    def _export(self, trainable, frozen, final: str) -> None:
+        params = (trainable if self.lora_scale is None
+                  else merge_adapters(frozen, trainable, self.lora_scale))
+        out_dtype = self.base_cfg.weight_dtype
+        params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(out_dtype), p),
+                         out_shardings=self.param_shardings)(params)
+        cfg = self.base_cfg
+        abstract = abstract_model(cfg)
+        graphdef, state = nnx.split(abstract)
+        checkpoint.save(final, bind(graphdef, state, params), tokenizer_path=self.tokenizer_path)
+
+    # -- the output directory
+    def _claim_output_dir(self) -> None:
+        """Create output_dir with run.json, or check that an existing one is this run's."""
+        settings = self.config.to_dict()
+        path = os.path.join(self.out, RUN_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                before = json.load(f)
+            changed = sorted(k for k in set(before) | set(settings)
+                             if k not in _RESUMABLE_CHANGES
+                             and _jsonable(before.get(k)) != _jsonable(settings.get(k)))
+            if changed:
+                raise FinetuneError(
+                    f"{self.out} holds a run with other settings ({', '.join(changed)} differ: "
+                    + "; ".join(f"{k}: was {before.get(k)!r}, now {settings.get(k)!r}"
+                                for k in changed[:4])
+                    + "); use a new output_dir, or the same settings to resume")
+            return
+        if os.path.isdir(self.out) and os.listdir(self.out):
+            raise FinetuneError(f"output_dir {self.out} exists and is not a fine-tuning run "
+                                f"(no {RUN_FILE}); refusing to write into it")
+        os.makedirs(self.out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(_jsonable(settings), f, indent=2)
+        os.replace(path + ".tmp", path)
+
+    # -- reporting
+    def _describe(self, trainable) -> str:
+        c, m = self.config, self.cfg
+        n_train = sum(x.size for x in jax.tree.leaves(trainable))
+        what = (f"LoRA rank {c.lora.rank} on {', '.join(c.lora.targets)}" if self.lora_scale
+                else "all weights")
+        return (f"fine-tuning {c.checkpoint_dir or 'a random ' + c.model_preset + ' model'}: "
+                f"dim {m.dim}, {m.n_layers} layers; training {what} ({n_train:,} parameters), "
+                f"compute {m.dtype}, weights {m.param_dtype}\n"
+                f"  data: {c.train_data}: {self.stats}; {self.n_train} train / {self.n_eval} eval"
+                f" examples; {c.batch_size} x {c.seq_len} tokens a step"
+                f"{', packed' if c.packing else ''}\n"
+                f"  mesh {', '.join(f'{k}={v}' for k, v in self.mesh.shape.items())}; "
+                f"output {self.out}")
+
+    def _say(self, text: str) -> None:
+        if sharding.is_main_process():
+            self.err.write(text + "\n")
+            self.err.flush()
+
+    def _log(self, m: dict) -> None:
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in m.items())
+        if sharding.is_main_process():
+            end = "\n" if not self._tty() else "\x1b[K\n"
+            self.err.write(("\r" if self._tty() else "") + text + end)
+            self.err.flush()
+
+    def _tty(self) -> bool:
+        return bool(self.config.progress) and hasattr(self.err, "isatty") and self.err.isatty()
+
+    def _bar(self, step: int, last: dict) -> None:
+        if not self._tty() or not sharding.is_main_process():
+            return
+        width = 30
+        done = int(width * step / self.config.steps)
+        self.err.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.config.steps} "
+                       f"loss {last.get('loss', float('nan')):.4f}\x1b[K")
+        self.err.flush()
+
+    def _on_signal(self, signum, frame) -> None:
+        del frame
+        self._stop_signal = signum
+
+
+def check_settings(c) -> None:
+    """Raise FinetuneError for settings that cannot work, before anything is loaded."""
+    if not c.output_dir:
+        raise FinetuneError("output_dir is required")
+    if not c.train_data:
+        raise FinetuneError("train_data is required (a JSONL file of dialogs)")
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "log_every",
+                 "keep_checkpoints"):
+        if int(c[name]) < 1:
+            raise FinetuneError(f"{name}={c[name]}: expected a positive integer")
+    if c.batch_size % c.grad_accum:
+        raise FinetuneError(f"batch_size={c.batch_size} is not a multiple of grad_accum="
+                            f"{c.grad_accum}")
+    if c.eval_every < 0 or c.warmup_steps < 0 or c.learning_rate <= 0:
+        raise FinetuneError("eval_every and warmup_steps must be >= 0 and learning_rate > 0")
+    for name in ("dtype", "param_dtype"):
+        if c[name] and c[name] not in _DTYPES:
+            raise FinetuneError(f"{name}={c[name]!r}: expected one of {', '.join(_DTYPES)}")
+    if not c.param_dtype:
+        raise FinetuneError(f"param_dtype is required: one of {', '.join(_DTYPES)}")
+    check_lora(c.lora)
+
+
+def _check_not_inside(output_dir: str, base_dir: str) -> None:
+    out, base = os.path.realpath(output_dir), os.path.realpath(base_dir)
+    if out == base or out.startswith(base + os.sep) or base.startswith(out + os.sep):
+        raise FinetuneError(f"output_dir {output_dir} and checkpoint_dir {base_dir} overlap; the "
+                            "base checkpoint is never written into: choose another output_dir")
+
+
+def _jsonable(x: Any):
+    return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def train(config: ml_collections.ConfigDict, err: TextIO = sys.stderr) -> dict:
+    """Fine-tune as `config` says (see base_config); the Python entry point of the app."""
+    return Trainer(config, err).run()
+
+
+def run(config: ml_collections.ConfigDict, err: TextIO | None = None) -> int:
+    """The app for a loaded config. Returns the exit status."""
+    err = sys.stderr if err is None else err
+    try:
+        sharding.maybe_initialize_distributed(config.multihost)
+        summary = train(config, err)
+    except NonFiniteLoss as e:
+        err.write(f"\nerror: {e}\n")
+        return 3
+    except USER_ERRORS as e:
+        err.write(f"error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        err.write("\ninterrupted; the last saved checkpoint is kept: run the same command to "
+                  "resume\n")
+        return 130
+    return 143 if summary.get("stopped") else 0
+
+
+def main(argv: Sequence[str]) -> int:
+    logging.set_verbosity(logging.WARNING)
+    config = cli.flag_config(argv)
+    if config is None:
+        return 2
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.expanduser(config.compilation_cache_dir))
+    return run(config)
+
+
+if __name__ == "__main__":
+    cli.define_config_flag("Fine-tuning")
+    app.run(main, flags_parser=cli.parse_flags)
