@@ -19,7 +19,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import type_handler_registry
 
 from convert import mapping
@@ -122,29 +121,7 @@ def write_params(params_dir: str, tree: dict, on_piece=lambda piece, tensors: No
     ckptr.close()
 
 
-class _Lazy:
-    """Restore type: the opened tensorstore instead of the data."""
-
-
-class _OpeningHandler(ocp.type_handlers.NumpyHandler):
-    async def deserialize(self, infos, args=None):
-        stores = []
-        for info in infos:
-            await info.await_path_creation()
-            spec = ts_utils.build_array_read_spec(info, use_ocdbt=info.is_ocdbt_checkpoint).json
-            stores.append(await ts.open(ts.Spec(spec), open=True, context=info.ts_context))
-        return stores
-
-
-def open_params(params_dir: str) -> dict:
-    """The orbax tree at `params_dir` as a nested dict of tensorstore arrays, opened but not
-    read: `store[i].read().result()` reads layer i only."""
-    tree = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
-    registry = type_handler_registry.create_type_handler_registry((_Lazy, _OpeningHandler()),
-                                                                  *_ARRAY_HANDLER)
-    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=_Lazy), tree)
-    return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=args))
+open_params = checkpoint.open_params  # one reader for the library and the converters
 
 
 def write_checkpoint(source, output_dir: str, *, dtype: str | None = None,

@@ -1,8 +1,10 @@
 """Orbax checkpoints of llama2_jax models, restored straight onto any mesh.
 
 A checkpoint directory holds:
-  llama2_jax.json   {"format": 1, "model": ModelConfig fields}
-  params/           orbax (StandardCheckpointer) tree of the model's parameters
+  llama2_jax.json   {"format": 1, "model": ModelConfig fields}; quantized weights:
+                    {"format": 2, "quantization": "int8" | "fp8", "model": ...}
+  params/           orbax (StandardCheckpointer) tree of the model's parameters; a quantized
+                    weight is two arrays, `<name>/q` (8-bit) and `<name>/scale` (float32)
   tokenizer.model   optional: the tokenizer the weights were trained with
 It is written under a temporary name and renamed when complete, so a directory with
 `llama2_jax.json` is always whole.
@@ -19,10 +21,13 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from orbax.checkpoint._src.serialization import type_handler_registry
 
-from llama2_jax import sharding
+from llama2_jax import quant, sharding
 from llama2_jax.config import ModelConfig
 from llama2_jax.model import Transformer, abstract_model, init_model
 
@@ -30,6 +35,9 @@ META_FILE = "llama2_jax.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
 FORMAT = 1
+# Quantized checkpoints get their own format number, so loaders that predate quantization
+# refuse them by format instead of by their unexpected parameter names.
+QUANT_FORMAT = 2
 
 
 class CheckpointError(ValueError):
@@ -57,12 +65,15 @@ def param_shardings(model: Transformer, mesh: Mesh) -> dict:
         is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def _abstract_target(cfg: ModelConfig, mesh: Mesh):
+def _abstract_target(cfg: ModelConfig, mesh: Mesh, quantization: str = "none"):
+    """(graphdef, state, target): target is the pure dict of sharded ShapeDtypeStructs of the
+    parameters, with QArrays of them for weights stored `quantization`."""
     abstract = abstract_model(cfg)
     graphdef, state = nnx.split(abstract)
     shardings = param_shardings(abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, cfg.weight_dtype, sharding=s),
                           nnx.to_pure_dict(state), shardings)
+    target = quant.abstract_params(target, quant.param_axes(abstract), mesh, quantization)
     return graphdef, state, target
 
 
@@ -98,6 +109,7 @@ def random_model(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> T
 
 
 def params_of(model: Transformer) -> dict:
+    """Nested dict of the model's parameters (quantized weights as QArrays)."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -106,7 +118,7 @@ def save(directory: str | os.PathLike, model: Transformer, *,
     """Write `model` (params + config, and the tokenizer if given) to `directory`, atomically.
 
     An existing directory is refused unless `overwrite`; it is replaced only once the new
-    checkpoint is complete.
+    checkpoint is complete. Quantized weights are saved quantized.
     """
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
@@ -116,12 +128,13 @@ def save(directory: str | os.PathLike, model: Transformer, *,
     tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, PARAMS_DIR), params_of(model))
+        params = params_of(model)
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), quant.to_tree(params))
         ckptr.wait_until_finished()
         if jax.process_index() == 0:
             if tokenizer_path is not None:
                 shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
-            write_config(tmp, model.config)
+            write_config(tmp, model.config, quant.method_of(params))
             replace_dir(tmp, directory)
         _sync("llama2_jax_checkpoint_save")
     finally:
@@ -130,9 +143,14 @@ def save(directory: str | os.PathLike, model: Transformer, *,
     return directory
 
 
-def write_config(directory: str, cfg: ModelConfig, **extra: Any) -> None:
+def write_config(directory: str, cfg: ModelConfig, quantization: str = "none",
+                 **extra: Any) -> None:
     """Write the checkpoint's metadata file (the marker of a complete checkpoint)."""
-    meta = {"format": FORMAT, "model": cfg.to_dict(), **extra}
+    if quant.check_method(quantization) == "none":
+        meta = {"format": FORMAT, "model": cfg.to_dict(), **extra}
+    else:
+        meta = {"format": QUANT_FORMAT, "quantization": quantization, "model": cfg.to_dict(),
+                **extra}
     path = os.path.join(directory, META_FILE)
     with open(path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
@@ -160,6 +178,11 @@ def _sync(name: str) -> None:
 
 
 def read_config(directory: str | os.PathLike) -> ModelConfig:
+    return read_meta(directory)[0]
+
+
+def read_meta(directory: str | os.PathLike) -> tuple[ModelConfig, str]:
+    """(model config, how its weights are stored: "none", "int8" or "fp8")."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory not found: {directory}")
@@ -173,10 +196,13 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT or "model" not in meta:
+    if meta.get("format") not in (FORMAT, QUANT_FORMAT) or "model" not in meta:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}, "
-                              f"expected {FORMAT}")
-    return ModelConfig.from_dict(meta["model"], source=path)
+                              f"expected {FORMAT} or {QUANT_FORMAT}")
+    stored = meta.get("quantization", "none") if meta["format"] == QUANT_FORMAT else "none"
+    if stored not in quant.METHODS[1:] and meta["format"] == QUANT_FORMAT:
+        raise CheckpointError(f"{path}: unknown quantization {stored!r}")
+    return ModelConfig.from_dict(meta["model"], source=path), stored
 
 
 def tokenizer_path(directory: str | os.PathLike) -> str | None:
@@ -185,7 +211,7 @@ def tokenizer_path(directory: str | os.PathLike) -> str | None:
 
 
 def load(directory: str | os.PathLike, *, mesh: Mesh | None = None,
-         dtype: str | None = None) -> Transformer:
+         dtype: str | None = None, quantization: str | None = None) -> Transformer:
     """Restore a checkpoint onto `mesh`, each device reading only its own shards.
 
     Args:
@@ -193,21 +219,117 @@ def load(directory: str | os.PathLike, *, mesh: Mesh | None = None,
       mesh: target mesh (default: `default_mesh`).
       dtype: compute and parameter dtype; weights are cast while loading
         (default: bfloat16 on accelerators, float32 on CPU).
+      quantization: None (as stored), "none", "int8" or "fp8". Weights of an unquantized
+        checkpoint are quantized while they are read, one layer of one weight at a time, so
+        memory stays near the quantized model's size. "none" dequantizes a quantized
+        checkpoint into `dtype`; a checkpoint stored in the other 8-bit format is refused.
     """
     directory = os.path.abspath(os.fspath(directory))
-    cfg = read_config(directory).with_dtype(dtype or default_dtype())
+    cfg, stored = read_meta(directory)
+    want = stored if quantization is None else quant.check_method(quantization)
+    if "none" not in (stored, want) and want != stored:
+        raise CheckpointError(f"{directory} holds {stored} weights: load it with quantization="
+                              f"{stored!r} (or 'none' to dequantize), not {want!r}")
+    cfg = cfg.with_dtype(dtype or default_dtype())
     mesh = mesh or default_mesh(cfg)
     sharding.check_mesh(mesh, cfg.n_heads, cfg.n_kv_heads)
-    graphdef, state, target = _abstract_target(cfg, mesh)
+    graphdef, state, target = _abstract_target(cfg, mesh, stored)
     params_dir = os.path.join(directory, PARAMS_DIR)
     ckptr = ocp.StandardCheckpointer()
     try:
         found = ckptr.metadata(params_dir).item_metadata.tree
     except Exception as e:  # orbax raises several types for a missing/corrupt tree
         raise CheckpointError(f"{params_dir}: cannot read orbax metadata ({e})") from None
-    _check_tree(target, found, params_dir)
-    restored = ckptr.restore(params_dir, target)
-    return _merge(graphdef, state, restored)
+    _check_tree(quant.to_tree(target), found, params_dir)
+    if want != stored and stored == "none":
+        params = _restore_quantizing(params_dir, _abstract_target(cfg, mesh, want)[2], want)
+    else:
+        params = quant.from_tree(ckptr.restore(params_dir, quant.to_tree(target)))
+        if want != stored:  # quantized on disk, "none" asked
+            plain = _abstract_target(cfg, mesh)[2]
+            params = quant.dequantize_params(params, cfg.weight_dtype,
+                                             jax.tree.map(lambda t: t.sharding, plain))
+    return _merge(graphdef, state, params)
+
+
+def _restore_quantizing(params_dir: str, target: dict, method: str) -> dict:
+    """Restore an unquantized checkpoint into `target` (from `_abstract_target(..., method)`),
+    quantizing on device as it reads.
+
+    Each device reads its own part of one layer of one weight (through the checkpoint's
+    tensorstore arrays), the layer is quantized and written into the stacked 8-bit buffers,
+    and its full-precision copy is dropped before the next is read.
+    """
+    stores = open_params(params_dir)
+
+    def leaf(path, t):
+        store = quant.get_path(stores, path)
+        if not isinstance(t, quant.QArray):
+            return _read(store, t)
+        if path[0] != "layers":
+            w = _read(store, jax.ShapeDtypeStruct(t.shape, _stored_dtype(store),
+                                                  sharding=t.q.sharding))
+            return quant.quantize_params({path[0]: w}, method, {path[0]: t})[path[0]]
+        shardings = jax.tree.map(lambda x: x.sharding, t)
+        buf = jax.jit(lambda: jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), t),
+                      out_shardings=shardings)()
+        layer = jax.ShapeDtypeStruct(t.shape[1:], _stored_dtype(store),
+                                     sharding=_drop_leading(t.q.sharding))
+        n_in = quant.INPUT_AXES[path[-1]]
+
+        def put(buf, w, i):
+            new = quant.quantize(w, method, n_in)
+            return jax.tree.map(lambda b, x: b.at[i].set(x), buf, new)
+        put = jax.jit(put, donate_argnums=0, out_shardings=shardings)
+        for i in range(t.shape[0]):
+            buf = put(buf, _read(store, layer, (i,)), i)
+        return buf
+    return quant.map_params(leaf, target)
+
+
+def _stored_dtype(store) -> np.dtype:
+    return np.dtype(store.dtype.numpy_dtype)
+
+
+def _drop_leading(s: NamedSharding) -> NamedSharding:
+    """The sharding of one layer of a stacked array (the layer axis is never split)."""
+    return NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))
+
+
+def _read(store, t: jax.ShapeDtypeStruct, prefix: tuple = ()) -> jax.Array:
+    """store[prefix] as an array like `t`, each device reading only its own slice."""
+    def shard(index):
+        return np.asarray(store[prefix + tuple(index)].read().result()).astype(t.dtype)
+    return jax.make_array_from_callback(t.shape, t.sharding, shard)
+
+
+class _Lazy:
+    """Restore type: the opened tensorstore instead of the data."""
+
+
+class _OpeningHandler(ocp.type_handlers.NumpyHandler):
+    async def deserialize(self, infos, args=None):
+        stores = []
+        for info in infos:
+            await info.await_path_creation()
+            spec = ts_utils.build_array_read_spec(info, use_ocdbt=info.is_ocdbt_checkpoint).json
+            stores.append(await ts.open(ts.Spec(spec), open=True, context=info.ts_context))
+        return stores
+
+
+# Unused, but orbax disables its array-metadata store (with a warning) without one.
+_ARRAY_HANDLER = ((jax.Array, ocp.type_handlers.ArrayHandler()),)
+
+
+def open_params(params_dir: str) -> dict:
+    """The orbax tree at `params_dir` as a nested dict of tensorstore arrays, opened but not
+    read: `store[i].read().result()` reads layer i only."""
+    tree = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
+    registry = type_handler_registry.create_type_handler_registry((_Lazy, _OpeningHandler()),
+                                                                  *_ARRAY_HANDLER)
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=_Lazy), tree)
+    return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def _check_tree(expected, found, where: str) -> None:
