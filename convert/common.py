@@ -34,6 +34,9 @@ def define_import_flags(input_help: str, verify_help: str) -> None:
                       "Weight dtype to write (default: the source's; bfloat16 for Llama 2).")
     flags.DEFINE_string("tokenizer", None, "tokenizer.model to copy in (default: the one in "
                         "input_dir or its parent, if any).")
+    flags.DEFINE_enum("quantization", "none", ["none", "int8", "fp8"],
+                      "Write the projection weights quantized (8 bits and a float32 scale per "
+                      "output channel; embeddings and norms keep --dtype).")
     flags.DEFINE_bool("overwrite", False, "Replace output_dir if it exists.")
     flags.DEFINE_bool("verify", False, "Compare the converted model's logits with Hugging Face "
                       f"transformers on {verify_help} (needs ~8 bytes/parameter of RAM).")
@@ -67,6 +70,14 @@ def find_tokenizer(input_dir: str, flag: str | None) -> str | None:
         if os.path.isfile(path):
             return path
     return None
+
+
+def check_verify(verify_logits: bool, quantization: str) -> None:
+    """--verify checks for an exact conversion; quantized weights are not one."""
+    if verify_logits and quantization != "none":
+        raise ConversionError("--verify checks exact conversions: it does not apply with "
+                              "--quantization (benchmarks/quant_quality.py measures quantized "
+                              "models)")
 
 
 def check_output(output_dir: str, overwrite: bool) -> None:

@@ -27,14 +27,16 @@ FLAGS = flags.FLAGS
 
 def convert(input_dir: str, output_dir: str, *, dtype: str | None = None,
             tokenizer: str | None = None, skip_checksum: bool = False, overwrite: bool = False,
-            verify_logits: bool = False, progress: bool = True) -> float | None:
+            verify_logits: bool = False, progress: bool = True,
+            quantization: str = "none") -> float | None:
     """Convert; returns the --verify logits difference (None without verify)."""
     start = time.perf_counter()
     common.check_output(output_dir, overwrite)  # before the slow checks of the input
+    common.check_verify(verify_logits, quantization)
     source = MetaSource(input_dir, tokenizer=common.find_tokenizer(input_dir, tokenizer),
                         skip_checksum=skip_checksum, progress=progress)
     orbax_io.write_checkpoint(source, output_dir, dtype=dtype, overwrite=overwrite,
-                              progress=progress, start=start)
+                              progress=progress, start=start, quantization=quantization)
     if verify_logits:
         return verify.compare(output_dir, lambda: verify.reference_from_source(source))
     return None
@@ -46,7 +48,8 @@ def main(argv):
     try:
         convert(FLAGS.input_dir, FLAGS.output_dir, dtype=FLAGS.dtype, tokenizer=FLAGS.tokenizer,
                 skip_checksum=FLAGS.skip_checksum, overwrite=FLAGS.overwrite,
-                verify_logits=FLAGS.verify, progress=FLAGS.progress)
+                verify_logits=FLAGS.verify, progress=FLAGS.progress,
+                quantization=FLAGS.quantization)
     except (common.ConversionError, ConfigError) as e:
         sys.exit(f"error: {e}")
 

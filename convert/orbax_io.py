@@ -23,7 +23,7 @@ from orbax.checkpoint._src.serialization import type_handler_registry
 
 from convert import mapping
 from convert.common import Progress, output_dtype, staged_output
-from llama2_jax import checkpoint
+from llama2_jax import checkpoint, quant
 
 CHUNK_BYTES = 32 << 20  # zarr chunk target; a tensor-parallel shard reads only its chunks
 WHOLE_BYTES = 64 << 20  # stacked parameters up to this size are written in one piece
@@ -126,18 +126,23 @@ open_params = checkpoint.open_params  # one reader for the library and the conve
 
 def write_checkpoint(source, output_dir: str, *, dtype: str | None = None,
                      overwrite: bool = False, progress: bool = True,
-                     start: float | None = None) -> str:
+                     start: float | None = None, quantization: str = "none") -> str:
     """Convert an opened `convert.sources.Source` into a llama2_jax checkpoint directory.
 
     Writes params, tokenizer (if the source has one) and, last, the config marker into a
-    temporary sibling that is renamed to `output_dir` when complete. Returns the summary line.
+    temporary sibling that is renamed to `output_dir` when complete. With `quantization`
+    "int8" or "fp8" the weights are written quantized (`llama2_jax.quant`, the function
+    `load(..., quantization=)` uses), a layer at a time. Returns the summary line.
     """
     dtype = output_dtype(dtype, source.dtype)
+    quant.check_method(quantization)
     cfg = source.cfg.with_dtype(dtype.name)
     tree: dict = {}
     for path, stacked in mapping.param_paths():
         shape = mapping.jax_shape(path, cfg)
-        if stacked:
+        if quantization != "none" and quant.quantizable(path):
+            leaf = _quantized(source, path, cfg, quantization, stacked)
+        elif stacked:
             leaf = Streamed((cfg.n_layers, *shape), dtype,
                             lambda i, path=path: source.read(path, i, dtype), True)
         else:
@@ -153,6 +158,33 @@ def write_checkpoint(source, output_dir: str, *, dtype: str | None = None,
                      lambda piece, tensors: bar.add(piece.size, piece.nbytes, tensors))
         if source.tokenizer:
             shutil.copyfile(source.tokenizer, os.path.join(tmp, checkpoint.TOKENIZER_FILE))
-        checkpoint.write_config(tmp, cfg, source={"format": source.kind,
-                                                  "path": os.path.abspath(source.dir)})
+        checkpoint.write_config(tmp, cfg, quantization,
+                                source={"format": source.kind,
+                                        "path": os.path.abspath(source.dir)})
     return bar.summary(f"converted {source.kind} checkpoint", os.path.abspath(output_dir))
+
+
+def _quantized(source, path, cfg, method: str, stacked: bool) -> dict:
+    """{"q": Streamed, "scale": Streamed} of one weight, quantized a layer at a time.
+
+    Both come from one quantization of the layer when `q` is written first (orbax's order);
+    the scales are kept (a few KB a layer), so `scale` re-reads a layer only otherwise.
+    """
+    scales: dict = {}
+
+    def layer(i):
+        w = source.read(path, i, np.float32)
+        qa = quant.quantize(w, method, quant.INPUT_AXES[path[-1]])
+        scales[i] = np.asarray(qa.scale)
+        return np.asarray(qa.q)
+
+    def scale(i):
+        if i not in scales:
+            layer(i)
+        return scales[i]
+
+    shape = mapping.jax_shape(path, cfg)
+    lead = (cfg.n_layers,) if stacked else ()
+    s_shape = quant.scale_shape(path[-1:], shape)  # the per-layer shape: no L axis
+    return {"q": Streamed((*lead, *shape), quant.QDTYPE[method], layer, stacked),
+            "scale": Streamed((*lead, *s_shape), np.dtype(np.float32), scale, stacked)}
