@@ -12,4 +12,6 @@ def get_config():
     c = base_config()
     c.checkpoint_dir = "checkpoints/llama-2-13b-chat"
     c.model_preset = "13b"  # with --config.checkpoint_dir="": random weights of this shape
+    # "int8" or "fp8": 13 GB of weights, not 26 (bf16); "" = as the checkpoint stores it
+    c.quantization = ""
     return c

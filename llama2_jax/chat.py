@@ -23,6 +23,7 @@ prints. Ctrl-C reaches process 0 alone, so it cannot stop an answer there: end t
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import sys
 from typing import Callable, Sequence, TextIO
@@ -32,7 +33,7 @@ import ml_collections
 import numpy as np
 from absl import app, logging
 
-from llama2_jax import checkpoint, cli, sharding
+from llama2_jax import checkpoint, cli, quant, sharding
 from llama2_jax.checkpoint import CheckpointError
 from llama2_jax.config import ConfigError, ModelConfig
 from llama2_jax.engine import ContextError, Engine, Session
@@ -74,9 +75,15 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.checkpoint_dir = ""  # converted checkpoint; "" = random weights (model_preset + model)
     c.tokenizer_path = ""  # "" = <checkpoint_dir>/tokenizer.model
+    # A fine-tuning config (configs/sft_*.py) whose `<output_dir>/final` is checkpoint_dir:
+    # when that checkpoint does not exist yet, it is trained first (the demo's model).
+    c.train_config = ""
     c.model_preset = ""  # llama2_jax.config.PRESETS name, for random weights only
     c.model = ml_collections.ConfigDict()  # ModelConfig fields over the preset (random only)
     c.dtype = ""  # "" = bfloat16 on accelerators, float32 on CPU
+    # 8-bit weights: none | int8 | fp8, quantized while loading; "" = as the checkpoint
+    # stores them (a converter's --quantization), so a quantized checkpoint stays quantized.
+    c.quantization = ""
     # Mesh sizes, -1 = the devices left. Tensor parallelism is the fastest for one
     # conversation but must divide the heads; FSDP works with any device count.
     c.data = 1
@@ -313,15 +320,20 @@ def build(config: ml_collections.ConfigDict, err: TextIO) -> Chat:
     if dtype not in _DTYPES:
         raise ChatError(f"dtype={config.dtype!r}: expected one of {', '.join(_DTYPES)} or '' "
                         "(bfloat16 on accelerators, float32 on CPU)")
+    if config.quantization:
+        quant.check_method(config.quantization)
     mesh = sharding.make_mesh(config.data, config.fsdp, config.tensor)
-    if config.checkpoint_dir:
-        if not os.path.isdir(config.checkpoint_dir):
+    checkpoint_dir = os.path.expanduser(config.checkpoint_dir)
+    if checkpoint_dir and config.train_config and not os.path.isdir(checkpoint_dir):
+        train_first(config.train_config, checkpoint_dir, err)
+    if checkpoint_dir:
+        if not os.path.isdir(checkpoint_dir):
             raise CheckpointError(
-                f"checkpoint directory not found: {config.checkpoint_dir} (convert weights there "
+                f"checkpoint directory not found: {checkpoint_dir} (convert weights there "
                 "with convert/meta_to_orbax.py or convert/hf_to_orbax.py, or set "
                 "--config.checkpoint_dir)")
-        model_cfg = checkpoint.read_config(config.checkpoint_dir)
-        tokenizer_path = config.tokenizer_path or os.path.join(config.checkpoint_dir,
+        model_cfg = checkpoint.read_config(checkpoint_dir)
+        tokenizer_path = config.tokenizer_path or os.path.join(checkpoint_dir,
                                                                checkpoint.TOKENIZER_FILE)
     else:
         model_cfg = cli.random_config(config)
@@ -337,22 +349,50 @@ def build(config: ml_collections.ConfigDict, err: TextIO) -> Chat:
         raise ChatError(str(e)) from None
     sharding.check_mesh(mesh, model_cfg.n_heads, model_cfg.n_kv_heads)
 
-    if config.checkpoint_dir:
-        err.write(f"loading {config.checkpoint_dir} ...\n")
+    if checkpoint_dir:
+        err.write(f"loading {checkpoint_dir} ...\n")
         err.flush()
-        model = checkpoint.load(config.checkpoint_dir, mesh=mesh, dtype=dtype)
-        source = config.checkpoint_dir
+        model = checkpoint.load(checkpoint_dir, mesh=mesh, dtype=dtype,
+                                quantization=config.quantization or None)
+        source = checkpoint_dir
     else:
         model = checkpoint.random_model(model_cfg.with_dtype(dtype), mesh, seed=config.seed)
+        model = quant.quantize_model(model, config.quantization or "none")
         source = f"random weights, model_preset={config.model_preset!r}"
     err.write(banner(model, source, mesh, length))
-    if not config.checkpoint_dir:
+    if not checkpoint_dir:
         err.write("NOTE: no checkpoint_dir, so the model has random weights; its answers are "
                   "noise.\n")
     err.flush()
     return Chat(Engine(model, mesh), tokenizer, sampler=sampler,
                 max_new_tokens=config.max_new_tokens, context_length=length,
                 system_prompt=config.system_prompt, seed=config.seed)
+
+
+def train_first(train_config: str, checkpoint_dir: str, err: TextIO) -> None:
+    """Fine-tune `checkpoint_dir` with the SFT config file `train_config`, once.
+
+    Several chats started at once wait for one training run (a lock beside the run's
+    directory); an interrupted training resumes at the next start.
+    """
+    from llama2_jax import finetune  # the demo's model is made by the fine-tuning app
+
+    sft = cli.load_config_file(train_config)
+    final = os.path.join(os.path.expanduser(sft.output_dir), finetune.FINAL_DIR)
+    if os.path.abspath(final) != os.path.abspath(checkpoint_dir):
+        return  # another checkpoint was asked for: it must exist (reported by the caller)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    with open(os.path.dirname(final) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(final):
+            return  # trained by a chat that held the lock before us
+        err.write(f"{checkpoint_dir} does not exist yet: training it with {train_config} "
+                  f"(once; about two minutes on a CPU) ...\n")
+        err.flush()
+        try:
+            finetune.train(sft, err)
+        except finetune.USER_ERRORS as e:
+            raise ChatError(f"training {checkpoint_dir} with {train_config} failed: {e}") from None
 
 
 def banner(model, source: str, mesh, length: int) -> str:
