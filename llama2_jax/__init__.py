@@ -11,15 +11,16 @@ from llama2_jax.checkpoint import CheckpointError, load, save
 from llama2_jax.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, preset
 from llama2_jax.engine import ContextError, Engine, Session
 from llama2_jax.model import Transformer
+from llama2_jax.quant import QArray, quantize_model
 from llama2_jax.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, make_sampler
 from llama2_jax.sharding import make_mesh
 from llama2_jax.tokenizer import DialogError, StreamDecoder, Tokenizer, encode_dialog
 
 __all__ = [
     "CheckpointError", "ConfigError", "ContextError", "DialogError", "Engine", "ModelConfig",
-    "Session", "StreamDecoder", "Tokenizer", "Transformer", "encode_dialog", "engine_for",
-    "forward", "from_hf_config", "from_meta_params", "generate", "load", "make_mesh", "preset",
-    "save", "stream_text",
+    "QArray", "Session", "StreamDecoder", "Tokenizer", "Transformer", "encode_dialog",
+    "engine_for", "forward", "from_hf_config", "from_meta_params", "generate", "load",
+    "make_mesh", "preset", "quantize_model", "save", "stream_text",
 ]
 
 _ENGINES: "weakref.WeakKeyDictionary[Transformer, Engine]" = weakref.WeakKeyDictionary()
