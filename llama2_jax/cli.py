@@ -95,3 +95,13 @@ def random_config(config: ml_collections.ConfigDict) -> ModelConfig:
     model = config.get("model") or ml_collections.ConfigDict()
     fields = {**preset(config.model_preset).to_dict(), **model.to_dict()}
     return ModelConfig.from_dict(fields, source="config.model")
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, as --config would load it (but not locked)."""
+    spec = importlib.util.spec_from_file_location("_llama2_jax_app_config", path)
+    if spec is None or not __import__("os").path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llama2_jax import checkpoint, cli, data, sharding
 from llama2_jax.checkpoint import CheckpointError
-from llama2_jax.config import ConfigError, ModelConfig
+from llama2_jax.config import ConfigError
 from llama2_jax.data import DataError
 from llama2_jax.model import Transformer, abstract_model
 from llama2_jax.sharding import ShardingError
