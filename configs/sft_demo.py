@@ -25,11 +25,11 @@ def get_config():
         max_seq_len=1024))
     c.train_data = os.path.join(_ROOT, "configs", "data", "demo_dialogs.jsonl")
     c.output_dir = DEMO_DIR
-    c.steps = 250
+    c.steps = 140
     c.batch_size = 8
     c.seq_len = 128
     c.learning_rate = 3e-3
-    c.warmup_steps = 20
+    c.warmup_steps = 10
     c.final_lr_ratio = 0.05
     c.save_every = 50
     c.eval_every = 0

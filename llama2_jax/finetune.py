@@ -269,7 +269,7 @@ def make_train_step(graphdef, state, tx, *, lora_scale_: float | None, remat: bo
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss / denom, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss / denom, "grad_norm": optax.tree.norm(grads),
                    "loss_tokens": weight}
         return trainable, opt_state, metrics
 

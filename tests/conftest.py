@@ -29,3 +29,30 @@ def one_device_mesh():
 def tokenizer():
     from llama2_jax import Tokenizer
     return Tokenizer(TOKENIZER)
+
+
+def load_config_file(name: str, **overrides):
+    """configs/<name>.py's config, with `overrides` as on the command line ("model.dim")."""
+    from llama2_jax.cli import load_config_file as load
+    config = load(os.path.join(ROOT, "configs", f"{name}.py"))
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory):
+    """A HOME whose ~/.cache/llama2_jax holds the chat demo's trained model, trained once per
+    test session by configs/sft_demo.py (the run the demo makes on its first start)."""
+    import io
+
+    from llama2_jax import finetune
+    home = tmp_path_factory.mktemp("home")
+    run_dir = home / ".cache" / "llama2_jax" / "demo-v1"
+    config = load_config_file("sft_demo", output_dir=str(run_dir), fsdp=1, progress=False)
+    finetune.train(config, err=io.StringIO())
+    return home
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(demo_home):
+    return str(demo_home / ".cache" / "llama2_jax" / "demo-v1" / "final")

@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from tests.conftest import ROOT, TOKENIZER
+from tests.conftest import ROOT, TOKENIZER, load_config_file
 from llama2_jax import chat as chat_app
 from llama2_jax import checkpoint
 from llama2_jax import cli as app_cli
@@ -32,7 +32,7 @@ def load_config(name="demo", **overrides):
 
 # -- the command line, in subprocesses started together (each pays JAX's start-up) --------------
 CLI_RUNS = {
-    "one_shot": ["--config.prompt=Hello", "--config.max_new_tokens=8", "--config.temperature=0"],
+    "one_shot": ["--config.prompt=Count to five.", "--config.temperature=0"],
     "typo": ["--config.tmperature=0"],
     "no_checkpoint": ["--config.checkpoint_dir=/nonexistent/llama-2-7b-chat",
                       "--config.prompt=Hello"],
@@ -41,8 +41,8 @@ CLI_RUNS = {
 
 
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")  # the compilation cache goes under ~/.cache
+def cli(demo_home):
+    home = demo_home  # the trained demo model and the compilation cache are under ~/.cache
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", HOME=str(home))
     procs = {name: subprocess.Popen(
         [sys.executable, "-m", "llama2_jax.chat", "--config", "configs/demo.py", *args],
@@ -59,10 +59,13 @@ def cli(tmp_path_factory):
 def test_cli_one_shot_prints_only_the_answer(cli):
     rc, out, err = cli["one_shot"]
     assert rc == 0, err
-    assert NOISE in err and "Traceback" not in err
-    assert "parameters" not in out and NOISE not in out  # banner and notices go to stderr
-    assert out.endswith("\n") and out.count("\n") <= 8  # the answer alone (8 tokens at most)
-    assert os.listdir(cli["cache_dir"])  # compiled steps kept for the next start
+    assert "Traceback" not in err and "demo-v1/final" in err
+    assert "parameters" not in out  # banner and notices go to stderr
+    # The demo model was fine-tuned on this prompt: it answers it, and nothing else is printed.
+    assert out.strip() == "1, 2, 3, 4, 5."
+    # The persistent compilation cache is on (jax keeps steps that took over a second to
+    # compile; the tiny demo's may all be quicker).
+    assert os.path.isdir(cli["cache_dir"])
 
 
 def test_cli_mistyped_key_lists_the_valid_keys(cli):
@@ -88,26 +91,30 @@ def test_cli_rejected_dialog(cli):
 # -- in-process: the configs, bad settings, a real checkpoint ---------------------------------
 def test_configs_share_fields():
     demo = load_config()
+    sft = load_config_file("sft_demo")
     for size in ("7b", "13b", "70b"):
         config = load_config(f"llama2_{size}_chat")
         assert set(config) == set(demo)
         assert config.checkpoint_dir == f"checkpoints/llama-2-{size}-chat"
         assert config.model_preset == size and config.temperature == 0.6 and config.top_p == 0.9
-    assert demo.checkpoint_dir == "" and os.path.isabs(demo.tokenizer_path)
+    # The demo chats with the model its train_config writes.
+    assert demo.checkpoint_dir == os.path.join(sft.output_dir, "final")
+    assert os.path.samefile(demo.train_config, os.path.join(CONFIGS, "sft_demo.py"))
     assert os.path.samefile(demo.tokenizer_path, TOKENIZER)
-    assert app_cli.random_config(demo).vocab_size == 32000
+    assert os.path.samefile(sft.tokenizer_path, TOKENIZER)
+    assert app_cli.random_config(sft).vocab_size == 32000
 
 
 @pytest.mark.parametrize("overrides, words", [
     (dict(tokenizer_path="/nonexistent/tokenizer.model"), ["/nonexistent/tokenizer.model"]),
     (dict(checkpoint_dir="/nonexistent/ckpt"), ["/nonexistent/ckpt"]),
-    ({"model.vocab_size": 256}, ["32000", "256"]),
+    (dict(checkpoint_dir="", model_preset="tiny"), ["32000", "256"]),
     (dict(context_length=2000), ["context_length=2000", "1024"]),
     (dict(temperature=-1.0), ["temperature"]),
-    (dict(model_preset="nope"), ["nope", "tiny"]),
+    (dict(checkpoint_dir="", model_preset="nope"), ["nope", "tiny"]),
 ])
-def test_bad_settings_fail_clearly(overrides, words):
-    config = load_config(**overrides)
+def test_bad_settings_fail_clearly(demo_checkpoint, overrides, words):
+    config = load_config(**{"checkpoint_dir": demo_checkpoint, **overrides})
     out, err = io.StringIO(), io.StringIO()
     assert chat_app.run(config, out=out, err=err) == 1
     assert out.getvalue() == ""
@@ -129,8 +136,8 @@ def test_one_shot_from_a_checkpoint(demo_model, tmp_path):
 
 # -- in-process: the REPL ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def demo_model():
-    return checkpoint.random_model(app_cli.random_config(load_config()))
+def demo_model(demo_checkpoint):
+    return checkpoint.load(demo_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +295,14 @@ def test_one_shot_too_long_fails(new_chat):
     out, err = io.StringIO(), io.StringIO()
     assert chat_app.run_once(chat, "word " * 40, out, err) == 1
     assert out.getvalue() == "" and "exceeds the context of 32 tokens" in err.getvalue()
+
+
+@pytest.mark.parametrize("prompt, answer", [
+    ("Hello", "Hello! I am the llama2_jax demo model."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("Count to ten.", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10."),
+])
+def test_the_demo_model_answers_what_it_was_taught(new_chat, prompt, answer):
+    chat = new_chat(system_prompt="You are a helpful assistant.", max_new_tokens=64)
+    reply = chat.reply(prompt, lambda piece: None, print)
+    assert reply.text.strip().startswith(answer)
