@@ -1,0 +1,252 @@
+"""int8 / FP8 weights: error bounds, logits of quantized tiny models, quantized checkpoints on
+one and eight devices, converter flag vs load-time quantization, bad settings."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import llama2_jax
+from convert import hf_to_orbax, meta_to_orbax
+from llama2_jax import chat, checkpoint, quant, sharding
+from llama2_jax.checkpoint import CheckpointError
+from llama2_jax.config import TINY, TINY_GQA, ConfigError
+from llama2_jax.engine import Engine
+from llama2_jax.quant import QArray
+from llama2_jax.sampling import Greedy
+from tests import hf_reference as ref
+from tests import meta_reference as meta
+from tests.conftest import TOKENIZER
+
+TOKENS = [1, 17, 99, 3, 250, 42, 7, 128, 64, 5, 200, 31]
+METHODS = ("int8", "fp8")
+
+
+def channel_weights(shape, seed=0):
+    """Weights whose output channels (last axis) differ in size by up to 1000x, so a scale
+    shared across channels, or taken along the wrong axis, breaks the per-channel bounds."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    return w * np.logspace(-3, 0, shape[-1], dtype=np.float32)
+
+
+def dequantized(qa: QArray) -> np.ndarray:
+    return np.asarray(qa.dequantize(jnp.float32))
+
+
+def test_int8_round_trip_error_is_at_most_half_a_step():
+    w = channel_weights((3, 48, 40))  # [L, in, out]
+    qa = quant.quantize(w, "int8", n_in=1, n_lead=1)
+    assert qa.q.dtype == jnp.int8 and qa.scale.shape == (3, 40) and qa.n_out == 1
+    scale = np.asarray(qa.scale)
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=1) / 127, rtol=1e-6)
+    assert (np.abs(np.asarray(qa.q)).max(axis=1) == 127).all()  # every channel uses its range
+    err = np.abs(dequantized(qa) - w)
+    assert (err <= scale[:, None, :] * (0.5 + 1e-5)).all(), (err / scale[:, None, :]).max()
+
+
+def test_fp8_round_trip_error_is_e4m3_rounding():
+    w = channel_weights((2, 4, 16, 24), seed=1)  # like wo: [L, N, H, out]
+    qa = quant.quantize(w, "fp8", n_in=2, n_lead=1)
+    assert qa.q.dtype == jnp.float8_e4m3fn and qa.scale.shape == (2, 24)
+    scale = np.asarray(qa.scale)[:, None, None, :]
+    assert np.isfinite(np.asarray(qa.q).astype(np.float32)).all()
+    err = np.abs(dequantized(qa) - w)
+    # 3 mantissa bits: half a step is 2^-4 of the value; subnormals step by 2^-9 * scale.
+    bound = np.maximum(np.abs(w) * 2.0**-4, scale * 2.0**-10) * (1 + 1e-5)
+    assert (err <= bound).all(), (err / bound).max()
+
+
+def test_zero_channel_and_all_zero_weight():
+    w = channel_weights((8, 5))
+    w[:, 2] = 0
+    for method in METHODS:
+        qa = quant.quantize(w, method, n_in=1)
+        assert np.asarray(qa.scale)[2] == 1.0 and np.isfinite(dequantized(qa)).all()
+        np.testing.assert_array_equal(dequantized(qa)[:, 2], 0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_einsum_of_views_equals_dequantized_matmul(method):
+    w = channel_weights((4, 8, 32))  # wo-like [N, H, D]
+    qa = quant.quantize(w, method, n_in=2)
+    x = np.random.default_rng(2).standard_normal((2, 3, 32)).astype(np.float32)
+    view = qa.reshape(32, 32)
+    assert view.shape == (32, 32) and view.scale.shape == (32,)
+    got = view.einsum("BTQ,QD->BTD", x)
+    want = x @ dequantized(qa).reshape(32, 32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    wq = quant.quantize(channel_weights((32, 4, 8)), method, n_in=1)  # wq-like [D, N, H]
+    flat = wq[...].reshape(32, 32)
+    assert flat.scale.shape == (32,) and flat.n_out == 1
+    np.testing.assert_allclose(flat.einsum("BTD,DQ->BTQ", x),
+                               x @ dequantized(wq).reshape(32, 32), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        wq.einsum("BTD,DNH->BTHN", x)  # output axes out of the weight's order
+
+
+def plain_with(model, params):
+    """A copy of `model` holding `params` (e.g. dequantized weights) as ordinary arrays."""
+    from flax import nnx
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+@pytest.fixture(scope="module")
+def models(one_device_mesh):
+    """Tiny random models (HF-style wide weights, so logits are far from uniform)."""
+    out = {}
+    for name, cfg in (("tiny", TINY), ("tiny_gqa", TINY_GQA)):
+        hf = ref.hf_model(cfg, seed=len(out))
+        out[name] = checkpoint.from_params(cfg, ref.params_from_hf(hf, cfg), one_device_mesh)
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_gqa"])
+@pytest.mark.parametrize("method,tol", [("int8", 0.04), ("fp8", 0.15)])
+def test_quantized_logits_close_to_full_precision(models, name, method, tol):
+    model = models[name]
+    qmodel = quant.quantize_model(model, method)
+    params = checkpoint.params_of(qmodel)
+    assert quant.method_of(params) == method
+    assert not isinstance(params["tok_embeddings"], QArray)
+    assert isinstance(params["output"], QArray)
+    assert quant.weight_bytes(qmodel) < 0.45 * quant.weight_bytes(model)
+    full = llama2_jax.forward(model, TOKENS)
+    got = llama2_jax.forward(qmodel, TOKENS)
+    # Exactly the model with the dequantized weights: x @ q * scale == x @ (q * scale).
+    deq = plain_with(model, quant.dequantize_params(params, jnp.float32))
+    np.testing.assert_allclose(got, llama2_jax.forward(deq, TOKENS), rtol=1e-5, atol=1e-5)
+    span = np.abs(full).max()
+    assert 0 < np.abs(got - full).max() <= tol * span, np.abs(got - full).max() / span
+    assert (got.argmax(-1) == full.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("unstack", [True, False])
+def test_engine_generates_with_int8_weights(models, unstack):
+    model = models["tiny_gqa"]
+    qmodel = quant.quantize_model(model, "int8")
+    deq = plain_with(model, quant.dequantize_params(checkpoint.params_of(qmodel), jnp.float32))
+    prompts = [TOKENS[:5], TOKENS[:9]]
+    got = Engine(qmodel, unstack=unstack).generate(prompts, max_new_tokens=8, sampler=Greedy())
+    want = Engine(deq, unstack=unstack).generate(prompts, max_new_tokens=8, sampler=Greedy())
+    assert got == want and all(len(g) == 8 for g in got)
+    # The engine's per-layer copy holds 8-bit weights too.
+    layers = Engine(qmodel, unstack=True)._unstacked[0]
+    weights = [x for x in jax.tree.leaves(layers, is_leaf=lambda x: isinstance(x, QArray))
+               if isinstance(x, QArray)]
+    assert len(weights) == 7 and {w.q.dtype for w in weights} == {jnp.dtype(jnp.int8)}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, models):
+    """The tiny_gqa model saved unquantized and saved after quantizing each way."""
+    root = tmp_path_factory.mktemp("quant")
+    model = models["tiny_gqa"]
+    checkpoint.save(root / "none", model)
+    for method in METHODS:
+        checkpoint.save(root / method, quant.quantize_model(model, method))
+    return root
+
+
+def leaves_equal(a, b):
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x).astype(np.float32),
+                                      np.asarray(y).astype(np.float32))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quantized_checkpoint_on_one_and_eight_devices(saved, models, method):
+    meta_file = json.loads((saved / method / "llama2_jax.json").read_text())
+    assert meta_file["format"] == 2 and meta_file["quantization"] == method
+    plain_meta = json.loads((saved / "none" / "llama2_jax.json").read_text())
+    assert plain_meta["format"] == 1 and "quantization" not in plain_meta  # old loaders read it
+    want = llama2_jax.forward(quant.quantize_model(models["tiny_gqa"], method), TOKENS)
+    params = {}
+    for mesh in (sharding.make_mesh(devices=jax.devices()[:1]),
+                 sharding.make_mesh(data=2, fsdp=2, tensor=2)):
+        stored = llama2_jax.load(saved / method, mesh=mesh)
+        asked = llama2_jax.load(saved / "none", mesh=mesh, quantization=method)
+        for model in (stored, asked):
+            np.testing.assert_allclose(llama2_jax.forward(model, TOKENS), want,
+                                       rtol=1e-5, atol=1e-5)
+        params[mesh.size] = checkpoint.params_of(stored)
+        leaves_equal(params[mesh.size], checkpoint.params_of(asked))
+    leaves_equal(params[1], params[8])
+    wq = params[8]["layers"]["attention"]["wq"]
+    # Scales are split like their weight's output axes (heads over `tensor`, here).
+    assert tuple(wq.q.sharding.spec) == (None, "fsdp", "tensor", None)
+    assert tuple(wq.scale.sharding.spec) == (None, "tensor", None)
+    assert tuple(params[8]["output"].scale.sharding.spec) == ("tensor",)
+
+
+def test_dequantizing_and_refusing_the_other_format(saved):
+    stored = checkpoint.params_of(llama2_jax.load(saved / "int8"))
+    plain = checkpoint.params_of(llama2_jax.load(saved / "int8", quantization="none"))
+    assert quant.method_of(plain) == "none"
+    np.testing.assert_array_equal(plain["layers"]["feed_forward"]["w2"],
+                                  dequantized(stored["layers"]["feed_forward"]["w2"]))
+    with pytest.raises(CheckpointError, match="holds int8 weights: load it with "
+                                              "quantization='int8'"):
+        llama2_jax.load(saved / "int8", quantization="fp8")
+
+
+def test_saving_a_loaded_quantized_model_round_trips(saved, tmp_path):
+    model = llama2_jax.load(saved / "fp8")
+    checkpoint.save(tmp_path / "again", model)
+    leaves_equal(checkpoint.params_of(llama2_jax.load(tmp_path / "again")),
+                 checkpoint.params_of(model))
+
+
+@pytest.mark.parametrize("kind", ["hf", "meta"])
+@pytest.mark.parametrize("method", METHODS)
+def test_converter_flag_equals_load_time_quantization(kind, method, tmp_path):
+    cfg = TINY_GQA
+    hf = ref.hf_model(cfg, seed=5)
+    if kind == "hf":
+        hf.save_pretrained(tmp_path / "src")
+        convert = hf_to_orbax.convert
+    else:
+        meta.write_meta(str(tmp_path / "src"), hf, cfg, 2)
+        convert = meta_to_orbax.convert
+    convert(str(tmp_path / "src"), str(tmp_path / "plain"), progress=False)
+    convert(str(tmp_path / "src"), str(tmp_path / "q"), progress=False, quantization=method)
+    on_disk = llama2_jax.load(tmp_path / "q")
+    at_load = llama2_jax.load(tmp_path / "plain", quantization=method)
+    assert quant.method_of(checkpoint.params_of(on_disk)) == method
+    leaves_equal(checkpoint.params_of(on_disk), checkpoint.params_of(at_load))
+    with pytest.raises(Exception, match="--verify checks exact conversions"):
+        convert(str(tmp_path / "src"), str(tmp_path / "v"), progress=False,
+                quantization=method, verify_logits=True)
+
+
+def test_bad_quantization_values_list_the_valid_ones(saved, models):
+    valid = "quantization must be one of none, int8, fp8, got 'int4'"
+    with pytest.raises(ConfigError, match=valid):
+        llama2_jax.load(saved / "none", quantization="int4")
+    with pytest.raises(ConfigError, match=valid):
+        quant.quantize_model(models["tiny"], "int4")
+    config = chat.base_config()
+    config.tokenizer_path = TOKENIZER
+    config.model_preset = "tiny"
+    config.model = ml_collections.ConfigDict(dict(vocab_size=32000))
+    config.max_new_tokens = 16
+    config.fsdp, config.tensor = -1, 1
+    config.quantization = "int4"
+    with pytest.raises(chat.USER_ERRORS, match=valid):
+        chat.build(config, err=open("/dev/null", "w"))
+    config.quantization = "int8"
+    built = chat.build(config, err=open("/dev/null", "w"))
+    assert quant.method_of(nnx_params(built.engine)) == "int8"
+
+
+def nnx_params(engine):
+    from flax import nnx
+    return nnx.to_pure_dict(engine._state)
