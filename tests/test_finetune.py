@@ -1,0 +1,319 @@
+"""Fine-tuning: the loss, LoRA, sharding, learning, resume after kill -9, and bad settings."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.conftest import ROOT, load_config_file
+from llama2_jax import checkpoint, data, finetune
+from llama2_jax.data import DataError
+from llama2_jax.finetune import FinetuneError
+from llama2_jax.model import abstract_model
+
+TASK = [("What is the password for the red door?", "The password is apple."),
+        ("What is the password for the blue door?", "The password is river."),
+        ("What is the password for the green door?", "The password is seven."),
+        ("What is the password for the black door?", "The password is moon.")]
+
+
+def write_task(path, pairs=TASK, copies=4):
+    with open(path, "w") as f:
+        for _ in range(copies):
+            for q, a in pairs:
+                f.write(json.dumps({"prompt": q, "completion": a}) + "\n")
+    return str(path)
+
+
+def tiny_config(tmp_path, **overrides):
+    """configs/sft_tiny.py, small and quiet, writing under tmp_path."""
+    base = dict(output_dir=str(tmp_path / "run"), progress=False, fsdp=1, steps=4,
+                batch_size=4, seq_len=64, eval_every=0, log_every=1, save_every=2)
+    return load_config_file("sft_tiny", **{**base, **overrides})
+
+
+def read_params(directory):
+    return jax.tree.map(np.asarray, checkpoint.params_of(checkpoint.load(directory)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    """A random model of sft_tiny's shape and packed rows of the task dialogs."""
+    from llama2_jax import cli
+    cfg = cli.random_config(load_config_file("sft_tiny"))
+    model = checkpoint.random_model(cfg, checkpoint.default_mesh(cfg, jax.devices()[:1]))
+    examples = [data.Example(*map(np.asarray, data.encode_for_training(tokenizer, [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}])))
+        for q, a in TASK]
+    return model, examples
+
+
+def _loss(model, rows):
+    total, weight = jax.jit(finetune.loss_sums)(model, rows)
+    return float(total), float(weight)
+
+
+# -- the loss ---------------------------------------------------------------------------------
+def test_prompt_tokens_carry_no_loss(tiny):
+    model, examples = tiny
+    rows = data.pack(examples, seq_len=64, packing=True)
+    before = _loss(model, rows)
+    prompt = rows["weights"] == 0
+    changed = dict(rows, targets=np.where(prompt, (rows["targets"] + 7) % 32000, rows["targets"]))
+    assert _loss(model, changed) == before
+    answer = np.argwhere(rows["weights"] == 1)[0]
+    targets = rows["targets"].copy()
+    targets[tuple(answer)] = (targets[tuple(answer)] + 7) % 32000
+    assert _loss(model, dict(rows, targets=targets)) != before  # the check can fail
+
+
+def test_packed_and_unpacked_rows_give_each_example_the_same_loss(tiny):
+    model, examples = tiny
+    packed = data.pack(examples, seq_len=64, packing=True)
+    single = data.pack(examples, seq_len=64, packing=False)
+    assert len(packed["inputs"]) < len(single["inputs"])
+    row, seg = 0, 0
+    for i in range(len(examples)):
+        seg += 1
+        if not (packed["segments"][row] == seg).any():
+            row, seg = row + 1, 1
+        only = dict(packed, weights=packed["weights"] * (packed["segments"] == seg)
+                    * (np.arange(len(packed["inputs"])) == row)[:, None])
+        alone = dict(single, weights=single["weights"] * (np.arange(len(examples)) == i)[:, None])
+        got, want = _loss(model, only), _loss(model, alone)
+        assert got[1] == want[1] > 0
+        np.testing.assert_allclose(got[0], want[0], rtol=2e-5)
+
+
+def _step_fn(model, config, lora_scale=None):
+    graphdef, state = nnx.split(abstract_model(model.config))
+    params = checkpoint.params_of(model)
+    tx, _ = finetune.make_optimizer(config, params)
+    step = finetune.make_train_step(graphdef, state, tx, lora_scale_=lora_scale, remat=False)
+    return jax.jit(step), params, tx.init(params)
+
+
+def test_gradient_accumulation_changes_nothing_but_memory(tiny, tmp_path):
+    model, examples = tiny
+    rows = data.pack(examples * 2, seq_len=64, packing=False)  # 8 rows
+    step, params, opt = _step_fn(model, tiny_config(tmp_path, warmup_steps=0))
+    one = step(params, {}, opt, {k: v[None] for k, v in rows.items()})
+    four = step(params, {}, opt, {k: v.reshape(4, 2, -1) for k, v in rows.items()})
+    np.testing.assert_allclose(one[2]["loss"], four[2]["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one[0]), jax.tree.leaves(four[0])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not np.allclose(jax.tree.leaves(one[0])[0], jax.tree.leaves(params)[0])
+
+
+def test_no_weight_decay_on_norms_and_embeddings(tiny):
+    mask = finetune.decay_mask(checkpoint.params_of(tiny[0]))
+    assert not mask["tok_embeddings"] and not mask["norm"]["weight"]
+    assert not mask["layers"]["attention_norm"]["weight"]
+    assert mask["output"] and mask["layers"]["attention"]["wq"]
+
+
+# -- LoRA -------------------------------------------------------------------------------------
+def test_lora_at_init_is_exactly_the_base_model_and_merges_into_it(tiny):
+    model, _ = tiny
+    params = checkpoint.params_of(model)
+    graphdef, state = nnx.split(abstract_model(model.config))
+    tokens = jnp.asarray([[1, 518, 25580, 29962, 15043, 29991, 2, 0]])
+    positions = jnp.arange(8)[None]
+    run = jax.jit(lambda p: finetune.bind(graphdef, state, p)(tokens, positions)[0])
+    targets = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    adapters = finetune.init_adapters(params, targets, rank=4, seed=0)
+    base = run(params)
+    np.testing.assert_array_equal(run(finetune.apply_adapters(params, adapters, 2.0)), base)
+    trained = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                           adapters)
+    with_lora = run(finetune.apply_adapters(params, trained, 2.0))
+    merged = run(finetune.merge_adapters(params, trained, 2.0))
+    assert float(jnp.abs(with_lora - base).max()) > 1e-2
+    np.testing.assert_allclose(merged, with_lora, atol=2e-5)
+
+
+def test_lora_run_trains_adapters_only_and_never_writes_the_base(tmp_path):
+    base_dir = tmp_path / "base"
+    cfg = load_config_file("sft_tiny")
+    from llama2_jax import cli
+    mcfg = cli.random_config(cfg)
+    base = checkpoint.random_model(mcfg, checkpoint.default_mesh(mcfg, jax.devices()[:1]))
+    checkpoint.save(base_dir, base, tokenizer_path=cfg.tokenizer_path)
+
+    def digest():
+        h = hashlib.sha256()
+        for root, _, files in sorted(os.walk(base_dir)):
+            for name in sorted(files):
+                h.update(name.encode())
+                with open(os.path.join(root, name), "rb") as f:
+                    h.update(f.read())
+        return h.hexdigest()
+
+    before = digest()
+    config = tiny_config(tmp_path, checkpoint_dir=str(base_dir), tokenizer_path="",
+                         model_preset="", steps=6, learning_rate=1e-2, warmup_steps=0,
+                         **{"lora.rank": 4, "lora.targets": ("wq", "w2")})
+    summary = finetune.train(config, err=io.StringIO())
+    assert digest() == before
+    old, new = read_params(base_dir), read_params(summary["final"])
+    changed = {"/".join(p) for p, a, b in _pairs(old, new) if not np.array_equal(a, b)}
+    assert changed == {"layers/attention/wq", "layers/feed_forward/w2"}
+    with pytest.raises(FinetuneError, match="overlap"):
+        finetune.Trainer(tiny_config(tmp_path, checkpoint_dir=str(base_dir),
+                                     output_dir=str(base_dir / "out"), model_preset=""))
+
+
+def _pairs(a, b, path=()):
+    for k in a:
+        if isinstance(a[k], dict):
+            yield from _pairs(a[k], b[k], path + (k,))
+        else:
+            yield path + (k,), a[k], b[k]
+
+
+# -- a whole run ------------------------------------------------------------------------------
+def test_a_tiny_model_learns_the_task_exactly(tmp_path, tokenizer):
+    from llama2_jax import engine, encode_dialog
+    config = tiny_config(tmp_path, train_data=write_task(tmp_path / "task.jsonl"), steps=120,
+                         learning_rate=5e-3, warmup_steps=10, batch_size=4, log_every=10,
+                         eval_fraction=0.0)
+    summary = finetune.train(config, err=io.StringIO())
+    with open(os.path.join(config.output_dir, finetune.METRICS_FILE)) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert losses[0] > 4 and losses[-1] < 0.3, losses
+    model = checkpoint.load(summary["final"])
+    prompts = [encode_dialog(tokenizer, [{"role": "user", "content": q}]) for q, _ in TASK]
+    answers = engine.Engine(model).generate(prompts, max_new_tokens=12, stop_ids=(2,))
+    assert [tokenizer.decode(a).strip() for a in answers] == [a for _, a in TASK]
+
+
+def test_a_step_on_eight_devices_equals_one_device(tmp_path):
+    finals = []
+    for name, mesh in (("one", dict(data=1, fsdp=1, tensor=1)),
+                       ("eight", dict(data=2, fsdp=2, tensor=2))):
+        config = tiny_config(tmp_path / name, steps=3, **mesh)
+        finals.append(read_params(finetune.train(config, err=io.StringIO())["final"]))
+    for path, a, b in _pairs(*finals):
+        np.testing.assert_allclose(a, b, atol=2e-6, err_msg="/".join(path))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(tmp_path, learning_rate=1e38, warmup_steps=0, save_every=1, steps=6,
+                         clip_norm=0.0)
+    with pytest.raises(finetune.NonFiniteLoss) as e:
+        finetune.train(config, err=io.StringIO())
+    assert "last good checkpoint (step 1)" in str(e.value)
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+    assert steps == [1]
+    assert not os.path.exists(tmp_path / "run" / "final")
+
+
+def test_rerun_of_a_finished_run_does_nothing_and_other_settings_are_refused(tmp_path):
+    config = tiny_config(tmp_path, steps=2)
+    finetune.train(config, err=io.StringIO())
+    err = io.StringIO()
+    assert finetune.train(config, err=err)["complete"]
+    assert "already exists" in err.getvalue()
+    other = tiny_config(tmp_path, steps=2, learning_rate=0.5)
+    import shutil
+    shutil.rmtree(tmp_path / "run" / "final")
+    with pytest.raises(FinetuneError, match="learning_rate"):
+        finetune.train(other, err=io.StringIO())
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(output_dir=""), ["output_dir is required"]),
+    (dict(batch_size=6, grad_accum=4), ["batch_size=6", "grad_accum=4"]),
+    ({"lora.rank": 4, "lora.targets": ("wq", "wz")}, ["wz", "wq, wk, wv, wo, w1, w2, w3"]),
+    (dict(param_dtype="float64"), ["param_dtype='float64'", "bfloat16"]),
+    (dict(seq_len=1000), ["seq_len=1000", "max_seq_len=256"]),
+    (dict(train_data="/nonexistent.jsonl"), ["/nonexistent.jsonl", "not found"]),
+    (dict(tokenizer_path="/nonexistent/tok.model"), ["/nonexistent/tok.model"]),
+    ({"model.vocab_size": 300}, ["32000", "300"]),
+    (dict(eval_fraction=1.0), ["eval_fraction"]),
+])
+def test_bad_settings_fail_clearly(tmp_path, overrides, words):
+    err = io.StringIO()
+    assert finetune.run(tiny_config(tmp_path, **overrides), err=err) == 1
+    for w in words:
+        assert w in err.getvalue()
+    assert err.getvalue().startswith("error: ")
+
+
+def test_empty_data_and_foreign_output_dir_are_refused(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="no usable examples"):
+        finetune.Trainer(tiny_config(tmp_path, train_data=str(empty)))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FinetuneError, match="not a fine-tuning run"):
+        finetune.train(tiny_config(tmp_path, output_dir=str(foreign)), err=io.StringIO())
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+# -- the command line: kill -9 / SIGTERM and resume --------------------------------------------
+def _start(out_dir, steps):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    args = [sys.executable, "-m", "llama2_jax.finetune", "--config", "configs/sft_tiny.py",
+            f"--config.output_dir={out_dir}", f"--config.steps={steps}",
+            "--config.save_every=4", "--config.eval_every=8", "--config.compilation_cache_dir="]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(proc, out_dir, timeout=240):
+    ckpts = os.path.join(out_dir, "checkpoints")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint appeared: {proc.communicate()}")
+
+
+def test_killed_or_stopped_then_resumed_equals_uninterrupted(tmp_path):
+    steps = 80
+    whole = _start(tmp_path / "whole", steps)
+    killed = _start(tmp_path / "killed", steps)
+    stopped = _start(tmp_path / "stopped", steps)
+    _wait_for_checkpoint(killed, tmp_path / "killed")
+    killed.send_signal(signal.SIGKILL)
+    _wait_for_checkpoint(stopped, tmp_path / "stopped")
+    stopped.send_signal(signal.SIGTERM)
+    assert killed.wait(60) == -signal.SIGKILL
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 143, err
+    assert "stopped by signal" in err and "Run the same command to resume" in err
+    for name in ("killed", "stopped"):
+        assert not os.path.exists(tmp_path / name / "final"), "the run ended before the signal"
+        proc = _start(tmp_path / name, steps)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert "resuming from step" in err
+    _, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err
+    want = read_params(tmp_path / "whole" / "final")
+    for name in ("killed", "stopped"):
+        for path, a, b in _pairs(want, read_params(tmp_path / name / "final")):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}: {'/'.join(path)}")
+
+
+def test_cli_mistyped_key_lists_the_valid_keys():
+    proc = subprocess.run([sys.executable, "-m", "llama2_jax.finetune", "--config",
+                           "configs/sft_tiny.py", "--config.learning_rat=1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "did you mean learning_rate" in proc.stderr and "valid keys:" in proc.stderr
