@@ -268,7 +268,8 @@ def _start(out_dir, steps):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     args = [sys.executable, "-m", "llama2_jax.finetune", "--config", "configs/sft_tiny.py",
             f"--config.output_dir={out_dir}", f"--config.steps={steps}",
-            "--config.save_every=4", "--config.eval_every=8", "--config.compilation_cache_dir="]
+            "--config.save_every=4", "--config.eval_every=8", "--config.batch_size=4",
+            "--config.seq_len=64", "--config.compilation_cache_dir="]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -284,7 +285,7 @@ def _wait_for_checkpoint(proc, out_dir, timeout=240):
 
 
 def test_killed_or_stopped_then_resumed_equals_uninterrupted(tmp_path):
-    steps = 80
+    steps = 32
     whole = _start(tmp_path / "whole", steps)
     killed = _start(tmp_path / "killed", steps)
     stopped = _start(tmp_path / "stopped", steps)
