@@ -49,18 +49,18 @@ import json
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402  (JAX starts its CPU client on first use, after _pin_threads)
+import jax  # noqa: E402  (JAX starts its CPU client on first use, after pin_threads)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.common import pin_threads, hf_model_from, median  # noqa: E402
 from llama2_jax.checkpoint import params_of, random_model  # noqa: E402
 from llama2_jax.engine import cache_length  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
@@ -84,16 +84,6 @@ flags.DEFINE_bool("gpu", False, "7B bf16 on the accelerator instead of the CPU c
 
 LLAMA_CPP_F32_TOKS = 84.0  # llama.cpp F32 decode, BENCH_134M shape, this 2-core machine (earlier)
 GOAL_VS_HF = 2.5
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def _pin_threads(n: int) -> None:
-    cpus = sorted(os.sched_getaffinity(0))
-    if n < len(cpus):
-        os.sched_setaffinity(0, cpus[:n])
 
 
 class OthersBusy:
@@ -238,25 +228,6 @@ class _Stamps:
         pass
 
 
-def hf_model_from(params: dict, cfg):
-    """A `LlamaForCausalLM` (fp32, default attention) holding llama2_jax's `params`."""
-    import torch
-    from tests.hf_reference import hf_config
-    from transformers import LlamaForCausalLM
-
-    from convert import mapping
-    state = {}
-    for path, layer, name in mapping.hf_names(cfg):
-        w = params
-        for key in path:
-            w = w[key]
-        w = np.asarray(w if layer is None else w[layer])
-        state[name] = torch.from_numpy(np.ascontiguousarray(mapping.jax_to_hf(path, w, cfg)))
-    model = LlamaForCausalLM(hf_config(cfg))
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
 class HF:
     name = "transformers"
 
@@ -322,7 +293,7 @@ def measure(side, r: dict, cold: bool) -> None:
 
 
 def run_cpu() -> dict:
-    _pin_threads(FLAGS.threads)
+    pin_threads(FLAGS.threads)
     import torch
     import transformers
 

@@ -1,0 +1,236 @@
+"""SFT training-step speed of llama2_jax next to PyTorch (HF transformers + torch AdamW).
+
+  python benchmarks/bench_sft.py                   # CPU: BENCH_134M, fp32, 4 x 256 tokens a step
+  python benchmarks/bench_sft.py --memory_7b       # + the compiled 7B LoRA step's memory plan
+  python benchmarks/bench_sft.py --gpu             # accelerator: 7B LoRA step tok/s and MFU
+
+CPU mode builds one random BENCH_134M model (dim 768, 12 layers, vocab 32000, fp32), copies its
+weights into a `LlamaForCausalLM` and times, in this one process and alternating which side goes
+first in each repetition, a full fine-tuning step on the same batch:
+  ours   `finetune.make_train_step` jitted as the app runs it: forward with segment masks,
+         cross-entropy on weighted targets, backward, global-norm clipping, AdamW (optax),
+         parameters and optimizer state donated.
+  torch  `model(inputs).logits`, the same cross-entropy, `backward()`, `clip_grad_norm_`,
+         `torch.optim.AdamW.step()` (the default for-each implementation), `zero_grad()`.
+Both: fp32, same hyper-parameters, every target weighted. tok/s = batch x length / median
+step seconds. The first step's loss of both sides is printed: the same weights and batch must
+give the same loss (a check that both do the same work).
+
+`--memory_7b`: the jitted LoRA step of configs/sft_7b_lora.py (bf16 base, rank 16 on all seven
+projections, remat, micro-batch 2 x 1024) for LLAMA2_7B shapes is lowered with abstract
+arguments (nothing allocated) and compiled for the CPU; XLA's memory plan (arguments, outputs,
+temporaries) is printed. An accelerator's plan differs in detail; it is an estimate.
+
+GPU mode: the same 7B LoRA step with random weights on the device; tok/s and MFU, counting
+4 x parameters + attention FLOPs a token (forward, backward to activations; no weight gradients
+of the frozen base; remat's extra forward not counted).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.common import pin_threads, hf_model_from, median  # noqa: E402
+from llama2_jax import checkpoint, finetune  # noqa: E402
+from llama2_jax.config import BENCH_134M, LLAMA2_7B  # noqa: E402
+from llama2_jax.model import abstract_model, param_count  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for torch and XLA:CPU.")
+flags.DEFINE_integer("reps", 3, "Repetitions; medians are reported.")
+flags.DEFINE_integer("steps", 4, "Timed steps per repetition and side.")
+flags.DEFINE_integer("batch", 4, "Sequences per step.")
+flags.DEFINE_integer("length", 256, "Tokens per sequence.")
+flags.DEFINE_bool("memory_7b", False, "Also print the compiled 7B LoRA step's memory plan.")
+flags.DEFINE_bool("gpu", False, "7B LoRA on the accelerator instead of the CPU comparison.")
+flags.DEFINE_string("json", "", "Also write every number to this JSON file.")
+
+
+def _hparams(**overrides):
+    c = finetune.base_config()
+    c.learning_rate, c.warmup_steps, c.steps, c.weight_decay = 1e-4, 0, 1000, 0.1
+    c.update(overrides)
+    return c
+
+
+def _batch(cfg, batch: int, length: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, cfg.vocab_size, (batch, length + 1), dtype=np.int32)
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:],
+            "weights": np.ones((batch, length), np.float32),
+            "segments": np.ones((batch, length), np.int32),
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))}
+
+
+class Ours:
+    name = "llama2_jax"
+
+    def __init__(self, model, batch):
+        hp = _hparams()
+        graphdef, state = nnx.split(abstract_model(model.config))
+        self.params = jax.tree.map(jnp.copy, checkpoint.params_of(model))
+        self.tx, _ = finetune.make_optimizer(hp, self.params)
+        self.opt = self.tx.init(self.params)
+        step = finetune.make_train_step(graphdef, state, self.tx, lora_scale_=None, remat=False)
+        self.step_fn = jax.jit(step, donate_argnums=(0, 2))
+        self.batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}
+
+    def step(self) -> float:
+        self.params, self.opt, metrics = self.step_fn(self.params, {}, self.opt, self.batch)
+        return float(metrics["loss"])  # waits for the step
+
+
+class Torch:
+    name = "torch"
+
+    def __init__(self, model, batch):
+        import torch
+        hp = _hparams()
+        self.torch = torch
+        self.model = model.train()
+        self.opt = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate, betas=(hp.b1, hp.b2),
+                                     eps=hp.eps, weight_decay=hp.weight_decay)
+        self.inputs = torch.from_numpy(batch["inputs"].astype(np.int64))
+        self.targets = torch.from_numpy(batch["targets"].astype(np.int64))
+
+    def step(self) -> float:
+        torch = self.torch
+        logits = self.model(self.inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 self.targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def run_cpu() -> dict:
+    import torch
+    pin_threads(FLAGS.threads)
+    torch.set_num_threads(FLAGS.threads)
+    cfg = BENCH_134M
+    model = checkpoint.random_model(cfg, checkpoint.default_mesh(cfg, jax.devices()[:1]))
+    batch = _batch(cfg, FLAGS.batch, FLAGS.length)
+    hf = hf_model_from(jax.tree.map(np.asarray, checkpoint.params_of(model)), cfg)
+    sides = [Ours(model, batch), Torch(hf, batch)]
+    first_loss = {s.name: s.step() for s in sides}  # also compiles / warms up
+    for s in sides:
+        s.step()
+    times = {s.name: [] for s in sides}
+    for rep in range(FLAGS.reps):
+        for s in (sides if rep % 2 == 0 else sides[::-1]):
+            for _ in range(FLAGS.steps):
+                t0 = time.perf_counter()
+                s.step()
+                times[s.name].append(time.perf_counter() - t0)
+    tokens = FLAGS.batch * FLAGS.length
+    out = {"command": " ".join(["benchmarks/bench_sft.py", *sys.argv[1:]]),
+           "date": datetime.date.today().isoformat(), "model": "BENCH_134M",
+           "params": param_count(model), "batch": FLAGS.batch, "length": FLAGS.length,
+           "threads": FLAGS.threads, "first_step_loss": first_loss,
+           "step_s": {k: median(v) for k, v in times.items()},
+           "tok_s": {k: tokens / median(v) for k, v in times.items()}}
+    out["ratio"] = out["tok_s"]["llama2_jax"] / out["tok_s"]["torch"]
+    return out
+
+
+def lora_7b_step(config_overrides=None):
+    """The jitted sft_7b_lora step and abstract (or random, on an accelerator) arguments."""
+    from llama2_jax.cli import load_config_file
+    c = load_config_file(os.path.join(ROOT, "configs", "sft_7b_lora.py"))
+    c.update(config_overrides or {})
+    cfg = LLAMA2_7B.replace(dtype="bfloat16", param_dtype="bfloat16")
+    graphdef, state = nnx.split(abstract_model(cfg))
+    frozen = nnx.to_pure_dict(state)
+    scale = finetune.lora_scale(c)
+    trainable = jax.eval_shape(lambda p: finetune.init_adapters(p, tuple(c.lora.targets),
+                                                                c.lora.rank, 0), frozen)
+    tx, _ = finetune.make_optimizer(c, trainable)
+    opt = jax.eval_shape(tx.init, trainable)
+    micro = c.batch_size // c.grad_accum
+    spec = jax.ShapeDtypeStruct((c.grad_accum, micro, c.seq_len), jnp.int32)
+    batch = {k: spec for k in ("inputs", "targets", "segments", "positions")}
+    batch["weights"] = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
+    step = jax.jit(finetune.make_train_step(graphdef, state, tx, lora_scale_=scale,
+                                            remat=c.remat), donate_argnums=(0, 2))
+    return step, (trainable, frozen, opt, batch), c
+
+
+def memory_7b() -> dict:
+    step, args, c = lora_7b_step()
+    t0 = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    m = compiled.memory_analysis()
+    gib = 1 << 30
+    n_lora = sum(x.size for x in jax.tree.leaves(args[0]))
+    return {"lora_params": n_lora, "compile_s": time.perf_counter() - t0,
+            "argument_gib": m.argument_size_in_bytes / gib,
+            "output_gib": m.output_size_in_bytes / gib,
+            "alias_gib": m.alias_size_in_bytes / gib,
+            "temp_gib": m.temp_size_in_bytes / gib,
+            "peak_estimate_gib": (m.argument_size_in_bytes + m.output_size_in_bytes
+                                  - m.alias_size_in_bytes + m.temp_size_in_bytes) / gib,
+            "micro_batch": f"{c.batch_size // c.grad_accum} x {c.seq_len}",
+            "grad_accum": c.grad_accum}
+
+
+def run_gpu() -> dict:
+    step, (trainable, frozen, opt, batch), c = lora_7b_step()
+    cfg = LLAMA2_7B.replace(dtype="bfloat16", param_dtype="bfloat16")
+    model = checkpoint.random_model(cfg, checkpoint.default_mesh(cfg))
+    frozen = checkpoint.params_of(model)
+    del model
+    trainable = finetune.init_adapters(frozen, tuple(c.lora.targets), c.lora.rank, 0)
+    tx, _ = finetune.make_optimizer(c, trainable)
+    opt = tx.init(trainable)
+    host = _batch(cfg, c.batch_size, c.seq_len)
+    batch = {k: jnp.asarray(v.reshape(c.grad_accum, -1, c.seq_len)) for k, v in host.items()}
+    trainable, opt, m = step(trainable, frozen, opt, batch)
+    float(m["loss"])
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        trainable, opt, m = step(trainable, frozen, opt, batch)
+        float(m["loss"])
+        times.append(time.perf_counter() - t0)
+    tokens = c.batch_size * c.seq_len
+    n = LLAMA2_7B.num_params()
+    flops_per_token = 4 * n + 4 * LLAMA2_7B.n_layers * c.seq_len * LLAMA2_7B.dim
+    s = statistics.median(times)
+    peak = {"H100": 989e12, "H200": 989e12}
+    kind = jax.devices()[0].device_kind
+    peak_flops = next((v for k, v in peak.items() if k in kind), float("nan"))
+    return {"command": " ".join(["benchmarks/bench_sft.py", *sys.argv[1:]]),
+            "date": datetime.date.today().isoformat(), "device": kind, "step_s": s,
+            "tok_s": tokens / s, "mfu": flops_per_token * tokens / s / peak_flops,
+            "memory_gib": jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0) / 2**30}
+
+
+def main(argv):
+    del argv
+    out = run_gpu() if FLAGS.gpu else run_cpu()
+    if FLAGS.memory_7b:
+        out["memory_7b_lora"] = memory_7b()
+    print(json.dumps(out, indent=2))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
