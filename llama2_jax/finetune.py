@@ -469,7 +469,9 @@ class Trainer:
         last = {}
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         try:
-            with jax.set_mesh(self.mesh), open(os.path.join(self.out, METRICS_FILE), "a") as mf:
+            metrics_path = (os.path.join(self.out, METRICS_FILE) if sharding.is_main_process()
+                            else os.devnull)
+            with jax.set_mesh(self.mesh), open(metrics_path, "a") as mf:
                 t0, tokens0 = time.perf_counter(), 0
                 while progress.step < c.steps:
                     host_batch = next(self.batches)
@@ -539,8 +541,9 @@ class Trainer:
             target = self.batch_sharding
         else:
             target = NamedSharding(self.mesh, P(*self.batch_sharding.spec[1:]))
-        return {k: jax.make_array_from_process_local_data(target, v) if jax.process_count() > 1
-                else jax.device_put(v, target) for k, v in batch.items()}
+        # Every process builds the same global batch; each device takes its own slice.
+        return {k: jax.make_array_from_callback(v.shape, target, lambda i, v=v: v[i])
+                for k, v in batch.items()}
 
     def _export(self, trainable, frozen, final: str) -> None:
         params = (trainable if self.lora_scale is None
@@ -574,10 +577,11 @@ class Trainer:
         if os.path.isdir(self.out) and os.listdir(self.out):
             raise FinetuneError(f"output_dir {self.out} exists and is not a fine-tuning run "
                                 f"(no {RUN_FILE}); refusing to write into it")
-        os.makedirs(self.out, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(_jsonable(settings), f, indent=2)
-        os.replace(path + ".tmp", path)
+        if sharding.is_main_process():
+            os.makedirs(self.out, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(_jsonable(settings), f, indent=2)
+            os.replace(path + ".tmp", path)
 
     # -- reporting
     def _describe(self, trainable) -> str:

@@ -318,3 +318,49 @@ def test_cli_mistyped_key_lists_the_valid_keys():
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "did you mean learning_rate" in proc.stderr and "valid keys:" in proc.stderr
+
+
+def test_remat_gives_the_same_step(tiny, tmp_path):
+    model, examples = tiny
+    rows = {k: v[None] for k, v in data.pack(examples, seq_len=64).items()}
+    graphdef, state = nnx.split(abstract_model(model.config))
+    params = checkpoint.params_of(model)
+    tx, _ = finetune.make_optimizer(tiny_config(tmp_path), params)
+    results = [jax.jit(finetune.make_train_step(graphdef, state, tx, lora_scale_=None,
+                                                remat=remat))(params, {}, tx.init(params), rows)
+               for remat in (False, True)]
+    np.testing.assert_allclose(results[0][2]["grad_norm"], results[1][2]["grad_norm"],
+                               rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sft_7b", "sft_7b_lora"])
+def test_7b_configs_trace_at_full_size(name):
+    """The 7B configs' steps trace with LLAMA2_7B shapes (jax.eval_shape: nothing allocated)."""
+    from llama2_jax.config import LLAMA2_7B
+    c = load_config_file(name)
+    finetune.check_settings(c)
+    cfg = LLAMA2_7B.replace(dtype="bfloat16", param_dtype=c.param_dtype)
+    graphdef, state = nnx.split(abstract_model(cfg))
+    params = nnx.to_pure_dict(state)
+    lora = c.lora.rank > 0
+    scale = finetune.lora_scale(c) if lora else None
+    trainable = (jax.eval_shape(lambda p: finetune.init_adapters(p, tuple(c.lora.targets),
+                                                                 c.lora.rank, 0), params)
+                 if lora else params)
+    tx, _ = finetune.make_optimizer(c, trainable)
+    micro = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(micro, jnp.int32)
+             for k in ("inputs", "targets", "segments", "positions")}
+    batch["weights"] = jax.ShapeDtypeStruct(micro, jnp.float32)
+    step = finetune.make_train_step(graphdef, state, tx, lora_scale_=scale, remat=c.remat)
+    new, _, metrics = jax.eval_shape(step, trainable, params if lora else {},
+                                     jax.eval_shape(tx.init, trainable), batch)
+    n = sum(x.size for x in jax.tree.leaves(new))
+    if lora:  # rank 16 on all seven projections: r * (in + out) per layer
+        d, f, r = 4096, 11008, 16
+        assert n == 32 * r * (4 * (d + d) + 3 * (d + f)) == 39_976_960
+    else:
+        assert n == 6_738_415_616
+    assert metrics["loss"].shape == ()
