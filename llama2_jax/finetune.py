@@ -14,6 +14,7 @@ Everything a run writes is under `output_dir`:
   checkpoints/     orbax CheckpointManager: trained params (or adapters), optimizer state,
                    step, data position; every `save_every` steps and on SIGTERM
   metrics.jsonl    loss, eval_loss, learning rate, grad norm, tokens/s per logged step
+  events/          the same as TensorBoard scalars (`tensorboard --logdir <output_dir>/events`)
   final/           the fine-tuned model (adapters merged) as a llama2_jax checkpoint, which
                    `llama2_jax.load` and the chat app read directly
 Running the same command again resumes from the newest checkpoint, with the weights an
@@ -22,6 +23,7 @@ uninterrupted run would have had. `checkpoint_dir` is only read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,12 +47,14 @@ from llama2_jax import checkpoint, cli, data, sharding
 from llama2_jax.checkpoint import CheckpointError
 from llama2_jax.config import ConfigError
 from llama2_jax.data import DataError
+from llama2_jax.events import EventWriter
 from llama2_jax.model import Transformer, abstract_model
 from llama2_jax.sharding import ShardingError
 from llama2_jax.tokenizer import Tokenizer
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+EVENTS_DIR = "events"  # TensorBoard: tensorboard --logdir <output_dir>/events
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 # Where each LoRA target lives and how many leading (input) axes its weight has.
@@ -469,9 +473,12 @@ class Trainer:
         last = {}
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         try:
-            metrics_path = (os.path.join(self.out, METRICS_FILE) if sharding.is_main_process()
-                            else os.devnull)
-            with jax.set_mesh(self.mesh), open(metrics_path, "a") as mf:
+            main = sharding.is_main_process()
+            metrics_path = os.path.join(self.out, METRICS_FILE) if main else os.devnull
+            with jax.set_mesh(self.mesh), open(metrics_path, "a") as mf, \
+                    contextlib.ExitStack() as stack:
+                tb = stack.enter_context(EventWriter(os.path.join(self.out, EVENTS_DIR))) \
+                    if main else None
                 t0, tokens0 = time.perf_counter(), 0
                 while progress.step < c.steps:
                     host_batch = next(self.batches)
@@ -503,6 +510,9 @@ class Trainer:
                         t0, tokens0 = time.perf_counter(), 0
                         mf.write(json.dumps(last) + "\n")
                         mf.flush()
+                        if tb is not None:
+                            tb.scalars(progress.step, {k: v for k, v in last.items()
+                                                       if k != "step" and math.isfinite(v)})
                         self._log(last)
                     self._bar(progress.step, last)
                     stop = self._stop_signal is not None

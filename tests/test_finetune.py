@@ -364,3 +364,64 @@ def test_7b_configs_trace_at_full_size(name):
     else:
         assert n == 6_738_415_616
     assert metrics["loss"].shape == ()
+
+
+def _decode_proto(buf: bytes) -> list:
+    """(field number, value) pairs of one protobuf message: varint, fixed64, bytes, fixed32."""
+    out, i = [], 0
+
+    def varint():
+        nonlocal i
+        n = shift = 0
+        while True:
+            b = buf[i]
+            i += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return n
+    while i < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            out.append((number, varint()))
+        elif wire == 1:
+            out.append((number, buf[i:i + 8]))
+            i += 8
+        elif wire == 2:
+            n = varint()
+            out.append((number, buf[i:i + n]))
+            i += n
+        elif wire == 5:
+            out.append((number, buf[i:i + 4]))
+            i += 4
+        else:
+            raise ValueError(f"wire type {wire}")
+    return out
+
+
+def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
+    import struct
+    from llama2_jax import events
+    assert events.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    config = tiny_config(tmp_path, steps=4, eval_every=2)
+    finetune.train(config, err=io.StringIO())
+    with open(tmp_path / "run" / finetune.METRICS_FILE) as f:
+        logged = [json.loads(line) for line in f]
+    [name] = os.listdir(tmp_path / "run" / finetune.EVENTS_DIR)
+    records = list(events.read_records(str(tmp_path / "run" / finetune.EVENTS_DIR / name)))
+    first = dict(_decode_proto(records[0]))
+    assert first[3] == b"brain.Event:2"
+    got = []
+    for record in records[1:]:
+        fields = dict(_decode_proto(record))
+        values = {}
+        for _, value in _decode_proto(fields[5]):
+            v = dict(_decode_proto(value))
+            values[v[1].decode()] = struct.unpack("<f", v[2])[0]
+        got.append((fields[2], values))
+    assert [step for step, _ in got] == [m["step"] for m in logged] == [1, 2, 3, 4]
+    for (_, values), m in zip(got, logged):
+        assert set(values) == set(m) - {"step"} and "eval_loss" in got[1][1]
+        for k, v in values.items():
+            assert v == pytest.approx(m[k], rel=1e-6)
