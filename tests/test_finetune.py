@@ -425,3 +425,33 @@ def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
         assert set(values) == set(m) - {"step"} and "eval_loss" in got[1][1]
         for k, v in values.items():
             assert v == pytest.approx(m[k], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_lora_on_an_8bit_base(tmp_path, method):
+    """QLoRA-style: the frozen base in 8 bits; at init the model is exactly the quantized base,
+    training moves only the adapted weights, and the export holds the dequantized rest."""
+    from llama2_jax import quant
+    base_dir = tmp_path / "base"
+    cfg = load_config_file("sft_tiny")
+    from llama2_jax import cli
+    mcfg = cli.random_config(cfg)
+    base = checkpoint.random_model(mcfg, checkpoint.default_mesh(mcfg, jax.devices()[:1]))
+    checkpoint.save(base_dir, base, tokenizer_path=cfg.tokenizer_path)
+    qparams = checkpoint.params_of(checkpoint.load(base_dir, quantization=method))
+    graphdef, state = nnx.split(abstract_model(mcfg))
+    tokens = jnp.asarray([[1, 518, 25580, 29962, 15043]])
+    run = jax.jit(lambda p: finetune.bind(graphdef, state, p)(tokens, jnp.arange(5)[None])[0])
+    adapters = finetune.init_adapters(qparams, ("wq", "w1"), rank=4, seed=0)
+    np.testing.assert_array_equal(run(finetune.apply_adapters(qparams, adapters, 4.0)),
+                                  run(qparams))
+    config = tiny_config(tmp_path, checkpoint_dir=str(base_dir), tokenizer_path="",
+                         model_preset="", steps=4, learning_rate=1e-2, warmup_steps=0,
+                         quantization=method, **{"lora.rank": 4, "lora.targets": ("wq", "w1")})
+    summary = finetune.train(config, err=io.StringIO())
+    dequantized = jax.tree.map(np.asarray, quant.dequantize_params(qparams, jnp.float32))
+    final = read_params(summary["final"])
+    changed = {"/".join(p) for p, a, b in _pairs(dequantized, final) if not np.array_equal(a, b)}
+    assert changed == {"layers/attention/wq", "layers/feed_forward/w1"}
+    with pytest.raises(FinetuneError, match="needs LoRA"):
+        finetune.check_settings(tiny_config(tmp_path, quantization=method))
