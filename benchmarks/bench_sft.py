@@ -172,6 +172,10 @@ def lora_7b_step(config_overrides=None, dtype="bfloat16"):
     return step, (trainable, frozen, opt, batch), c
 
 
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def memory_7b() -> dict:
     """Bytes of the bf16 step's arguments, and XLA's temporaries for the step compiled in fp32.
 
@@ -181,15 +185,21 @@ def memory_7b() -> dict:
     """
     gib = 1 << 30
     _, args, c = lora_7b_step(dtype="bfloat16")
-    arg_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(args))
+    arg_bytes = _nbytes(args)
     step, args32, _ = lora_7b_step(dtype="float32")
     t0 = time.perf_counter()
     m = step.lower(*args32).compile().memory_analysis()
+    # The same with the base in int8 (config quantization="int8"): weights + per-channel scales.
+    from llama2_jax import quant
+    q_base = jax.eval_shape(lambda p: quant.quantize_params(p, "int8"), args[1])
+    int8_bytes = arg_bytes - _nbytes(args[1]) + _nbytes(q_base)
     return {"lora_params": sum(x.size for x in jax.tree.leaves(args[0])),
             "compile_s": time.perf_counter() - t0,
             "bf16_argument_gib": arg_bytes / gib,
+            "int8_base_argument_gib": int8_bytes / gib,
             "fp32_compile_temp_gib": m.temp_size_in_bytes / gib,
             "estimate_gib": (arg_bytes + m.temp_size_in_bytes) / gib,
+            "estimate_int8_base_gib": (int8_bytes + m.temp_size_in_bytes) / gib,
             "micro_batch": f"{c.batch_size // c.grad_accum} x {c.seq_len}",
             "grad_accum": c.grad_accum}
 

@@ -8,6 +8,10 @@ The base weights stay frozen in bfloat16 (13.5 GB); only rank-`lora.rank` adapte
 attention and MLP projections are trained (40M parameters at rank 16; with their fp32 AdamW
 state ~0.5 GB). Activations are recomputed in the backward pass. At the end the adapters are merged
 into the base and `<output_dir>/final` is a plain llama2_jax checkpoint for the chat app.
+
+Memory (estimated in benchmarks/RESULTS.md, no accelerator measured yet): ~17 GiB with the bf16
+base, so a 24 GB card; for a 16 GB card hold the base in 8 bits, `--config.quantization=int8`
+(~11 GiB).
 """
 
 import ml_collections
