@@ -455,3 +455,20 @@ def test_lora_on_an_8bit_base(tmp_path, method):
     assert changed == {"layers/attention/wq", "layers/feed_forward/w1"}
     with pytest.raises(FinetuneError, match="needs LoRA"):
         finetune.check_settings(tiny_config(tmp_path, quantization=method))
+
+
+def test_bf16_compute_with_fp32_master_weights(tiny, tmp_path):
+    model, examples = tiny
+    rows = {k: v[None] for k, v in data.pack(examples, seq_len=64).items()}
+    params = checkpoint.params_of(model)  # fp32 master weights
+    tx, _ = finetune.make_optimizer(tiny_config(tmp_path), params)
+    losses = []
+    for dtype in ("float32", "bfloat16"):
+        graphdef, state = nnx.split(abstract_model(model.config.replace(dtype=dtype)))
+        step = jax.jit(finetune.make_train_step(graphdef, state, tx, lora_scale_=None,
+                                                remat=False))
+        new, _, metrics = step(params, {}, tx.init(params), rows)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new))
+        losses.append(float(metrics["loss"]))
+    assert losses[0] != losses[1]  # bf16 really computed in bf16
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)
