@@ -8,9 +8,12 @@ an array; model.py's `linear()` calls its `einsum`, which multiplies by q and th
 scale (a per-column factor of the product). Layout: `q` [lead..., in..., out...] and `scale`
 [lead..., out...], where `lead` is the stacked-layer axis L (none for `output`).
 
-Embeddings (a gather, not a matmul) and norms stay in the model's dtype. On CPU, and on
-accelerators without FP8 matmuls, the 8-bit weights are converted to the compute dtype inside
-the jitted step; XLA:CPU does this slowly (see benchmarks/RESULTS.md).
+Embeddings (a gather, not a matmul) and norms stay in the model's dtype. The 8-bit weights
+are converted to the compute dtype inside the jitted step (XLA:CPU does this slowly, see
+benchmarks/RESULTS.md), except FP8 weights on GPUs with FP8 matmuls (compute capability 8.9+:
+Ada, Hopper), where the activations are cast to e4m3 too, one scale per row, and the dot runs
+in FP8 (`NATIVE_FP8`). That path is exercised on CPU by the tests (XLA emulates FP8 dots) but
+has not been run on a GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ f32 = jnp.float32
 METHODS = ("none", "int8", "fp8")
 QDTYPE = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
 QMAX = {"int8": 127.0, "fp8": 448.0}
+# FP8 x FP8 dots for FP8 weights: None = where the GPU has them; True/False forces it.
+NATIVE_FP8: bool | None = None
 # Quantized parameters, by their last name, and how many of their axes (after the stacked L
 # axis) are the matmul's inputs: model.py's layouts (wq [D, N, H], wo [N, H, D], output [D, V]).
 INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w2": 1, "w3": 1, "output": 1}
@@ -112,7 +117,16 @@ class QArray:
                 or not out_spec.endswith(w_spec[-self.n_out:])):
             raise ValueError(f"{eq!r} does not fit a weight {self.shape} with output axes "
                              f"{self.scale.shape} (stacked weights are used per layer)")
-        y = jnp.einsum(eq, x, self.q.astype(x.dtype), preferred_element_type=f32)
+        if self.q.dtype == QDTYPE["fp8"] and native_fp8():
+            # Each row of x to e4m3 with its own scale (a factor of its output row), so both
+            # operands are FP8 and XLA can use the hardware's FP8 GEMM.
+            xs = jnp.max(jnp.abs(x.astype(f32)), axis=-1, keepdims=True)
+            xs = jnp.where(xs > 0, xs / QMAX["fp8"], 1.0)
+            x8 = jnp.clip(x.astype(f32) / xs, -QMAX["fp8"], QMAX["fp8"]).astype(self.q.dtype)
+            y = jnp.einsum(eq, x8, self.q, preferred_element_type=f32)
+            y = y * xs.reshape(xs.shape[:-1] + (1,) * self.n_out)
+        else:
+            y = jnp.einsum(eq, x, self.q.astype(x.dtype), preferred_element_type=f32)
         return (y * self.scale).astype(out_dtype or x.dtype)
 
     def dequantize(self, dtype=f32) -> jax.Array:
@@ -120,6 +134,15 @@ class QArray:
 
 
 jax.tree_util.register_dataclass(QArray, data_fields=("q", "scale"), meta_fields=("n_out",))
+
+
+def native_fp8() -> bool:
+    """Whether FP8 weights multiply FP8 activations (see NATIVE_FP8)."""
+    if NATIVE_FP8 is not None:
+        return NATIVE_FP8
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)  # "9.0" on an H100
+    return device.platform == "gpu" and capability is not None and float(capability) >= 8.9
 
 
 def _expand(scale, w: QArray):
@@ -225,7 +248,7 @@ def abstract_params(cfg_target: Mapping, axes: Mapping, mesh: Mesh, method: str)
     def leaf(path, t):
         if not quantizable(path):
             return t
-        ax = _get(axes, path)
+        ax = get_path(axes, path)
         s_shape, s_axes = scale_shape(path, t.shape), scale_axes(path, ax)
         q = jax.ShapeDtypeStruct(t.shape, QDTYPE[method], sharding=t.sharding)
         s = jax.ShapeDtypeStruct(s_shape, f32,
@@ -234,7 +257,8 @@ def abstract_params(cfg_target: Mapping, axes: Mapping, mesh: Mesh, method: str)
     return map_params(leaf, cfg_target)
 
 
-def _get(tree, path):
+def get_path(tree, path):
+    """tree[path[0]][path[1]]..."""
     for k in path:
         tree = tree[k]
     return tree
@@ -262,7 +286,7 @@ def quantize_params(params: Mapping, method: str, target: Mapping | None = None)
         if _is_q(w):
             raise ConfigError(f"{'/'.join(path)} is already {w.method}-quantized")
         shardings = None if target is None else jax.tree.map(lambda t: t.sharding,
-                                                             _get(target, path))
+                                                             get_path(target, path))
         fn = jax.jit(quantize_param, static_argnums=(0, 2), out_shardings=shardings)
         return fn(path, w, method)
     return map_params(leaf, params)
@@ -273,7 +297,7 @@ def dequantize_params(params: Mapping, dtype, shardings: Mapping | None = None) 
     def leaf(path, w):
         if not _is_q(w):
             return w
-        s = None if shardings is None else _get(shardings, path)
+        s = None if shardings is None else get_path(shardings, path)
         return jax.jit(lambda w: w.dequantize(dtype), out_shardings=s)(w)
     return map_params(leaf, params)
 

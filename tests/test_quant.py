@@ -250,3 +250,21 @@ def test_bad_quantization_values_list_the_valid_ones(saved, models):
 def nnx_params(engine):
     from flax import nnx
     return nnx.to_pure_dict(engine._state)
+
+
+def test_native_fp8_path_multiplies_e4m3_activations(models, monkeypatch):
+    """The GPU path (FP8 x FP8 dot), run on CPU: against numpy with ml_dtypes' e4m3."""
+    import ml_dtypes
+    assert not quant.native_fp8()  # CPU: weights are upcast instead
+    w = channel_weights((64, 24), seed=3)
+    x = np.random.default_rng(4).standard_normal((2, 3, 64)).astype(np.float32)
+    qa = quant.quantize(w, "fp8", n_in=1)
+    monkeypatch.setattr(quant, "NATIVE_FP8", True)
+    got = np.asarray(qa.einsum("BTD,DQ->BTQ", x))
+    xs = np.abs(x).max(-1, keepdims=True) / 448
+    x8 = (x / xs).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    want = (x8 @ np.asarray(qa.q).astype(np.float32)) * xs * np.asarray(qa.scale)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    full = llama2_jax.forward(models["tiny"], TOKENS)
+    fp8 = llama2_jax.forward(quant.quantize_model(models["tiny"], "fp8"), TOKENS)
+    assert 0 < np.abs(fp8 - full).max() <= 0.15 * np.abs(full).max()
