@@ -444,9 +444,6 @@ def main(argv: Sequence[str]) -> int:
     config = cli.flag_config(argv)
     if config is None:
         return 2
-    if config.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir",
-                          os.path.expanduser(config.compilation_cache_dir))
     sys.stdout.reconfigure(errors="replace")  # a model may say anything: never die printing it
     if sys.stdin.isatty():
         import readline  # noqa: F401 -- line editing and history for input()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 import re
 import sys
 from typing import Sequence
@@ -37,7 +38,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def flag_config(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
-    """The parsed --config, or None after printing why it cannot be used."""
+    """The parsed --config, or None after printing why it cannot be used.
+
+    Its `compilation_cache_dir`, if set, becomes JAX's persistent compilation cache.
+    """
     if len(argv) > 1:
         sys.stderr.write(f"error: unexpected arguments {list(argv[1:])}; settings are "
                          "--config.<key>=<value> flags\n")
@@ -48,6 +52,10 @@ def flag_config(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
     except OSError as e:  # ml_collections defers a config file that failed to load
         sys.stderr.write(f"error: {e}\n")
         return None
+    if config.get("compilation_cache_dir"):
+        import jax
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.expanduser(config.compilation_cache_dir))
     return config
 
 
@@ -100,7 +108,7 @@ def random_config(config: ml_collections.ConfigDict) -> ModelConfig:
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """`get_config()` of a config file, as --config would load it (but not locked)."""
     spec = importlib.util.spec_from_file_location("_llama2_jax_app_config", path)
-    if spec is None or not __import__("os").path.isfile(path):
+    if spec is None or not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -23,9 +23,9 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from llama2_jax.tokenizer import B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, Tokenizer
+from llama2_jax.tokenizer import (B_INST, B_SYS, E_INST, E_SYS, DialogError, Tokenizer,
+                                  check_dialog)
 
-ROLES = ("system", "user", "assistant")
 TRUNCATE, DROP = "truncate", "drop"
 
 
@@ -82,28 +82,11 @@ def parse_record(record, where: str) -> list[dict]:
 
 
 def check_messages(messages: Sequence, where: str) -> None:
-    if not messages:
-        raise DataError(f"{where}: empty dialog")
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content', "
-                            f"got {m!r:.80}")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: message {i} has unknown role {m['role']!r}; roles are "
-                            f"{', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: message {i} ({m['role']}): content must be a string, got "
-                            f"{type(m['content']).__name__}")
-        tags = [t for t in SPECIAL_TAGS if t in m["content"]]
-        if tags:
-            raise DataError(f"{where}: message {i} ({m['role']}) contains the reserved tag(s) "
-                            f"{', '.join(tags)} of the chat format")
-    roles = [m["role"] for m in messages]
-    body = roles[1:] if roles[0] == "system" else roles
-    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(body))]
-    if body != expected or not body or body[-1] != "assistant":
-        raise DataError(f"{where}: roles must be an optional 'system', then 'user' and "
-                        f"'assistant' alternating and ending with 'assistant'; got {roles}")
+    """The chat format's checks (tokenizer.check_dialog) for a dialog that ends with an answer."""
+    try:
+        check_dialog(messages, last="assistant")
+    except DialogError as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 def encode_for_training(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]

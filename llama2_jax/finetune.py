@@ -718,9 +718,6 @@ def main(argv: Sequence[str]) -> int:
     config = cli.flag_config(argv)
     if config is None:
         return 2
-    if config.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir",
-                          os.path.expanduser(config.compilation_cache_dir))
     return run(config)
 
 

@@ -10,6 +10,7 @@ import sentencepiece as spm
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+ROLES = ("system", "user", "assistant")
 
 Message = Mapping[str, str]
 
@@ -44,8 +45,12 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
-def check_dialog(dialog: Sequence[Message]) -> None:
-    """Raise DialogError for the dialogs Meta's chat_completion refuses."""
+def check_dialog(dialog: Sequence[Message], last: str = "user") -> None:
+    """Raise DialogError for the dialogs Meta's chat_completion refuses.
+
+    `last` is the role the dialog must end with: "user" for a prompt, "assistant" for a
+    training example.
+    """
     if not dialog:
         raise DialogError("empty dialog: it needs at least one user message")
     for i, msg in enumerate(dialog):
@@ -59,14 +64,18 @@ def check_dialog(dialog: Sequence[Message]) -> None:
             raise DialogError(f"message {i} ({msg['role']}) contains the reserved tag(s) "
                               f"{', '.join(tags)}, which the chat format does not allow")
     roles = [m["role"] for m in dialog]
+    order = ("roles must be an optional 'system' followed by alternating 'user', 'assistant', "
+             f"'user', ...; got {roles}")
+    for i, role in enumerate(roles):
+        if role not in ROLES:
+            raise DialogError(f"message {i} has unknown role {role!r} (roles are "
+                              f"{', '.join(ROLES)}); {order}")
     body = roles[1:] if roles[0] == "system" else roles
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(body))]
     if body != expected:
-        raise DialogError(
-            "roles must be an optional 'system' followed by alternating 'user', 'assistant', "
-            f"'user', ...; got {roles}")
-    if not body or body[-1] != "user":
-        raise DialogError(f"the last message must be the user's, got {roles[-1]!r}")
+        raise DialogError(order)
+    if not body or body[-1] != last:
+        raise DialogError(f"the last message must be the {last}'s, got {roles[-1]!r}")
 
 
 def encode_dialog(tokenizer: Tokenizer, dialog: Sequence[Message]) -> list[int]:

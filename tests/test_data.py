@@ -55,7 +55,7 @@ def test_prompt_completion_lines_equal_messages(tmp_path, tokenizer):
     ({"prompt": "hi"}, ["d.jsonl:2", "lacks 'completion'"]),
     ({"messages": [{"role": "robot", "content": "hi"}]},
      ["d.jsonl:2", "unknown role 'robot'", "system, user, assistant"]),
-    ({"messages": [{"role": "user", "content": "hi"}]}, ["d.jsonl:2", "ending with 'assistant'"]),
+    ({"messages": [{"role": "user", "content": "hi"}]}, ["d.jsonl:2", "last message must be the assistant's"]),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, ["d.jsonl:2", "['assistant']"]),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
      ["d.jsonl:2", "content must be a string"]),
