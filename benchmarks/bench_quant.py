@@ -12,7 +12,8 @@ are compared with the unquantized model's.
 
 memory_7b: writes a LLAMA2_7B-shaped checkpoint of random bf16 weights (13.5 GB, streamed a
 layer at a time with convert/orbax_io) into --workdir, then in a child process
-`llama2_jax.load(dir, quantization=--quantization)` (CPU: float32 embeddings and norms) and a
+`llama2_jax.load(dir, quantization=--quantization, dtype=--dtype)` (CPU default: float32
+embeddings, norms and activations) and a
 greedy generation of --gen_tokens tokens. This process samples the child's RssAnon (anonymous
 memory: what the load itself holds; page cache and file mappings excluded) every
 --interval_ms, and the child reports its VmHWM and load / generation times. The checkpoint is
@@ -42,6 +43,7 @@ flags.DEFINE_integer("prompt_len", 128, "Prompt tokens (speed).")
 flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per measurement (speed).")
 flags.DEFINE_string("workdir", "/tmp/bench_quant", "Where the 7B checkpoint is written.")
 flags.DEFINE_string("quantization", "int8", "Load-time quantization (memory_7b).")
+flags.DEFINE_string("dtype", "", "Load dtype (memory_7b; '' = float32 on CPU).")
 flags.DEFINE_integer("gen_tokens", 4, "Tokens generated after loading (memory_7b).")
 flags.DEFINE_integer("interval_ms", 20, "RssAnon sampling interval (memory_7b).")
 flags.DEFINE_bool("keep", False, "Keep the 7B checkpoint (memory_7b).")
@@ -174,7 +176,8 @@ def run_child() -> None:
     from llama2_jax import quant
     directory = os.path.join(FLAGS.workdir, "7b")
     t = time.perf_counter()
-    model = llama2_jax.load(directory, quantization=FLAGS.quantization)
+    model = llama2_jax.load(directory, quantization=FLAGS.quantization,
+                            dtype=FLAGS.dtype or None)
     jax.block_until_ready(jax.tree.leaves(llama2_jax.checkpoint.params_of(model)))
     load_s = time.perf_counter() - t
     after_load = _status()
@@ -204,7 +207,7 @@ def run_memory() -> dict:
         pass  # not root, or a read-only /proc: page cache is not anonymous memory anyway
     cmd = [sys.executable, os.path.abspath(__file__), "--mode=child",
            f"--workdir={FLAGS.workdir}", f"--quantization={FLAGS.quantization}",
-           f"--gen_tokens={FLAGS.gen_tokens}"]
+           f"--gen_tokens={FLAGS.gen_tokens}", f"--dtype={FLAGS.dtype}"]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
     peak = 0
@@ -219,7 +222,8 @@ def run_memory() -> dict:
         raise SystemExit(f"child failed with code {child.returncode}")
     res = json.loads(lines[-1])
     res.update({"checkpoint_bytes": size, "peak_rss_anon": peak, "write_s": write_s,
-                "quantization": FLAGS.quantization, "command": " ".join(cmd)})
+                "quantization": FLAGS.quantization, "dtype": FLAGS.dtype or "float32",
+                "command": " ".join(cmd)})
     print(f"7B bf16 checkpoint ({size / 1e9:.2f} GB on disk) loaded as {FLAGS.quantization}: "
           f"weights {res['weight_bytes'] / 1e9:.2f} GB, peak RssAnon {peak / 1e9:.2f} GB "
           f"(VmHWM {res['end']['VmHWM'] / 1e9:.2f} GB), load {res['load_s']:.0f} s, "

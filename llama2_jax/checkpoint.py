@@ -282,9 +282,14 @@ def _restore_quantizing(params_dir: str, target: dict, method: str) -> dict:
             return jax.tree.map(lambda b, x: b.at[i].set(x), buf, new)
         put = jax.jit(put, donate_argnums=0, out_shardings=shardings)
         for i in range(t.shape[0]):
-            buf = put(buf, _read(store, layer, (i,)), i)
+            # Waiting for each layer keeps reads from running ahead of the device: queued
+            # steps would each hold a full-precision layer.
+            buf = jax.block_until_ready(put(buf, _read(store, layer, (i,)), i))
         return buf
-    return quant.map_params(leaf, target)
+    # The big global arrays first, while little else is in memory: their full-precision
+    # copies (a few hundred MB for 7B) then do not add to the peak of the whole model.
+    keys = sorted(target, key=lambda k: k == "layers")
+    return {k: quant.map_params(leaf, {k: target[k]})[k] for k in keys}
 
 
 def _stored_dtype(store) -> np.dtype:
@@ -299,7 +304,8 @@ def _drop_leading(s: NamedSharding) -> NamedSharding:
 def _read(store, t: jax.ShapeDtypeStruct, prefix: tuple = ()) -> jax.Array:
     """store[prefix] as an array like `t`, each device reading only its own slice."""
     def shard(index):
-        return np.asarray(store[prefix + tuple(index)].read().result()).astype(t.dtype)
+        data = store[prefix + tuple(index)].read().result()
+        return np.asarray(data).astype(t.dtype)
     return jax.make_array_from_callback(t.shape, t.sharding, shard)
 
 
