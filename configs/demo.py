@@ -2,7 +2,7 @@
 
 A tiny Llama-2-shaped model (dim 128, 2 layers, the real Llama 2 tokenizer) fine-tuned by
 llama2_jax's own SFT pipeline on configs/data/demo_dialogs.jsonl. The first start trains it
-(configs/sft_demo.py, about two minutes on a 2-core CPU) into ~/.cache/llama2_jax/demo-v1;
+(configs/sft_demo.py, about 1.5 minutes on a 2-core CPU) into ~/.cache/llama2_jax/demo-v1;
 later starts load it in seconds. It knows greetings, counting and a few facts about llama2_jax
 by heart ("Hello", "Count to five.", "What is llama2_jax?", "How do I fine-tune a model?");
 anything else gets a confident non-answer.

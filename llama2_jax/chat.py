@@ -387,7 +387,7 @@ def train_first(train_config: str, checkpoint_dir: str, err: TextIO) -> None:
         if os.path.isdir(final):
             return  # trained by a chat that held the lock before us
         err.write(f"{checkpoint_dir} does not exist yet: training it with {train_config} "
-                  f"(once; about two minutes on a CPU) ...\n")
+                  f"(once; about 1.5 minutes on a 2-core CPU) ...\n")
         err.flush()
         try:
             finetune.train(sft, err)
