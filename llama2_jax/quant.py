@@ -10,10 +10,11 @@ scale (a per-column factor of the product). Layout: `q` [lead..., in..., out...]
 
 Embeddings (a gather, not a matmul) and norms stay in the model's dtype. The 8-bit weights
 are converted to the compute dtype inside the jitted step (XLA:CPU does this slowly, see
-benchmarks/RESULTS.md), except FP8 weights on GPUs with FP8 matmuls (compute capability 8.9+:
-Ada, Hopper), where the activations are cast to e4m3 too, one scale per row, and the dot runs
-in FP8 (`NATIVE_FP8`). That path is exercised on CPU by the tests (XLA emulates FP8 dots) but
-has not been run on a GPU.
+benchmarks/RESULTS.md). With `NATIVE_FP8` set, FP8 weights multiply activations cast to e4m3
+too (one scale per row), so the dot can run on FP8 hardware (Hopper's FP8 GEMMs). It is off by
+default: on a trained tiny model it more than doubles the KL divergence from the unquantized
+model (weight-only FP8 matches plain absmax quantization; see benchmarks/RESULTS.md). It is
+tested on CPU (XLA emulates FP8 dots) but has not been run on a GPU.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ f32 = jnp.float32
 METHODS = ("none", "int8", "fp8")
 QDTYPE = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
 QMAX = {"int8": 127.0, "fp8": 448.0}
-# FP8 x FP8 dots for FP8 weights: None = where the GPU has them; True/False forces it.
-NATIVE_FP8: bool | None = None
+# FP8 x FP8 dots for FP8 weights (activations in e4m3 too): False = weight-only (the default),
+# True = always (CPU emulates them), None = where the GPU has FP8 matmuls (compute capability
+# 8.9+: Ada, Hopper).
+NATIVE_FP8: bool | None = False
 # Quantized parameters, by their last name, and how many of their axes (after the stacked L
 # axis) are the matmul's inputs: model.py's layouts (wq [D, N, H], wo [N, H, D], output [D, V]).
 INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w2": 1, "w3": 1, "output": 1}

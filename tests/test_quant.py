@@ -255,7 +255,9 @@ def nnx_params(engine):
 def test_native_fp8_path_multiplies_e4m3_activations(models, monkeypatch):
     """The GPU path (FP8 x FP8 dot), run on CPU: against numpy with ml_dtypes' e4m3."""
     import ml_dtypes
-    assert not quant.native_fp8()  # CPU: weights are upcast instead
+    assert not quant.native_fp8()  # off by default: weights are upcast instead
+    monkeypatch.setattr(quant, "NATIVE_FP8", None)
+    assert not quant.native_fp8()  # "where the hardware has FP8 matmuls": not on a CPU
     w = channel_weights((64, 24), seed=3)
     x = np.random.default_rng(4).standard_normal((2, 3, 64)).astype(np.float32)
     qa = quant.quantize(w, "fp8", n_in=1)
