@@ -108,7 +108,8 @@ def run_speed() -> dict:
                 break
             agree += 1
         r["greedy_leading_equal"] = agree
-        del r["tokens"]
+    for m in METHODS:
+        del out[m]["tokens"]
     print("\n| weights | bytes of parameters | vs none | decode tok/s (median of %d) | vs none | "
           "leading greedy tokens equal to none's |" % FLAGS.reps)
     print("|---|---:|---:|---:|---:|---:|")

@@ -121,7 +121,11 @@ def export(checkpoint_dir: str, output_dir: str, *, dtype: str | None = None,
            verify_logits: bool = False, progress: bool = True) -> float | None:
     """Write the HF directory; returns the --verify logits difference (None without verify)."""
     start = time.perf_counter()
-    cfg = checkpoint.read_config(checkpoint_dir)
+    cfg, stored = checkpoint.read_meta(checkpoint_dir)
+    if stored != "none":
+        raise common.ConversionError(
+            f"{checkpoint_dir} holds {stored} weights; export full-precision ones (e.g. "
+            "llama2_jax.save of llama2_jax.load(..., quantization='none'))")
     common.check_output(output_dir, overwrite)
     stores = orbax_io.open_params(os.path.join(checkpoint_dir, checkpoint.PARAMS_DIR))
     for path, stacked in mapping.param_paths():

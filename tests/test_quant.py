@@ -270,3 +270,11 @@ def test_native_fp8_path_multiplies_e4m3_activations(models, monkeypatch):
     full = llama2_jax.forward(models["tiny"], TOKENS)
     fp8 = llama2_jax.forward(quant.quantize_model(models["tiny"], "fp8"), TOKENS)
     assert 0 < np.abs(fp8 - full).max() <= 0.15 * np.abs(full).max()
+
+
+def test_export_to_hf_refuses_quantized_checkpoints(saved, tmp_path):
+    from convert import orbax_to_hf
+    from convert.common import ConversionError
+    with pytest.raises(ConversionError, match="holds fp8 weights"):
+        orbax_to_hf.export(str(saved / "fp8"), str(tmp_path / "hf"), progress=False)
+    assert not (tmp_path / "hf").exists()
