@@ -23,7 +23,6 @@ prints. Ctrl-C reaches process 0 alone, so it cannot stop an answer there: end t
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
 import sys
 from typing import Callable, Sequence, TextIO
@@ -33,13 +32,12 @@ import ml_collections
 import numpy as np
 from absl import app, logging
 
-from llama2_jax import checkpoint, cli, quant, sharding
-from llama2_jax.checkpoint import CheckpointError
-from llama2_jax.config import ConfigError, ModelConfig
+from llama2_jax import build as app_build
+from llama2_jax import cli, sharding
+from llama2_jax.build import USER_ERRORS, SettingsError
+from llama2_jax.config import ModelConfig
 from llama2_jax.engine import ContextError, Engine, Session
-from llama2_jax.model import param_count
 from llama2_jax.sampling import make_sampler
-from llama2_jax.sharding import ShardingError
 from llama2_jax.tokenizer import SPECIAL_TAGS, DialogError, StreamDecoder, Tokenizer, encode_dialog
 
 PROMPT = ">>> "
@@ -50,16 +48,8 @@ HELP = """\
 /quit, /exit    leave (so do Ctrl-D, and Ctrl-C at the prompt)
 Ctrl-C during an answer stops it; what was said so far stays in the conversation.
 A message that starts with '/' is sent as a message if you begin it with a space."""
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ChatError(ValueError):
-    """A chat setting that cannot work; the message says which and why."""
-
-
-# Errors caused by the user's settings or input: reported as one line, never a traceback.
-USER_ERRORS = (ChatError, CheckpointError, ConfigError, ContextError, DialogError,
-               ShardingError, FileNotFoundError)
+# A chat setting that cannot work (the same error as the other apps' settings).
+ChatError = SettingsError
 
 Message = dict[str, str]
 
@@ -72,45 +62,20 @@ class Reply:
 
 def base_config() -> ml_collections.ConfigDict:
     """Every chat setting with its default; configs/*.py start from this and change a few."""
-    c = ml_collections.ConfigDict()
-    c.checkpoint_dir = ""  # converted checkpoint; "" = random weights (model_preset + model)
-    c.tokenizer_path = ""  # "" = <checkpoint_dir>/tokenizer.model
-    # A fine-tuning config (configs/sft_*.py) whose `<output_dir>/final` is checkpoint_dir:
-    # when that checkpoint does not exist yet, it is trained first (the demo's model).
-    c.train_config = ""
-    c.model_preset = ""  # llama2_jax.config.PRESETS name, for random weights only
-    c.model = ml_collections.ConfigDict()  # ModelConfig fields over the preset (random only)
-    c.dtype = ""  # "" = bfloat16 on accelerators, float32 on CPU
-    # 8-bit weights: none | int8 | fp8, quantized while loading; "" = as the checkpoint
-    # stores them (a converter's --quantization), so a quantized checkpoint stays quantized.
-    c.quantization = ""
-    # Mesh sizes, -1 = the devices left. Tensor parallelism is the fastest for one
-    # conversation but must divide the heads; FSDP works with any device count.
-    c.data = 1
-    c.fsdp = 1
-    c.tensor = -1
-    c.multihost = False  # jax.distributed.initialize(); process 0 reads input and prints
+    c = app_build.model_fields(ml_collections.ConfigDict())
     c.system_prompt = ""
     c.temperature = 0.6  # Meta's chat defaults; 0 = greedy
     c.top_p = 0.9
     c.top_k = 0  # 0 = off
     c.max_new_tokens = 512
-    c.seed = 0
     c.prompt = ""  # "" = interactive; else answer this one message and exit
-    c.context_length = 0  # 0 = the model's max_seq_len
-    # Compiled prefill/decode steps persist here, so the next start skips XLA compilation
-    # (minutes for 70B on some backends). "" = off.
-    c.compilation_cache_dir = "~/.cache/llama2_jax/xla"
     return c
 
 
 def context_size(model_cfg: ModelConfig, requested: int, max_new_tokens: int) -> int:
     """The context a chat runs in (`requested`, 0 = the model's), checked against the room
     for an answer (`max_new_tokens`) that it must leave."""
-    length = requested or model_cfg.max_seq_len
-    if not 0 < length <= model_cfg.max_seq_len:
-        raise ChatError(f"context_length={requested} must be 0 (the model's) or in "
-                        f"1..{model_cfg.max_seq_len}, the model's max_seq_len")
+    length = app_build.context_length(model_cfg, requested)
     if not 0 < max_new_tokens < length:
         raise ChatError(f"max_new_tokens={max_new_tokens} must be in 1..{length - 1}: it is the "
                         f"room kept for an answer in the context of {length} tokens")
@@ -122,7 +87,7 @@ class Chat:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, *, sampler, max_new_tokens: int,
                  context_length: int = 0, system_prompt: str = "", seed: int = 0):
-        check_vocab(tokenizer, engine.config)
+        app_build.check_vocab(tokenizer, engine.config)
         self.engine = engine
         self.tokenizer = tokenizer
         self.sampler = sampler
@@ -295,122 +260,27 @@ def _read_line(input_fn: Callable[[str], str]) -> str | None:
     return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n]).decode()
 
 
-def check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise ChatError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the "
-                        f"model's vocab_size is {model_cfg.vocab_size}")
-
-
-def load_tokenizer(path: str) -> Tokenizer:
-    try:
-        return Tokenizer(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; set --config.tokenizer_path to Llama 2's "
-                                "tokenizer.model") from None
-    except ValueError as e:  # not a SentencePiece model
-        raise ChatError(str(e)) from None
-
-
 def build(config: ml_collections.ConfigDict, err: TextIO) -> Chat:
     """The Chat `config` describes, its settings checked before any weights are loaded.
 
     Prints what is loaded and a banner to `err`. Raises one of USER_ERRORS for bad settings.
     """
-    dtype = config.dtype or checkpoint.default_dtype()
-    if dtype not in _DTYPES:
-        raise ChatError(f"dtype={config.dtype!r}: expected one of {', '.join(_DTYPES)} or '' "
-                        "(bfloat16 on accelerators, float32 on CPU)")
-    if config.quantization:
-        quant.check_method(config.quantization)
-    mesh = sharding.make_mesh(config.data, config.fsdp, config.tensor)
-    checkpoint_dir = os.path.expanduser(config.checkpoint_dir)
-    if checkpoint_dir and config.train_config and not os.path.isdir(checkpoint_dir):
-        train_first(config.train_config, checkpoint_dir, err)
-    if checkpoint_dir:
-        if not os.path.isdir(checkpoint_dir):
-            raise CheckpointError(
-                f"checkpoint directory not found: {checkpoint_dir} (convert weights there "
-                "with convert/meta_to_orbax.py or convert/hf_to_orbax.py, or set "
-                "--config.checkpoint_dir)")
-        model_cfg = checkpoint.read_config(checkpoint_dir)
-        tokenizer_path = config.tokenizer_path or os.path.join(checkpoint_dir,
-                                                               checkpoint.TOKENIZER_FILE)
-    else:
-        model_cfg = cli.random_config(config)
-        if not config.tokenizer_path:
-            raise ChatError("tokenizer_path is required when checkpoint_dir is empty")
-        tokenizer_path = config.tokenizer_path
-    tokenizer = load_tokenizer(tokenizer_path)
-    check_vocab(tokenizer, model_cfg)
-    length = context_size(model_cfg, config.context_length, config.max_new_tokens)
+    prepared = app_build.prepare(config, err)
+    length = context_size(prepared.model_config, config.context_length, config.max_new_tokens)
     try:
         sampler = make_sampler(config.temperature, config.top_p, config.top_k or None)
     except ValueError as e:
         raise ChatError(str(e)) from None
-    sharding.check_mesh(mesh, model_cfg.n_heads, model_cfg.n_kv_heads)
-
-    if checkpoint_dir:
-        err.write(f"loading {checkpoint_dir} ...\n")
-        err.flush()
-        model = checkpoint.load(checkpoint_dir, mesh=mesh, dtype=dtype,
-                                quantization=config.quantization or None)
-        source = checkpoint_dir
-    else:
-        model = checkpoint.random_model(model_cfg.with_dtype(dtype), mesh, seed=config.seed)
-        model = quant.quantize_model(model, config.quantization or "none")
-        source = f"random weights, model_preset={config.model_preset!r}"
-    err.write(banner(model, source, mesh, length))
-    if not checkpoint_dir:
+    model = prepared.load(err)
+    source = prepared.checkpoint_dir or f"random weights, model_preset={config.model_preset!r}"
+    err.write(app_build.banner("chat", model, source, prepared.mesh, length))
+    if not prepared.checkpoint_dir:
         err.write("NOTE: no checkpoint_dir, so the model has random weights; its answers are "
                   "noise.\n")
     err.flush()
-    return Chat(Engine(model, mesh), tokenizer, sampler=sampler,
+    return Chat(Engine(model, prepared.mesh), prepared.tokenizer, sampler=sampler,
                 max_new_tokens=config.max_new_tokens, context_length=length,
                 system_prompt=config.system_prompt, seed=config.seed)
-
-
-def train_first(train_config: str, checkpoint_dir: str, err: TextIO) -> None:
-    """Fine-tune `checkpoint_dir` with the SFT config file `train_config`, once.
-
-    Several chats started at once wait for one training run (a lock beside the run's
-    directory); an interrupted training resumes at the next start.
-    """
-    from llama2_jax import finetune  # the demo's model is made by the fine-tuning app
-
-    sft = cli.load_config_file(train_config)
-    final = os.path.join(os.path.expanduser(sft.output_dir), finetune.FINAL_DIR)
-    if os.path.abspath(final) != os.path.abspath(checkpoint_dir):
-        return  # another checkpoint was asked for: it must exist (reported by the caller)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    with open(os.path.dirname(final) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isdir(final):
-            return  # trained by a chat that held the lock before us
-        err.write(f"{checkpoint_dir} does not exist yet: training it with {train_config} "
-                  f"(once; about 1.5 minutes on a 2-core CPU) ...\n")
-        err.flush()
-        try:
-            finetune.train(sft, err)
-        except finetune.USER_ERRORS as e:
-            raise ChatError(f"training {checkpoint_dir} with {train_config} failed: {e}") from None
-
-
-def banner(model, source: str, mesh, length: int) -> str:
-    c = model.config
-    device = mesh.devices.flat[0]
-    return (f"llama2_jax chat: {source}\n"
-            f"  {_count(param_count(model))} parameters: dim {c.dim}, {c.n_layers} layers, "
-            f"{c.n_heads} heads ({c.n_kv_heads} KV), ffn {c.ffn_dim}, vocab {c.vocab_size}; "
-            f"context {length}, {c.dtype}\n"
-            f"  mesh {', '.join(f'{k}={v}' for k, v in mesh.shape.items())} over {mesh.size} x "
-            f"{device.device_kind} in {jax.process_count()} process(es)\n")
-
-
-def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)
 
 
 # -- command line ----------------------------------------------------------------------------

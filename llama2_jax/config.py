@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")  # every dtype a model computes or stores in
 
 
 class ConfigError(ValueError):
@@ -52,9 +52,9 @@ class ModelConfig:
             raise ConfigError(
                 f"head dim dim/n_heads = {self.dim // self.n_heads} must be even for RoPE")
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
+            if getattr(self, name) not in DTYPES:
                 raise ConfigError(
-                    f"{name} must be one of {', '.join(_DTYPES)}, got {getattr(self, name)!r}")
+                    f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if not self.rope_theta > 0:

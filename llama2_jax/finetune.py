@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llama2_jax import checkpoint, cli, data, quant, sharding
 from llama2_jax.checkpoint import CheckpointError
-from llama2_jax.config import ConfigError
+from llama2_jax.config import DTYPES, ConfigError
 from llama2_jax.data import DataError
 from llama2_jax.events import EventWriter
 from llama2_jax.model import Transformer, abstract_model, linear
@@ -62,7 +62,6 @@ FINAL_DIR = "final"
 LORA_TARGETS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention", 1),
                 "wo": ("attention", 2), "w1": ("feed_forward", 1), "w2": ("feed_forward", 1),
                 "w3": ("feed_forward", 1)}
-_DTYPES = ("float32", "bfloat16", "float16")
 # Settings a resumed run may change without changing what it computes.
 _RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "log_every", "keep_checkpoints",
                       "compilation_cache_dir", "multihost", "progress"}
@@ -664,10 +663,10 @@ def check_settings(c) -> None:
     if c.eval_every < 0 or c.warmup_steps < 0 or c.learning_rate <= 0:
         raise FinetuneError("eval_every and warmup_steps must be >= 0 and learning_rate > 0")
     for name in ("dtype", "param_dtype"):
-        if c[name] and c[name] not in _DTYPES:
-            raise FinetuneError(f"{name}={c[name]!r}: expected one of {', '.join(_DTYPES)}")
+        if c[name] and c[name] not in DTYPES:
+            raise FinetuneError(f"{name}={c[name]!r}: expected one of {', '.join(DTYPES)}")
     if not c.param_dtype:
-        raise FinetuneError(f"param_dtype is required: one of {', '.join(_DTYPES)}")
+        raise FinetuneError(f"param_dtype is required: one of {', '.join(DTYPES)}")
     check_lora(c.lora)
     try:
         quant.check_method(c.quantization)

@@ -110,11 +110,13 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), stack)
         self.wo = _param(rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), stack)
 
-    def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None):
+    def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None,
+                 attend=None):
         """x [B, T, D]; positions [B, T]; kv: (k, v) caches [L, B, K, S, H] or None.
 
-        Query at position p sees key slots s <= p (and `mask_extra` [B, T, S] if given).
-        Returns the output [B, T, D] and the updated (k, v).
+        Query at position p sees key slots s <= p (and `mask_extra` [B, T, S] if given); with
+        `attend` (static), only the first `attend` slots are read. Returns the output
+        [B, T, D] and the updated (k, v).
         """
         B, T, D = x.shape
         N, H = self.wq.shape[-2:]
@@ -131,8 +133,8 @@ class Attention(nnx.Module):
         else:
             ck, cv = (_write(c, new, layer, positions) for c, new in zip(kv, (k, v)))
             kv = (ck, cv)
-            keys, values = ck[layer], cv[layer]  # [B, K, S, H]
-            key_pos = jnp.arange(ck.shape[3])[None, :]  # [1, S]
+            keys, values = ck[layer, :, :, :attend], cv[layer, :, :, :attend]  # [B, K, S, H]
+            key_pos = jnp.arange(keys.shape[2])[None, :]  # [1, S]
         q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
         scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys.astype(q.dtype),
                             preferred_element_type=f32) * (H ** -0.5)
@@ -168,8 +170,10 @@ class Block(nnx.Module):
         self.attention_norm = RMSNorm(cfg, rngs, stack)
         self.ffn_norm = RMSNorm(cfg, rngs, stack)
 
-    def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None):
-        h, kv = self.attention(self.attention_norm(x), positions, cos, sin, mask_extra, kv, layer)
+    def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None,
+                 attend=None):
+        h, kv = self.attention(self.attention_norm(x), positions, cos, sin, mask_extra, kv, layer,
+                               attend)
         x = x + h
         x = x + self.feed_forward(self.ffn_norm(x))
         return constrain(x, ("batch", "length", None)), kv
@@ -186,7 +190,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache=None, *,
                  logits_at: jax.Array | None = None, mask_extra: jax.Array | None = None,
-                 remat: bool = False, unstacked: Sequence[nnx.State] | None = None):
+                 remat: bool = False, unstacked: Sequence[nnx.State] | None = None,
+                 attend: int | None = None):
         """Run the model.
 
         Args:
@@ -196,6 +201,9 @@ class Transformer(nnx.Module):
           logits_at: [B] index into T; if given, logits only there ([B, V]).
           mask_extra: [B, T, S] bool, ANDed with the causal mask (e.g. segment masks).
           remat: recompute each layer's activations in the backward pass.
+          attend: with a cache, read only its first `attend` slots (static): attention then
+            costs what the tokens in use need, not what the cache holds. Every query must sit
+            below it; writes past it still land in the cache.
           unstacked: the layers as L separate states (`unstack_layers`), run in a Python loop
             instead of the scan; `cache` is then a tuple of L one-layer KVCaches. XLA:CPU
             copies every scanned layer's weights out of the stack before its matmuls: on CPU
@@ -213,7 +221,7 @@ class Transformer(nnx.Module):
             h, kv = carry
             layer_state, layer = xs
             block = nnx.merge(graphdef, layer_state)
-            h, kv = block(h, positions, cos, sin, mask_extra, kv, layer)
+            h, kv = block(h, positions, cos, sin, mask_extra, kv, layer, attend)
             return (h, kv), None
 
         if remat:

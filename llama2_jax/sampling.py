@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,3 +67,82 @@ def make_sampler(temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAUL
         return Greedy()
     return Sample(temperature=float(temperature), top_p=float(top_p),
                   top_k=None if top_k in (None, 0) else int(top_k))
+
+
+# -- per-row settings, for batches of requests that each sample their own way ------------------
+TOP_LOGPROBS = 20  # the most alternatives a row may ask for (OpenAI's limit)
+
+
+class RowSampling(NamedTuple):
+    """Sampling settings of every row of a batch, as arrays, so one compiled step serves any mix.
+
+    temperature [B] float32 (0 = greedy), top_p [B] float32 in (0, 1], top_k [B] int32 (0 = off),
+    key [B, 2] uint32 (the row's own PRNG key), count [B] int32 (tokens the row has drawn: its
+    n-th token uses fold_in(key, n), so a row's draws depend on its own key alone).
+    """
+
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    key: jax.Array
+    count: jax.Array
+
+
+def row_settings(sampler) -> tuple[float, float, int]:
+    """(temperature, top_p, top_k) of a Greedy or Sample, as RowSampling holds them."""
+    if isinstance(sampler, Greedy):
+        return 0.0, 1.0, 0
+    return float(sampler.temperature), float(sampler.top_p), int(sampler.top_k or 0)
+
+
+def sample_rows(logits: jax.Array, s: RowSampling) -> jax.Array:
+    """One token per row of logits [B, V] with row b's own settings; [B] int32.
+
+    Greedy rows take the argmax. Sampled rows follow `Sample`: temperature, then top-k (the k
+    most probable tokens), then Meta's top-p over what is left, drawn with fold_in(key, count).
+    The sort that top-k/top-p need runs only when some row samples.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling = s.temperature > 0
+
+    def draw():
+        neg = jnp.finfo(jnp.float32).min
+        x = logits.astype(jnp.float32) / jnp.where(sampling, s.temperature, 1.0)[:, None]
+        order = jnp.argsort(-x, axis=-1)  # [B, V], most probable first
+        xs = jnp.take_along_axis(x, order, axis=-1)
+        rank = jnp.arange(x.shape[-1])[None, :]
+        k = jnp.where(s.top_k > 0, s.top_k, x.shape[-1])[:, None]
+        xs = jnp.where(rank < k, xs, neg)
+        probs = jax.nn.softmax(xs, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        xs = jnp.where(mass_before > s.top_p[:, None], neg, xs)
+        keys = jax.vmap(jax.random.fold_in)(s.key, s.count)
+        choice = jax.vmap(jax.random.categorical)(keys, xs)  # [B]
+        drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(sampling, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(sampling), draw, lambda: greedy)
+
+
+def logprobs(logits: jax.Array, tokens: jax.Array, want_top: jax.Array):
+    """Log-probabilities under the model's own distribution (float32 logits, before any
+    temperature): of `tokens` [B], and the TOP_LOGPROBS most likely tokens of every row,
+    computed only when some row wants them (`want_top` [B] bool; else zeros).
+
+    Returns (chosen [B] float32, top_ids [B, TOP_LOGPROBS] int32, top [B, TOP_LOGPROBS]).
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+    n = min(TOP_LOGPROBS, logits.shape[-1])
+
+    def top():
+        values, ids = jax.lax.top_k(logits, n)
+        return ids.astype(jnp.int32), values - lse[:, None]
+
+    def none():
+        return (jnp.zeros((logits.shape[0], n), jnp.int32),
+                jnp.zeros((logits.shape[0], n), jnp.float32))
+
+    top_ids, top_lp = jax.lax.cond(jnp.any(want_top), top, none)
+    return chosen, top_ids, top_lp

@@ -1,0 +1,361 @@
+"""The serving loop: requests in from any thread, tokens out, one thread owning the device.
+
+JetStream's orchestrator, in one loop: each turn takes new requests, drops cancelled ones,
+gives free slots to waiting requests, dispatches one prefill chunk (so a long prompt never
+stalls the running streams for longer than a chunk) and one decode step over all slots, and
+reads the output of the step before (the device computes while the host hands out tokens).
+
+Thread safety: `submit`, `cancel`, `shutdown` and the read-only properties may be called
+from any thread and never touch JAX; everything else runs on the loop's own thread. A
+request's events reach its `sink` from that thread, a list per step.
+
+Admission: requests wait in a bounded queue (`max_queue`; past it `submit` raises QueueFull)
+until a slot is free; every slot owns `length` positions of KV cache, so a request whose
+prompt plus `max_tokens` fits the slot always fits (checked by `submit`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+import traceback
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from llama2_jax.batching import Settings, Slots
+from llama2_jax.engine import ContextError
+from llama2_jax.prefix_cache import PrefixCache
+
+
+class QueueFull(RuntimeError):
+    """The wait queue is full: try again later (HTTP 429)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The scheduler accepts no new requests (HTTP 503)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] | None  # (token id, logprob) most likely first
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    """The last event of a request. reason: stop (EOS) | length (max_tokens or the slot's end)
+    | cancelled | abort (shut down before it finished) | error (then `error` says why)."""
+
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    error: str | None = None
+
+
+Event = Token | Done
+
+
+class Observer(Protocol):
+    """What the loop reports as it goes (the server's Prometheus metrics implement it)."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def finished(self, done: Done) -> None: ...
+    def prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None: ...
+
+
+class _Quiet:
+    def first_token(self, seconds): pass
+    def inter_token(self, seconds): pass
+    def finished(self, done): pass
+    def prefix_lookup(self, prompt_tokens, hit_tokens): pass
+
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation: `prompt` token ids, up to `max_tokens` new ones, stopping at a token of
+    `stop_ids` (not delivered). `sink` receives the events; `cancel()` ends it early."""
+
+    prompt: Sequence[int]
+    max_tokens: int
+    sink: Callable[[list[Event]], None]
+    settings: Settings = Settings()
+    stop_ids: frozenset[int] = frozenset({2})
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    # set by the loop
+    arrival: float = 0.0
+    slot: int | None = None
+    cursor: int = 0  # prompt tokens in the slot's cache
+    cached: int = 0  # of them, copied from the prefix cache
+    looked_up: bool = False
+    generated: list[int] = dataclasses.field(default_factory=list)
+    last_time: float = 0.0
+    done: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Scheduler:
+    """Drives `Slots` from its own thread; see the module docstring.
+
+    Args:
+      load: builds the Slots (and compiles what it should); called on the loop's thread, so
+        the server can answer /health while the model loads.
+      length: positions per slot (the context a request must fit).
+      vocab_size: token ids must be below it.
+      max_queue: requests that may wait for a slot; one more is refused with QueueFull.
+      prefix_cache_bytes: device bytes for cached prefixes (0: no prefix caching).
+      observer: receives timings and counts (default: nothing).
+    """
+
+    def __init__(self, load: Callable[[], Slots], *, length: int, vocab_size: int,
+                 max_queue: int = 64, prefix_cache_bytes: int = 0,
+                 observer: Observer | None = None, idle_wait: float = 0.05):
+        self.length, self.vocab_size, self.max_queue = length, vocab_size, max_queue
+        self.observer = observer or _Quiet()
+        self.prefix = PrefixCache(prefix_cache_bytes)
+        self._load, self._idle_wait = load, idle_wait
+        self._cond = threading.Condition()
+        self._inbox: collections.deque[Request] = collections.deque()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: dict[int, Request] = {}  # slot -> request (prefilling or decoding)
+        self._stopping = False
+        self._deadline = float("inf")
+        self.slots: Slots | None = None
+        self.ready = threading.Event()
+        self.error: str | None = None  # why loading failed
+        self.compiles_at_ready = 0
+        self._thread = threading.Thread(target=self._main, name="llama2_jax-device", daemon=True)
+
+    # -- any thread --------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self._thread.start()
+        return self
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ContextError unless a prompt of this size and its answer fit a slot."""
+        if prompt_tokens < 1:
+            raise ContextError("the prompt is empty: it needs at least one token")
+        if max_tokens < 1:
+            raise ContextError(f"max_tokens must be >= 1, got {max_tokens}")
+        if prompt_tokens + max_tokens > self.length:
+            raise ContextError(
+                f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+                f"{prompt_tokens + max_tokens} tokens, over the context of {self.length}")
+
+    def submit(self, request: Request) -> None:
+        """Queue `request`; raises ContextError, ValueError, QueueFull or ShuttingDown."""
+        self.check(len(request.prompt), request.max_tokens)
+        bad = [t for t in request.prompt if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary 0..{self.vocab_size - 1}")
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._inbox) + len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting for a slot")
+            request.arrival = time.perf_counter()
+            self._inbox.append(request)
+            self._cond.notify()
+
+    def cancel(self, request: Request) -> None:
+        request.cancel()
+        with self._cond:
+            self._cond.notify()
+
+    def shutdown(self, grace: float) -> None:
+        """Refuse new requests; finish the accepted ones for up to `grace` seconds, then abort
+        the rest and stop the loop."""
+        with self._cond:
+            self._stopping = True
+            self._deadline = min(self._deadline, time.perf_counter() + grace)
+            self._cond.notify()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def accepting(self) -> bool:
+        return self.ready.is_set() and not self._stopping and self.alive
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._inbox) + len(self._waiting)
+
+    @property
+    def active_slots(self) -> int:
+        return len(self._running)
+
+    @property
+    def compile_count(self) -> int:
+        return self.slots.compile_count if self.slots is not None else 0
+
+    # -- the loop's thread -------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self.slots = self._load()
+        except Exception as e:  # noqa: BLE001 -- reported by /health, the loop never starts
+            self.error = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+            return
+        self.compiles_at_ready = self.slots.compile_count
+        self._free = list(range(self.slots.max_slots))[::-1]  # pop() gives the lowest slot
+        self.ready.set()
+        try:
+            self._loop()
+        except Exception as e:  # noqa: BLE001 -- a bug: fail every request, never hang them
+            self.error = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+            for r in [*self._running.values(), *self._waiting, *self._inbox]:
+                self._finish(r, "error", error="internal error: " + self.error, store=False)
+        finally:
+            with self._cond:
+                self._stopping = True
+
+    def _loop(self) -> None:
+        pending: collections.deque = collections.deque()  # (StepOut, [(row, request)])
+        while True:
+            with self._cond:
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+                idle = not (self._waiting or self._running or pending)
+                if self._stopping and (idle or time.perf_counter() >= self._deadline):
+                    break
+                if idle:
+                    self._cond.wait(self._idle_wait)
+                    continue
+            self._drop_cancelled()
+            self._admit()
+            dispatched = self._prefill_one(pending)
+            decoding = [(s, r) for s, r in self._running.items()
+                        if r.cursor == len(r.prompt) and not r.done]
+            if decoding:
+                pending.append((self.slots.decode(), decoding))
+                dispatched = True
+            while len(pending) > (1 if dispatched else 0):
+                self._deliver(*pending.popleft())
+        for out in pending:
+            self._deliver(*out)
+        for r in [*self._running.values(), *self._waiting]:
+            self._finish(r, "abort", store=False)
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(r)
+            self._finish(r, "cancelled", store=False)
+        for r in [r for r in self._running.values() if r.cancelled]:
+            self._finish(r, "cancelled")
+
+    def _admit(self) -> None:
+        while self._free and self._waiting:
+            r = self._waiting.popleft()
+            r.slot = self._free.pop()
+            self._running[r.slot] = r
+
+    def _prefill_one(self, pending) -> bool:
+        """Dispatch the next prompt chunk of the oldest request still prefilling."""
+        todo = [r for r in self._running.values() if r.cursor < len(r.prompt)]
+        if not todo:
+            return False
+        r = min(todo, key=lambda r: r.arrival)
+        slots = self.slots
+        try:
+            if not r.looked_up:  # at its first chunk, so a prefix stored just before is found
+                r.looked_up = True
+                hit, handle = self.prefix.lookup(r.prompt, len(r.prompt) - 1)
+                self.observer.prefix_lookup(len(r.prompt), hit)
+                if hit:
+                    slots.insert(r.slot, handle)
+                    r.cursor = r.cached = hit
+            chunk = list(r.prompt[r.cursor:r.cursor + slots.chunk])
+            final = r.cursor + len(chunk) == len(r.prompt)
+            out = slots.prefill(r.slot, chunk, r.cursor, final, r.settings)
+        except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
+            traceback.print_exc()
+            self._finish(r, "error", error=f"{type(e).__name__}: {e}", store=False)
+            return False
+        r.cursor += len(chunk)
+        if final:
+            pending.append((out, [(0, r)]))
+            self._store(r, list(r.prompt))
+        return True
+
+    def _deliver(self, out, rows) -> None:
+        """Hand the tokens of one step to their requests, finishing those that are done."""
+        live = [(row, r) for row, r in rows if not r.done and not r.cancelled]
+        if not live:
+            return
+        tokens = np.asarray(out.tokens)
+        lps = np.asarray(out.logprob)
+        want_top = any(r.settings.top_logprobs for _, r in live)
+        if want_top:
+            top_ids, top_lps = np.asarray(out.top_ids), np.asarray(out.top_logprobs)
+        now = time.perf_counter()
+        for row, r in live:
+            t = int(tokens[row])
+            if t in r.stop_ids:
+                self._finish(r, "stop")
+                continue
+            top = None
+            if r.settings.top_logprobs:
+                top = tuple(zip(top_ids[row].tolist(), top_lps[row].tolist()))
+            r.generated.append(t)
+            if len(r.generated) == 1:
+                self.observer.first_token(now - r.arrival)
+            else:
+                self.observer.inter_token(now - r.last_time)
+            r.last_time = now
+            self._emit(r, [Token(t, float(lps[row]), top)])
+            if len(r.generated) >= r.max_tokens:
+                self._finish(r, "length")
+
+    def _emit(self, r: Request, events: list[Event]) -> None:
+        try:
+            r.sink(events)
+        except Exception:  # noqa: BLE001 -- a sink that cannot take events: the client is gone
+            r.cancelled = True
+
+    def _store(self, r: Request, tokens: list[int]) -> None:
+        """Keep the keys/values of `tokens` (valid in r's slot) in the prefix cache."""
+        slots = self.slots
+        if not self.prefix.budget or not self.prefix.wants(tokens, slots.prefix_bytes(len(tokens))):
+            return
+        handle = slots.extract(r.slot, len(tokens))
+        self.prefix.store(tokens, handle, handle.nbytes)  # dropped handles are freed by GC
+
+    def _finish(self, r: Request, reason: str, error: str | None = None,
+                store: bool = True) -> None:
+        if r.done:
+            return
+        r.done = True
+        if r.slot is not None and self._running.get(r.slot) is r:
+            if store:  # what the slot's cache holds for sure: the prompt, and the answer
+                # but for its newest token (which may not have been fed yet), or all of the
+                # answer when it stopped at EOS (every answer token was fed to draw it).
+                answer = r.generated if reason == "stop" else r.generated[:-1]
+                valid = list(r.prompt[:r.cursor]) + (answer if r.cursor == len(r.prompt) else [])
+                if len(valid) > len(r.prompt):
+                    self._store(r, valid)
+            del self._running[r.slot]
+            self.slots.release(r.slot)
+            self._free.append(r.slot)
+            self._free.sort(reverse=True)
+        done = Done(reason, len(r.prompt), len(r.generated), r.cached, error)
+        self.observer.finished(done)
+        self._emit(r, [done])
