@@ -1,0 +1,188 @@
+"""Serve a model behind an OpenAI-compatible endpoint: `python -m llama2_jax.serve --config ...`.
+
+  python -m llama2_jax.serve --config configs/serve_demo.py          # CPU, nothing to download
+  python -m llama2_jax.serve --config configs/serve_7b_chat.py \\
+      --config.checkpoint_dir=/data/llama-2-7b-chat --config.port=8000
+
+Start-up: the settings are checked first (a bad one fails at once, with one line); then the
+HTTP server listens while the model loads and its steps compile on the device thread
+(/health answers 503 until they are done, 200 after). SIGTERM (or Ctrl-C) stops accepting
+requests (503), lets the running ones finish for up to `shutdown_grace_s` seconds, aborts the
+rest and exits 0; a second signal exits at once. Fields: `base_config` below, beside the model
+fields every app has (llama2_jax.build.model_fields).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from typing import TextIO
+
+import ml_collections
+import uvicorn
+
+from llama2_jax import build as app_build
+from llama2_jax.batching import Slots
+from llama2_jax.build import USER_ERRORS, SettingsError
+from llama2_jax.engine import Engine
+from llama2_jax.scheduler import Scheduler
+from llama2_jax.serve.api import Server, create_app
+from llama2_jax.serve.metrics import Metrics
+
+API_KEY_ENV = "LLAMA2_JAX_API_KEY"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every server setting with its default; configs/serve_*.py start from this."""
+    c = app_build.model_fields(ml_collections.ConfigDict())
+    c.host = "127.0.0.1"  # "0.0.0.0" to accept connections from other machines
+    c.port = 8000
+    c.model_name = ""  # the name clients send as `model`; "" = the checkpoint directory's
+    c.api_key = ""  # required as "Authorization: Bearer <key>"; "" = $LLAMA2_JAX_API_KEY or none
+    c.max_slots = 8  # requests decoded together; each holds context_length positions of KV
+    c.max_queue = 64  # requests that may wait for a slot; one more gets 429
+    c.prefill_chunk = 256  # prompts are prefilled this many tokens at a time between decodes
+    c.prefix_cache_mb = 256  # device memory for reused prompt prefixes (0 = off)
+    c.max_body_mb = 1.0  # larger request bodies get 413
+    c.temperature = 0.6  # for requests that leave it out (Meta's chat defaults)
+    c.top_p = 0.9
+    c.warmup = True  # compile every step at start, so no request waits for a compile
+    c.shutdown_grace_s = 30.0
+    c.log_requests = False  # uvicorn's access log
+    return c
+
+
+def model_name(config: ml_collections.ConfigDict) -> str:
+    if config.model_name:
+        return config.model_name
+    if config.checkpoint_dir:
+        path = os.path.normpath(os.path.expanduser(config.checkpoint_dir))
+        name = os.path.basename(path)
+        return os.path.basename(os.path.dirname(path)) if name == "final" else name
+    return f"random-{config.model_preset}"
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    for name, low in (("max_slots", 1), ("max_queue", 0), ("prefill_chunk", 1),
+                      ("prefix_cache_mb", 0)):
+        if config[name] < low:
+            raise SettingsError(f"{name}={config[name]} must be >= {low}")
+    if not 0 < config.port < 65536:
+        raise SettingsError(f"port={config.port} must be in 1..65535")
+    if config.max_body_mb <= 0 or config.shutdown_grace_s < 0:
+        raise SettingsError("max_body_mb must be > 0 and shutdown_grace_s >= 0")
+    if not 0 < config.top_p <= 1 or config.temperature < 0:
+        raise SettingsError(f"temperature={config.temperature} must be >= 0 and "
+                            f"top_p={config.top_p} in (0, 1]")
+    if config.multihost:
+        raise SettingsError("multihost serving is not supported yet: serve from one process "
+                            "(its devices may be several GPUs or a TPU VM's chips)")
+
+
+def make_server(config: ml_collections.ConfigDict, err: TextIO) -> Server:
+    """The Server `config` describes; its model loads when the scheduler starts."""
+    check(config)
+    prepared = app_build.prepare(config, err)
+    length = app_build.context_length(prepared.model_config, config.context_length)
+    name = model_name(config)
+
+    def load() -> Slots:
+        t0 = time.perf_counter()
+        model = prepared.load(err)
+        slots = Slots(Engine(model, prepared.mesh), config.max_slots, length,
+                      chunk=config.prefill_chunk)
+        err.write(app_build.banner("serve", model, prepared.source, prepared.mesh, length))
+        if config.warmup:
+            err.write(f"compiling the steps of {config.max_slots} slots x {length} positions"
+                      " ...\n")
+            err.flush()
+            slots.warm_up()
+        err.write(f"ready in {time.perf_counter() - t0:.1f} s: serving '{name}' on "
+                  f"http://{config.host}:{config.port}/v1 ({slots.compile_count} compiled "
+                  "steps)\n")
+        err.flush()
+        return slots
+
+    metrics = Metrics()
+    scheduler = Scheduler(load, length=length, vocab_size=prepared.model_config.vocab_size,
+                          max_queue=config.max_queue,
+                          prefix_cache_bytes=int(config.prefix_cache_mb * (1 << 20)),
+                          observer=metrics)
+    metrics.watch(scheduler)
+    return Server(scheduler, prepared.tokenizer, metrics, name,
+                  api_key=config.api_key or os.environ.get(API_KEY_ENV, ""),
+                  max_body_bytes=int(config.max_body_mb * (1 << 20)),
+                  temperature=config.temperature, top_p=config.top_p)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, with SIGTERM/SIGINT draining the scheduler first (and exit status 0)."""
+
+    def __init__(self, config: uvicorn.Config, server: Server, grace: float, err: TextIO):
+        super().__init__(config)
+        self.app_server, self.grace, self.err = server, grace, err
+        self.draining = False
+        self.failed = False
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, sig, frame) -> None:
+        if self.draining:  # a second signal: now
+            self.should_exit = self.force_exit = True
+            return
+        self.draining = True
+        self.err.write(f"{signal.Signals(sig).name}: no new requests; finishing the running "
+                       f"ones (up to {self.grace:g} s) ...\n")
+        self.err.flush()
+        self.app_server.scheduler.shutdown(self.grace)
+        threading.Thread(target=self._exit_when_drained, daemon=True).start()
+
+    def _exit_when_drained(self) -> None:
+        self.app_server.scheduler.join(self.grace + 30)
+        self.should_exit = True
+
+    def watch_loading(self) -> None:
+        """Exit (status 1) if the model cannot be loaded: such a server can never answer."""
+        s = self.app_server.scheduler
+        while s.alive and not s.ready.is_set():
+            time.sleep(0.05)
+        if not s.ready.is_set():
+            self.err.write(f"error: loading the model failed: {s.error}\n")
+            self.failed = self.should_exit = True
+
+
+def run(config: ml_collections.ConfigDict, err: TextIO | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    err = sys.stderr if err is None else err
+    try:
+        server = make_server(config, err)
+    except USER_ERRORS as e:
+        err.write(f"error: {e}\n")
+        return 1
+    uv_config = uvicorn.Config(create_app(server), host=config.host, port=config.port,
+                               log_level="info" if config.log_requests else "warning",
+                               access_log=config.log_requests, timeout_graceful_shutdown=5)
+    uv = _Uvicorn(uv_config, server, config.shutdown_grace_s, err)
+    server.scheduler.start()
+    threading.Thread(target=uv.watch_loading, daemon=True).start()
+    uv.run()
+    server.scheduler.shutdown(0)
+    server.scheduler.join(10)
+    if uv.failed:
+        return 1
+    err.write("server stopped\n")
+    return 0
