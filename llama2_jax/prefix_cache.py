@@ -76,19 +76,18 @@ class PrefixCache:
     def store(self, tokens: Sequence[int], handle: Any, nbytes: int) -> list[Any]:
         """Keep `handle` for `tokens`; returns the handles dropped (superseded or evicted),
         for the caller to free."""
+        if nbytes > self.budget:
+            return [handle]  # would not fit even alone: keep what is there
         t = np.asarray(tokens, np.int32)
         dropped = []
         for key in [k for k, e in self._entries.items()
                     if len(e.tokens) <= len(t) and common_prefix(t, e.tokens) == len(e.tokens)]:
             dropped.append(self._pop(key))  # a prefix of the new entry: superseded
-        while self._entries and self.nbytes + nbytes > self.budget:
+        while self.nbytes + nbytes > self.budget:
             dropped.append(self._pop(next(iter(self._entries))))
-        if self.nbytes + nbytes <= self.budget:
-            self._entries[self._next] = Entry(t, handle, nbytes)
-            self._next += 1
-            self.nbytes += nbytes
-        else:
-            dropped.append(handle)
+        self._entries[self._next] = Entry(t, handle, nbytes)
+        self._next += 1
+        self.nbytes += nbytes
         return dropped
 
     def clear(self) -> list[Any]:

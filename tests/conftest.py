@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data")
 TOKENIZER = os.path.join(DATA, "tokenizer.model")
-GOLDEN = os.path.join(ROOT, "..", "shared", "golden", "llama2_chat_dialogs.jsonl")
+GOLDEN = os.path.join(DATA, "llama2_chat_dialogs.jsonl")  # Meta chat_completion ids
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,121 @@
+"""A `python -m llama2_jax.serve` subprocess on a free port of 127.0.0.1, for the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+from tests.conftest import ROOT
+
+START_TIMEOUT = 300  # seconds: JAX start-up, loading and compiling on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """The server started with `configs/<config>.py` and `overrides` ({"max_slots": 2})."""
+
+    def __init__(self, config: str = "serve_demo", devices: int = 1, env=None, **overrides):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [f"--config.port={self.port}", "--config.compilation_cache_dir="]
+        args += [f"--config.{k}={v}" for k, v in overrides.items()]
+        environ = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+                       if devices > 1 else "")
+        environ.update(env or {})
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama2_jax.serve", "--config", f"configs/{config}.py",
+             *args], cwd=ROOT, env=environ, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT, text=True)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                status, _ = self.get("/health")
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        with open(self.log.name) as f:
+            return f.read()
+
+    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 120):
+        """(status, parsed JSON body or text)."""
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, raw = r.status, r.read()
+                hdrs = dict(r.headers)
+        except urllib.error.HTTPError as e:
+            status, raw, hdrs = e.code, e.read(), dict(e.headers)
+        self.last_headers = hdrs
+        text = raw.decode()
+        try:
+            return status, json.loads(text)
+        except json.JSONDecodeError:
+            return status, text
+
+    def get(self, path: str, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body, **kw):
+        return self.request("POST", path, body, **kw)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """A value of GET /metrics, e.g. metric("llama2_jax_active_slots")."""
+        _, text = self.get("/metrics")
+        total, found = 0.0, False
+        for line in text.splitlines():
+            if line.startswith(name + (labels if labels else "")) and (
+                    line[len(name):len(name) + 1] in (" ", "{")):
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+        if not found:
+            raise KeyError(f"{name}{labels} not in /metrics")
+        return total
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")

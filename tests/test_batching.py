@@ -1,0 +1,304 @@
+"""The continuous-batching engine in-process: slots, per-row sampling, prefix cache, scheduler.
+
+References are independent of the pieces under test: `Engine.generate` on each prompt alone
+(static batch of one, its own compiled steps), and Meta's top-p masking written in torch.
+"""
+
+import queue
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama2_jax import checkpoint, quant, sharding
+from llama2_jax.batching import Settings, Slots
+from llama2_jax.config import TINY
+from llama2_jax.engine import ContextError, Engine
+from llama2_jax.prefix_cache import PrefixCache
+from llama2_jax.sampling import Greedy, RowSampling, Sample, sample_rows
+from llama2_jax.scheduler import Done, QueueFull, Request, Scheduler, ShuttingDown, Token
+from tests.test_sampling import LOGITS, meta_nucleus
+
+CFG = TINY.replace(n_kv_heads=2, max_seq_len=128)
+RNG = np.random.RandomState(0)
+PROMPTS = [RNG.randint(3, CFG.vocab_size, n).tolist() for n in (1, 5, 17, 31, 33, 70, 9, 100)]
+
+
+@pytest.fixture(scope="module")
+def model(one_device_mesh):
+    return checkpoint.random_model(CFG, one_device_mesh, seed=7)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine(model)
+
+
+def alone(engine, prompt, n=12, sampler=Greedy()):
+    return engine.generate([prompt], max_new_tokens=n, sampler=sampler, stop_ids=())[0]
+
+
+def run_all(scheduler, requests, timeout=120):
+    """Submit `requests` (prompt, max_tokens, settings) at once; their tokens and Done."""
+    queues, out = [], []
+    for prompt, n, settings in requests:
+        q = queue.Queue()
+        scheduler.submit(Request(prompt, n, sink=q.put, settings=settings, stop_ids=frozenset()))
+        queues.append(q)
+    for q in queues:
+        tokens, done = [], None
+        while done is None:
+            for e in q.get(timeout=timeout):
+                if isinstance(e, Token):
+                    tokens.append(e.id)
+                else:
+                    done = e
+        out.append((tokens, done))
+    return out
+
+
+def scheduler_for(engine, slots=3, length=128, chunk=16, prefix=1 << 20, **kw):
+    return Scheduler(lambda: Slots(engine, slots, length, chunk=chunk), length=length,
+                     vocab_size=CFG.vocab_size, prefix_cache_bytes=prefix, **kw).start()
+
+
+# -- slots -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "scan"])
+def test_slots_chunked_prefill_and_decode_equal_generate_alone(model, unstack):
+    engine = Engine(model, unstack=unstack)
+    slots = Slots(engine, 4, 128, chunk=16)
+    prompts = PROMPTS[1:5]
+    got = [[] for _ in prompts]
+    for s, p in enumerate(prompts):
+        for start in range(0, len(p), 16):
+            out = slots.prefill(s, p[start:start + 16], start, start + 16 >= len(p), Settings())
+        got[s].append(int(out.tokens[0]))
+    for _ in range(11):
+        out = slots.decode()
+        for s in range(len(prompts)):
+            got[s].append(int(out.tokens[s]))
+    assert got == [alone(engine, p) for p in prompts]
+
+
+def test_decode_attends_over_a_bucket_of_the_tokens_in_use(engine):
+    slots = Slots(engine, 2, 128, chunk=32)
+    slots.prefill(0, PROMPTS[2], 0, True, Settings())  # 17 tokens
+    before = slots.compile_count
+    slots.decode()
+    slots.decode()
+    assert slots.compile_count == before + 1  # one decode compile for the 32-position bucket
+    slots.prefill(1, PROMPTS[5][:32], 0, True, Settings())  # the first prefill's shape
+    slots.decode()  # 32 + 1 positions in use: the next bucket
+    assert slots.compile_count == before + 2
+    assert slots.buckets() == [16, 32, 64, 128]
+
+
+def test_idle_slot_never_overwrites_a_prompt_being_prefilled(engine):
+    slots = Slots(engine, 2, 128, chunk=16)
+    p, q = PROMPTS[4], PROMPTS[3]  # 33 and 31 tokens
+    slots.prefill(1, q[:16], 0, False, Settings())
+    slots.prefill(0, p[:16], 0, False, Settings())
+    for _ in range(5):
+        slots.decode()  # slots 0 and 1 are mid-prefill: their rows must stay untouched
+    slots.prefill(0, p[16:32], 16, False, Settings())
+    out = slots.prefill(0, p[32:], 32, True, Settings())
+    got = [int(out.tokens[0])] + [int(slots.decode().tokens[0]) for _ in range(7)]
+    assert got == alone(engine, p, 8)
+
+
+def test_prefix_extract_and_insert_reuse_keys_and_values(engine):
+    slots = Slots(engine, 2, 128, chunk=128)
+    p = PROMPTS[5]  # 70 tokens
+    slots.prefill(0, p, 0, True, Settings())
+    prefix = slots.extract(0, 60)
+    assert prefix.length == 60 and prefix.nbytes == slots.prefix_bytes(60)
+    slots.insert(1, prefix)
+    out = slots.prefill(1, p[60:], 60, True, Settings())
+    got = [int(out.tokens[1 - 1])] + [int(slots.decode().tokens[1]) for _ in range(7)]
+    assert got == alone(engine, p, 8)
+
+
+def test_warm_up_compiles_every_shape(engine):
+    slots = Slots(engine, 3, 64, chunk=32)
+    compiled = slots.warm_up()
+    assert compiled == slots.compile_count > 0
+    for p in PROMPTS[:6]:  # any prompt, chunk and decode length: nothing new
+        p = p[:60]
+        for start in range(0, len(p), 32):
+            slots.prefill(2, p[start:start + 32], start, start + 32 >= len(p), Settings(0.7))
+        for _ in range(3):
+            slots.decode()
+    slots.insert(0, slots.extract(2, 40))
+    assert slots.compile_count == compiled
+
+
+# -- per-row sampling ------------------------------------------------------------------------
+def rows(temperature, top_p, top_k, seeds, count=0):
+    b = len(temperature)
+    return RowSampling(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
+                       jnp.asarray(top_k, jnp.int32),
+                       jnp.asarray([Settings(seed=s).key() for s in seeds]),
+                       jnp.full(b, count, jnp.int32))
+
+
+def test_rows_sample_their_own_way_in_one_batch():
+    logits = np.random.RandomState(1).randn(4, 50).astype(np.float32)
+    draw = jax.jit(sample_rows)
+    mixed = np.asarray(draw(logits, rows([0, 1.0, 0, 0.7], [1, 0.9, 1, 1], [0, 0, 0, 3],
+                                         [5, 6, 7, 8])))
+    np.testing.assert_array_equal(mixed[[0, 2]], np.argmax(logits, -1)[[0, 2]])
+    # a row's draw depends on its own logits, settings and key, not on the other rows
+    for b, (t, p, k, s) in enumerate([(0, 1, 0, 5), (1.0, 0.9, 0, 6), (0, 1, 0, 7),
+                                      (0.7, 1, 3, 8)]):
+        single = draw(logits[b:b + 1], rows([t], [p], [k], [s]))
+        assert int(single[0]) == int(mixed[b])
+    assert mixed[3] in np.argsort(-logits[3])[:3]  # top_k=3
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9])
+def test_row_top_p_stays_in_metas_nucleus(top_p):
+    n = 3000
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, len(LOGITS)))
+    got = np.asarray(jax.jit(sample_rows)(logits, rows([1.0] * n, [top_p] * n, [0] * n,
+                                                       range(n))))
+    assert set(got.tolist()) == meta_nucleus(np.exp(LOGITS)[None], top_p)
+    top_k = np.asarray(jax.jit(sample_rows)(logits, rows([1.0] * n, [1.0] * n, [2] * n,
+                                                         range(n))))
+    assert set(top_k.tolist()) == {0, 1}
+
+
+def test_row_sampling_counts_advance_the_key():
+    logits = jnp.zeros((1, 1000), jnp.float32)
+    draws = {int(sample_rows(logits, rows([1.0], [1.0], [0], [3], count=c))[0])
+             for c in range(20)}
+    assert len(draws) > 15  # each token of a request gets a fresh draw
+
+
+# -- prefix cache bookkeeping ------------------------------------------------------------------
+def test_prefix_cache_longest_match_supersede_and_lru_budget():
+    cache = PrefixCache(budget_bytes=300, min_tokens=4)
+    a = list(range(10, 30))
+    assert cache.wants(a, 100)
+    cache.store(a, "A", 100)
+    assert cache.lookup(a[:12] + [99, 98], limit=13) == (12, "A")  # up to the first difference
+    assert cache.lookup([1, 2, 3, 4, 5], limit=4) == (0, None)
+    assert not cache.wants(a[:15], 100)  # covered by A
+    dropped = cache.store(a + [7, 7], "A2", 100)  # A is a prefix of it: superseded
+    assert dropped == ["A"] and len(cache) == 1
+    cache.store(list(range(50, 70)), "B", 100)
+    cache.store(list(range(80, 90)), "C", 100)
+    cache.lookup(a, limit=20)  # A2 becomes the most recently used
+    dropped = cache.store(list(range(200, 220)), "D", 100)
+    assert dropped == ["B"] and cache.nbytes == 300  # least recently used goes first
+    assert cache.store(list(range(300, 340)), "E", 400) == ["E"]  # over the whole budget
+    assert cache.nbytes <= cache.budget
+
+
+# -- the scheduler ---------------------------------------------------------------------------
+def test_scheduler_joins_and_leaves_with_greedy_and_sampled_rows(engine):
+    sched = scheduler_for(engine, slots=3)
+    try:
+        sched.ready.wait(60)
+        sampled = Settings(temperature=0.9, top_p=0.9, seed=11)
+        requests = [(p, 6 + i % 5, sampled if i % 3 == 1 else Settings())
+                    for i, p in enumerate(PROMPTS)]  # 8 requests through 3 slots
+        batched = run_all(sched, requests)
+        for (prompt, n, s), (tokens, done) in zip(requests, batched):
+            assert done.reason == "length" and len(tokens) == n
+            if s.temperature == 0:
+                assert tokens == alone(engine, prompt, n)
+        # a sampled request alone draws what it drew beside the others
+        for (prompt, n, s), (tokens, _) in zip(requests, batched):
+            if s.temperature:
+                assert run_all(sched, [(prompt, n, s)])[0][0] == tokens
+        assert sched.active_slots == 0 and sched.queue_depth == 0
+    finally:
+        sched.shutdown(0)
+        assert sched.join(30)
+
+
+def test_scheduler_prefix_hits_give_the_tokens_of_misses(engine):
+    sched = scheduler_for(engine, slots=2, chunk=16)
+    try:
+        sched.ready.wait(60)
+        p = PROMPTS[5]  # 70 tokens
+        [(first, miss)] = run_all(sched, [(p, 8, Settings())])
+        [(again, hit)] = run_all(sched, [(p, 8, Settings())])
+        assert miss.cached_tokens == 0 and hit.cached_tokens == len(p) - 1 and again == first
+        turn2 = p + first + PROMPTS[3]  # a conversation resent with its answer (109 tokens)
+        [(tokens, done)] = run_all(sched, [(turn2, 8, Settings())])
+        assert done.cached_tokens >= len(p) and tokens == alone(engine, turn2, 8)
+    finally:
+        sched.shutdown(0)
+        sched.join(30)
+
+
+def test_scheduler_bounded_queue_cancel_and_shutdown(engine):
+    sched = scheduler_for(engine, slots=1, max_queue=2)
+    try:
+        sched.ready.wait(60)
+        with pytest.raises(ContextError, match="120 tokens and max_tokens is 20: 140 tokens, "
+                           "over the context of 128"):
+            sched.submit(Request([5] * 120, 20, sink=lambda e: None))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            sched.submit(Request([5, CFG.vocab_size], 2, sink=lambda e: None))
+        events = [queue.Queue() for _ in range(3)]
+        running = Request(PROMPTS[3], 90, sink=events[0].put)
+        sched.submit(running)
+        assert isinstance(events[0].get(timeout=60)[0], Token)  # it holds the one slot
+        waiting = [Request(PROMPTS[1], 5, sink=q.put) for q in events[1:]]
+        for r in waiting:
+            sched.submit(r)
+        with pytest.raises(QueueFull):
+            sched.submit(Request(PROMPTS[1], 5, sink=lambda e: None))
+        sched.cancel(waiting[0])
+        sched.cancel(running)
+        done = drain(events[0])
+        assert done.reason == "cancelled" and done.completion_tokens < 90
+        assert drain(events[1]).reason == "cancelled"
+        assert drain(events[2]).reason == "length"
+        long = Request(PROMPTS[3], 90, sink=events[0].put)
+        sched.submit(long)
+        events[0].get(timeout=60)
+        sched.shutdown(grace=60)
+        with pytest.raises(ShuttingDown):
+            sched.submit(Request(PROMPTS[1], 5, sink=lambda e: None))
+        assert drain(events[0]).reason == "length"  # the running request finished
+        assert sched.join(30)
+    finally:
+        sched.shutdown(0)
+
+
+def drain(q) -> Done:
+    while True:
+        for e in q.get(timeout=60):
+            if isinstance(e, Done):
+                return e
+
+
+def test_eight_devices_and_int8_serve_the_tokens_of_one(model, engine):
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    params = jax.tree.map(np.asarray, checkpoint.params_of(model))
+    sharded = checkpoint.from_params(CFG, params, mesh)
+    requests = [(p, 7, Settings(temperature=0.8 if i % 2 else 0, seed=i))
+                for i, p in enumerate(PROMPTS[:5])]
+    results = {}
+    for name, m in (("one", model), ("eight", sharded)):
+        sched = scheduler_for(Engine(m, mesh=None if name == "one" else mesh), slots=2)
+        try:
+            sched.ready.wait(120)
+            results[name] = [t for t, _ in run_all(sched, requests)]
+        finally:
+            sched.shutdown(0)
+            sched.join(30)
+    assert results["eight"] == results["one"]
+    q8 = quant.quantize_model(sharded, "int8")
+    sched = scheduler_for(Engine(q8, mesh=mesh), slots=2)
+    try:
+        sched.ready.wait(120)
+        got = [t for t, _ in run_all(sched, requests[:2])]
+    finally:
+        sched.shutdown(0)
+        sched.join(30)
+    assert got[0] == alone(Engine(quant.quantize_model(model, "int8")), requests[0][0], 7)
