@@ -98,9 +98,9 @@ def row_settings(sampler) -> tuple[float, float, int]:
 def sample_rows(logits: jax.Array, s: RowSampling) -> jax.Array:
     """One token per row of logits [B, V] with row b's own settings; [B] int32.
 
-    Greedy rows take the argmax. Sampled rows follow `Sample`: temperature, then top-k (the k
-    most probable tokens), then Meta's top-p over what is left, drawn with fold_in(key, count).
-    The sort that top-k/top-p need runs only when some row samples.
+    Greedy rows take the argmax. Sampled rows follow `Sample`: temperature, then top-k (tokens
+    at least as probable as the k-th), then Meta's top-p over what is left, drawn with
+    fold_in(key, count). The sort that top-k/top-p need runs only when some row samples.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampling = s.temperature > 0
@@ -108,17 +108,20 @@ def sample_rows(logits: jax.Array, s: RowSampling) -> jax.Array:
     def draw():
         neg = jnp.finfo(jnp.float32).min
         x = logits.astype(jnp.float32) / jnp.where(sampling, s.temperature, 1.0)[:, None]
-        order = jnp.argsort(-x, axis=-1)  # [B, V], most probable first
-        xs = jnp.take_along_axis(x, order, axis=-1)
-        rank = jnp.arange(x.shape[-1])[None, :]
-        k = jnp.where(s.top_k > 0, s.top_k, x.shape[-1])[:, None]
-        xs = jnp.where(rank < k, xs, neg)
+        xs = -jnp.sort(-x, axis=-1)  # [B, V], most probable first
+        k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, x.shape[-1]), x.shape[-1])
+        kth = jnp.take_along_axis(xs, (k - 1)[:, None], axis=-1)  # [B, 1]
+        xs = jnp.where(xs >= kth, xs, neg)
         probs = jax.nn.softmax(xs, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        xs = jnp.where(mass_before > s.top_p[:, None], neg, xs)
+        kept = jnp.sum(mass_before <= s.top_p[:, None], axis=-1)  # >= 1: the first always
+        floor = jnp.take_along_axis(xs, (kept - 1)[:, None], axis=-1)  # [B, 1]
+        # Masked and drawn in the vocabulary's own order, not the sorted one: logits that
+        # differ in their last bits (another batch, another attention length) then change a
+        # draw only at the nucleus' edge, instead of reordering near-ties.
+        x = jnp.where(x >= jnp.maximum(floor, kth), x, neg)
         keys = jax.vmap(jax.random.fold_in)(s.key, s.count)
-        choice = jax.vmap(jax.random.categorical)(keys, xs)  # [B]
-        drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)  # [B]
         return jnp.where(sampling, drawn, greedy)
 
     return jax.lax.cond(jnp.any(sampling), draw, lambda: greedy)

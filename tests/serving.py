@@ -86,8 +86,9 @@ class ServerProcess:
     def post(self, path: str, body, **kw):
         return self.request("POST", path, body, **kw)
 
-    def metric(self, name: str, labels: str = "") -> float:
-        """A value of GET /metrics, e.g. metric("llama2_jax_active_slots")."""
+    def metric(self, name: str, labels: str = "", default: float | None = None) -> float:
+        """A value of GET /metrics, e.g. metric("llama2_jax_active_slots"); summed over
+        label sets unless `labels` ('{reason="stop"}') picks one."""
         _, text = self.get("/metrics")
         total, found = 0.0, False
         for line in text.splitlines():
@@ -96,6 +97,8 @@ class ServerProcess:
                 total += float(line.rsplit(" ", 1)[1])
                 found = True
         if not found:
+            if default is not None:
+                return default
             raise KeyError(f"{name}{labels} not in /metrics")
         return total
 
