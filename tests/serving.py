@@ -73,7 +73,7 @@ class ServerProcess:
                 hdrs = dict(r.headers)
         except urllib.error.HTTPError as e:
             status, raw, hdrs = e.code, e.read(), dict(e.headers)
-        self.last_headers = hdrs
+        self.last_headers = {k.lower(): v for k, v in hdrs.items()}
         text = raw.decode()
         try:
             return status, json.loads(text)
