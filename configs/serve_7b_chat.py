@@ -1,0 +1,23 @@
+"""Serve Llama-2-7b-chat in 8 bits on one accelerator: `python -m llama2_jax.serve --config
+configs/serve_7b_chat.py --config.checkpoint_dir=checkpoints/llama-2-7b-chat`.
+
+Memory, per the hosted-inference target (under 10 GB): int8 weights 6.7 GB (quantized while
+loading a bf16 checkpoint, or stored so by a converter's --quantization=int8) plus the bf16 KV
+cache, 0.5 MB per position: 4 slots x 1024 positions = 2.1 GB, and 256 MB of prefix cache.
+Raise max_slots or context_length on a larger device (each slot x position costs 0.5 MB).
+All fields: llama2_jax.serve.main.base_config.
+"""
+
+from llama2_jax.serve.main import base_config
+
+
+def get_config():
+    c = base_config()
+    c.checkpoint_dir = "checkpoints/llama-2-7b-chat"
+    c.model_preset = "7b"  # with --config.checkpoint_dir="": random weights of this shape
+    c.model_name = "llama-2-7b-chat"
+    c.quantization = "int8"
+    c.max_slots = 4
+    c.context_length = 1024
+    c.prefill_chunk = 512
+    return c
