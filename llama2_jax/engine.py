@@ -17,7 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llama2_jax import sharding
-from llama2_jax.model import KVCache, Transformer, init_cache, unstack_layers
+from llama2_jax.kv_cache import Blocks, KVCache
+from llama2_jax.model import Transformer, init_cache, unstack_layers
 from llama2_jax.sampling import Greedy
 
 MIN_BUCKET = 16
@@ -59,7 +60,7 @@ class Step:
 
 def _layers_for(cache, unstacked):
     """The per-layer weights when `cache` is per layer (a tuple), else None: scan."""
-    return None if isinstance(cache, KVCache) else unstacked
+    return None if isinstance(cache, (KVCache, Blocks)) else unstacked
 
 
 def cache_length(cache) -> int:
@@ -97,7 +98,7 @@ class Engine:
         return nnx.merge(self._graphdef, self._state)
 
     def _constrain_cache(self, cache):
-        return jax.tree.map(lambda c: sharding.constrain(c, KVCache.axes()), cache)
+        return jax.tree.map(lambda c: sharding.constrain(c, KVCache.axes(c.ndim)), cache)
 
     def _prefill_fn(self, state, unstacked, tokens, positions, last, cache, rng, sampler):
         self.compile_count += 1
@@ -126,22 +127,31 @@ class Engine:
         """Whether a cache of `length` slots is kept per layer (and the layers unstacked)."""
         return self._unstacked is not None and length <= UNSTACK_MAX_SLOTS
 
-    def _cache_shardings(self, batch: int, length: int):
+    def _cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        """One array's shape: [L, B, K, S, H]; per layer without its size-1 dimensions
+        ([B, K, S, H], or [K, S, H] for one row: see llama2_jax.kv_cache)."""
         cfg = self.config
-        per_layer = self._per_layer(length)
-        shape = (1 if per_layer else cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-        s = sharding.named_sharding(self.mesh, KVCache.axes(), shape)
-        return tuple([KVCache(s, s)] * cfg.n_layers) if per_layer else KVCache(s, s)
+        if not self._per_layer(length):
+            return (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+        return (batch,) * (batch > 1) + (cfg.n_kv_heads, length, cfg.head_dim)
+
+    def _cache_shardings(self, batch: int, length: int):
+        shape = self._cache_shape(batch, length)
+        s = sharding.named_sharding(self.mesh, KVCache.axes(len(shape)), shape)
+        if self._per_layer(length):
+            return tuple([KVCache(s, s)] * self.config.n_layers)
+        return KVCache(s, s)
 
     def new_cache(self, batch: int, length: int):
         """A zeroed cache for `batch` rows of `length` slots, created in its shards."""
         make = self._cache_makers.get((batch, length))
         if make is None:
             cfg = self.config
+            shape = self._cache_shape(batch, length)
 
             def init():
                 if self._per_layer(length):
-                    return tuple(init_cache(cfg.replace(n_layers=1), batch, length)
+                    return tuple(KVCache(*[jnp.zeros(shape, cfg.compute_dtype)] * 2)
                                  for _ in range(cfg.n_layers))
                 return init_cache(cfg, batch, length)
 
@@ -151,15 +161,20 @@ class Engine:
 
     def grow_cache(self, cache, length: int):
         """A copy of `cache` with its slots extended to `length` (stacked if it gets long)."""
-        batch, old = jax.tree.leaves(cache)[0].shape[1], cache_length(cache)
+        first = cache if isinstance(cache, KVCache) else cache[0]
+        batch, old = first.rows, first.length
         make = self._cache_makers.get(("grow", batch, old, length))
         if make is None:
-            pad = ((0, 0), (0, 0), (0, 0), (0, length - old), (0, 0))
-
             def grow(c):
                 if not isinstance(c, KVCache) and not self._per_layer(length):
-                    c = KVCache(*(jnp.concatenate(parts) for parts in zip(*c)))
-                return jax.tree.map(lambda x: jnp.pad(x, pad), c)
+                    c = KVCache(*(jnp.stack([x.reshape(batch, *x.shape[-3:]) for x in parts])
+                                  for parts in zip(*c)))  # [L, B, K, S, H]
+
+                def pad(x):
+                    widths = [(0, 0)] * x.ndim
+                    widths[-2] = (0, length - old)
+                    return jnp.pad(x, widths)
+                return jax.tree.map(pad, c)
 
             make = jax.jit(grow, out_shardings=self._cache_shardings(batch, length))
             self._cache_makers[("grow", batch, old, length)] = make

@@ -13,31 +13,18 @@ rotary pairs), stored einsum-friendly: `wq` is [D, N, H], `wo` [N, H, D], `w1` [
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama2_jax import kv_cache
 from llama2_jax.config import ModelConfig
+from llama2_jax.kv_cache import Blocks, KVCache  # noqa: F401  (re-exported)
 from llama2_jax.sharding import constrain
 
 f32 = jnp.float32
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every layer, [L, B, K, S, H] each; slot s holds position s."""
-
-    k: jax.Array
-    v: jax.Array
-
-    @property
-    def length(self) -> int:
-        return self.k.shape[3]
-
-    @staticmethod
-    def axes() -> tuple[str, ...]:
-        return ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
@@ -92,16 +79,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
-def _write(cache: jax.Array, new: jax.Array, layer, positions: jax.Array) -> jax.Array:
-    """cache [L, B, K, S, H] with new [B, T, K, H] scattered to (layer, b, :, positions[b, t]).
-
-    Positions past the cache's end (padding of a prefill bucket) are dropped. A scatter is
-    updated in place inside the layer scan; a vmapped dynamic_update_slice was copied.
-    """
-    rows = jnp.arange(new.shape[0])[:, None]  # [B, 1]
-    return cache.at[layer, rows, :, positions].set(new.astype(cache.dtype), mode="drop")
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
         d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -112,11 +89,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None,
                  attend=None):
-        """x [B, T, D]; positions [B, T]; kv: (k, v) caches [L, B, K, S, H] or None.
+        """x [B, T, D]; positions [B, T]; kv: the cache (a KVCache or Blocks) or None.
 
-        Query at position p sees key slots s <= p (and `mask_extra` [B, T, S] if given); with
-        `attend` (static), only the first `attend` slots are read. Returns the output
-        [B, T, D] and the updated (k, v).
+        Query at position p sees positions s <= p: the batch's own tokens (and `mask_extra`
+        [B, T, S] if given) without a cache; with one, its slots after this call's keys and
+        values are written (only its first `attend` slots, static, are read). Returns the
+        output [B, T, D] and the updated cache.
         """
         B, T, D = x.shape
         N, H = self.wq.shape[-2:]
@@ -127,23 +105,16 @@ class Attention(nnx.Module):
         k = linear("BTD,DQ->BTQ", x, self.wk[...].reshape(D, K * H)).reshape(B, T, K, H)
         v = linear("BTD,DQ->BTQ", x, self.wv[...].reshape(D, K * H)).reshape(B, T, K, H)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
         if kv is None:
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S=T, H]
-            key_pos = positions  # [B, S]
+            mask = positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
+            if mask_extra is not None:
+                mask = mask & mask_extra
+            out = kv_cache.attend_over(q, [keys], [values], mask)
         else:
-            ck, cv = (_write(c, new, layer, positions) for c, new in zip(kv, (k, v)))
-            kv = (ck, cv)
-            keys, values = ck[layer, :, :, :attend], cv[layer, :, :, :attend]  # [B, K, S, H]
-            key_pos = jnp.arange(keys.shape[2])[None, :]  # [1, S]
-        q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
-        scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys.astype(q.dtype),
-                            preferred_element_type=f32) * (H ** -0.5)
-        mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
-        if mask_extra is not None:
-            mask = mask & mask_extra
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values.astype(x.dtype))
+            kv = kv_cache.write(kv, k, v, layer, positions)
+            out = kv_cache.attention(q, kv, layer, positions, attend)  # [B, T, K, G, H]
         out = out.reshape(B, T, N * H)
         return linear("BTQ,QD->BTD", out, self.wo[...].reshape(N * H, D)), kv
 
@@ -197,15 +168,18 @@ class Transformer(nnx.Module):
         Args:
           tokens, positions: [B, T] int32. With a cache, token t of row b is written to slot
             positions[b, t] (dropped if past the cache's end).
-          cache: a KVCache, or None for a cache-free pass over `tokens` alone.
+          cache: a KVCache or Blocks (llama2_jax.kv_cache), or None for a cache-free pass
+            over `tokens` alone. It may hold more rows than the batch: row b of the batch
+            uses row b of the cache.
           logits_at: [B] index into T; if given, logits only there ([B, V]).
-          mask_extra: [B, T, S] bool, ANDed with the causal mask (e.g. segment masks).
+          mask_extra: [B, T, T] bool, ANDed with the causal mask (e.g. segment masks); only
+            without a cache.
           remat: recompute each layer's activations in the backward pass.
           attend: with a cache, read only its first `attend` slots (static): attention then
             costs what the tokens in use need, not what the cache holds. Every query must sit
             below it; writes past it still land in the cache.
           unstacked: the layers as L separate states (`unstack_layers`), run in a Python loop
-            instead of the scan; `cache` is then a tuple of L one-layer KVCaches. XLA:CPU
+            instead of the scan; `cache` is then a tuple of L one-layer caches. XLA:CPU
             copies every scanned layer's weights out of the stack before its matmuls: on CPU
             this decodes ~1.5x faster, at the price of a second copy of the layers.
         Returns:
@@ -230,13 +204,11 @@ class Transformer(nnx.Module):
             caches = [None] * len(unstacked) if cache is None else cache
             new = []
             for layer_state, c in zip(unstacked, caches):
-                (x, kv), _ = body((x, None if c is None else tuple(c)), (layer_state, 0))
-                new.append(None if kv is None else KVCache(*kv))
+                (x, kv), _ = body((x, c), (layer_state, 0))
+                new.append(kv)
             cache = None if cache is None else tuple(new)
         else:
-            kv = None if cache is None else (cache.k, cache.v)
-            (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, jnp.arange(cfg.n_layers)))
-            cache = None if kv is None else KVCache(*kv)
+            (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(cfg.n_layers)))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
         x = self.norm(x)

@@ -59,7 +59,7 @@ def run_all(scheduler, requests, timeout=120):
 
 
 def scheduler_for(engine, slots=3, length=128, chunk=16, prefix=1 << 20, **kw):
-    return Scheduler(lambda: Slots(engine, slots, length, chunk=chunk), length=length,
+    return Scheduler(lambda: Slots(engine, slots, length, chunk=chunk, kv_block=32), length=length,
                      vocab_size=CFG.vocab_size, prefix_cache_bytes=prefix, **kw).start()
 
 
@@ -67,7 +67,7 @@ def scheduler_for(engine, slots=3, length=128, chunk=16, prefix=1 << 20, **kw):
 @pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "scan"])
 def test_slots_chunked_prefill_and_decode_equal_generate_alone(model, unstack):
     engine = Engine(model, unstack=unstack)
-    slots = Slots(engine, 4, 128, chunk=16)
+    slots = Slots(engine, 4, 128, chunk=16, kv_block=16)
     prompts = PROMPTS[1:5]
     got = [[] for _ in prompts]
     for s, p in enumerate(prompts):
@@ -81,34 +81,100 @@ def test_slots_chunked_prefill_and_decode_equal_generate_alone(model, unstack):
     assert got == [alone(engine, p) for p in prompts]
 
 
-def test_decode_attends_over_a_bucket_of_the_tokens_in_use(engine):
-    slots = Slots(engine, 2, 128, chunk=32)
+def test_decode_attends_over_the_blocks_of_the_tokens_in_use(engine):
+    slots = Slots(engine, 2, 128, chunk=32, kv_block=16)
+    assert slots.blocks == (16,) * 8 and slots.buckets() == [16, 32, 64, 128]
     slots.prefill(0, PROMPTS[2], 0, True, Settings())  # 17 tokens
     before = slots.compile_count
     slots.decode()
     slots.decode()
     assert slots.compile_count == before + 1  # one decode compile for the 32-position bucket
     slots.prefill(1, PROMPTS[5][:32], 0, True, Settings())  # the first prefill's shape
-    slots.decode()  # 32 + 1 positions in use: the next bucket
+    slots.decode()  # 32 + 1 positions in use: the next bucket (and two rows)
     assert slots.compile_count == before + 2
-    assert slots.buckets() == [16, 32, 64, 128]
 
 
-def test_idle_slot_never_overwrites_a_prompt_being_prefilled(engine):
-    slots = Slots(engine, 2, 128, chunk=16)
+def _cache_slices(hlo: str, cache) -> list[str]:
+    shapes = {"x".join(map(str, shape)) for x in jax.tree.leaves(cache)
+              for shape in (x.shape, x.shape[1:])}  # [L, B, K, S, H], or one layer's
+    return [line for line in hlo.splitlines() if "stablehlo.slice" in line
+            and any(f"tensor<{shape}x" in line.split("->")[0] for shape in shapes)]
+
+
+def test_decode_step_reads_whole_cache_arrays_only(engine):
+    """No slice of a cache array is taken by a decode step: the rows and positions it reads
+    are whole row groups and position blocks (XLA:CPU would copy a slice)."""
+    slots = Slots(engine, 8, 128, chunk=32, kv_block=16)
+    assert slots.groups == (1, 3, 4) and slots.row_buckets() == [1, 4, 8]
+    with jax.set_mesh(engine.mesh):
+        hlo = slots._decode.lower(slots._weights, slots.cache, slots.state, rows=4,
+                                  attend=32).as_text()
+        assert not _cache_slices(hlo, slots.cache)
+        # the check sees slices where there are: one [8 rows, 128 positions] array per layer
+        plain = engine.new_cache(8, 128)
+        model = engine._model()
+        step = jax.jit(lambda c: model(jnp.zeros((4, 1), jnp.int32),
+                                       jnp.zeros((4, 1), jnp.int32), c, attend=32,
+                                       unstacked=engine._unstacked)[1])
+        assert _cache_slices(step.lower(plain).as_text(), plain)
+
+
+def test_decode_computes_only_the_rows_up_to_the_highest_slot_in_use(engine):
+    slots = Slots(engine, 8, 128, chunk=32, kv_block=16, row_growth=2)
+    assert slots.groups == (1, 1, 2, 4) and slots.row_buckets() == [1, 2, 4, 8]
+    p, q = PROMPTS[2], PROMPTS[3]
+    first = slots.prefill(0, p, 0, True, Settings())
+    got_p = [int(first.tokens[0])]
+    out = slots.decode()
+    assert out.tokens.shape == (1,)  # one row computed, not eight
+    got_p.append(int(out.tokens[0]))
+    first = slots.prefill(5, q, 0, True, Settings())  # slot 5 in use: rows 0..7
+    got_q = [int(first.tokens[0])]
+    for _ in range(6):
+        out = slots.decode()
+        assert out.tokens.shape == (8,)
+        got_p.append(int(out.tokens[0]))
+        got_q.append(int(out.tokens[5]))
+    slots.release(5)  # back to one row: slot 0's state was kept through both shapes
+    for _ in range(2):
+        out = slots.decode()
+        assert out.tokens.shape == (1,)
+        got_p.append(int(out.tokens[0]))
+    assert got_p == alone(engine, p, 10) and got_q == alone(engine, q, 7)
+
+
+def test_decode_steps_between_chunks_leave_a_prompt_being_prefilled_intact(engine):
+    slots = Slots(engine, 4, 128, chunk=16, kv_block=16)
     p, q = PROMPTS[4], PROMPTS[3]  # 33 and 31 tokens
-    slots.prefill(1, q[:16], 0, False, Settings())
+    got_q = [int(slots.prefill(1, q[:16], 0, False, Settings()).tokens[0])]
+    got_q = [int(slots.prefill(1, q[16:], 16, True, Settings()).tokens[0])]
+    slots.prefill(2, p[:16], 0, False, Settings())
+    for _ in range(3):  # slot 1 decodes (rows 0..1); slot 2, mid-prefill, is outside them
+        got_q.append(int(slots.decode().tokens[1]))
+    slots.prefill(2, p[16:32], 16, False, Settings())
+    for _ in range(2):  # now rows 0..3, slot 2 among them, idle
+        got_q.append(int(slots.decode().tokens[1]))
+    got_p = [int(slots.prefill(2, p[32:], 32, True, Settings()).tokens[0])]
+    for _ in range(6):
+        out = slots.decode()
+        got_p.append(int(out.tokens[2]))
+        got_q.append(int(out.tokens[1]))
+    assert got_p == alone(engine, p, 7) and got_q == alone(engine, q, 12)
+
+
+def test_chunks_out_of_order_are_refused(engine):
+    slots = Slots(engine, 2, 128, chunk=16, kv_block=16)
+    p = PROMPTS[4]
     slots.prefill(0, p[:16], 0, False, Settings())
-    for _ in range(5):
-        slots.decode()  # slots 0 and 1 are mid-prefill: their rows must stay untouched
-    slots.prefill(0, p[16:32], 16, False, Settings())
-    out = slots.prefill(0, p[32:], 32, True, Settings())
-    got = [int(out.tokens[0])] + [int(slots.decode().tokens[0]) for _ in range(7)]
-    assert got == alone(engine, p, 8)
+    with pytest.raises(ValueError, match="no prompt prefilled up to position 16"):
+        slots.prefill(1, p[16:32], 16, False, Settings())  # another slot's continuation
+    with pytest.raises(ValueError, match="in order"):
+        slots.prefill(0, p[20:32], 20, False, Settings())  # a gap
+    slots.prefill(0, p[16:32], 16, False, Settings())  # the right continuation
 
 
 def test_prefix_extract_and_insert_reuse_keys_and_values(engine):
-    slots = Slots(engine, 2, 128, chunk=128)
+    slots = Slots(engine, 2, 128, chunk=128, kv_block=16)
     p = PROMPTS[5]  # 70 tokens
     slots.prefill(0, p, 0, True, Settings())
     prefix = slots.extract(0, 60)
@@ -120,7 +186,7 @@ def test_prefix_extract_and_insert_reuse_keys_and_values(engine):
 
 
 def test_warm_up_compiles_every_shape(engine):
-    slots = Slots(engine, 3, 64, chunk=32)
+    slots = Slots(engine, 3, 64, chunk=32, kv_block=16)
     compiled = slots.warm_up()
     assert compiled == slots.compile_count > 0
     for p in PROMPTS[:6]:  # any prompt, chunk and decode length: nothing new

@@ -26,8 +26,9 @@ def engine(model, request):
 
 def test_unstacked_and_scanned_layers_agree(model):
     loop, scan = Engine(model, unstack=True), Engine(model, unstack=False)
-    caches = loop.new_cache(1, 16)  # a tuple of one-layer caches
-    assert [c.k.shape for c in caches] == [(1, 1, CFG.n_kv_heads, 16, CFG.head_dim)] * 2
+    caches = loop.new_cache(1, 16)  # a tuple of one-layer caches, without size-1 dimensions
+    assert [c.k.shape for c in caches] == [(CFG.n_kv_heads, 16, CFG.head_dim)] * 2
+    assert loop.new_cache(3, 16)[0].k.shape == (3, CFG.n_kv_heads, 16, CFG.head_dim)
     assert scan.new_cache(1, 16).k.shape == (CFG.n_layers, 1, CFG.n_kv_heads, 16, CFG.head_dim)
     tokens = prompt(21, 12)
     np.testing.assert_allclose(loop.forward(tokens), scan.forward(tokens), atol=1e-5, rtol=0)

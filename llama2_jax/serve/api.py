@@ -248,7 +248,8 @@ def _generation(server: Server, prompts, req, max_tokens, top, prompt_param) -> 
         top_logprobs=bool(top))
     gen = Generation(scheduler, server.tokenizer, prompts, req.n,
                      max_tokens if max_tokens is not None else server.context - longest,
-                     settings, req.stop_strings())
+                     settings, req.stop_strings(),
+                     stop_ids=frozenset() if req.ignore_eos else None)
     if max_tokens is None:  # each prompt's own room
         for c in gen.choices:
             c.request.max_tokens = server.context - len(c.prompt)
@@ -288,6 +289,9 @@ async def _chat_chunks(server: Server, gen: Generation, req, top):
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     usage_chunks = bool(req.stream_options and req.stream_options.include_usage)
 
+    def ids(tokens):
+        return _ids(tokens) if req.return_token_ids and tokens else None
+
     def chunk(choices, usage=None):
         return schemas.ChatCompletionChunk(id=ident, created=created, model=server.model_name,
                                            choices=choices, usage=usage)
@@ -299,14 +303,16 @@ async def _chat_chunks(server: Server, gen: Generation, req, top):
         logprobs = None
         if top is not None and u.tokens:
             logprobs = {"content": gen.chat_logprobs(u.tokens, top)}
+        unsent = u.tokens  # logprobs and ids go with the first chunk of the update
         if u.text or u.finish_reason is None:
             yield chunk([schemas.ChatChunkChoice(index=u.index, delta=schemas.Delta(
-                content=u.text), logprobs=logprobs)])
-            logprobs = None
+                content=u.text), logprobs=logprobs, token_ids=ids(unsent))])
+            logprobs, unsent = None, []
         if u.finish_reason is not None:
             yield chunk([schemas.ChatChunkChoice(index=u.index, delta=schemas.Delta(),
                                                  logprobs=logprobs,
-                                                 finish_reason=u.finish_reason)])
+                                                 finish_reason=u.finish_reason,
+                                                 token_ids=ids(unsent))])
     if usage_chunks:
         yield chunk([], usage=gen.usage)
 
@@ -342,7 +348,9 @@ async def _completion_chunks(server: Server, gen: Generation, req):
         yield schemas.Completion(id=ident, created=created, model=server.model_name,
                                  choices=[schemas.CompletionChoice(
                                      index=u.index, text=u.text, logprobs=logprobs,
-                                     finish_reason=u.finish_reason)])
+                                     finish_reason=u.finish_reason,
+                                     token_ids=_ids(u.tokens) if req.return_token_ids
+                                     else None)])
     if usage_chunks:
         yield schemas.Completion(id=ident, created=created, model=server.model_name,
                                  choices=[], usage=gen.usage)

@@ -64,10 +64,12 @@ class Generation:
       max_tokens: the most new tokens per choice.
       settings: sampling settings (the seed of the first choice).
       stops: stop strings (not returned).
+      stop_ids: tokens that end a choice (not returned); default the tokenizer's EOS.
     """
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, prompts: list[list[int]],
-                 n: int, max_tokens: int, settings: Settings, stops: Sequence[str]):
+                 n: int, max_tokens: int, settings: Settings, stops: Sequence[str],
+                 stop_ids: frozenset[int] | None = None):
         self.scheduler, self.tokenizer = scheduler, tokenizer
         self.prompts, self.n = prompts, n
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -78,7 +80,8 @@ class Generation:
                 s = dataclasses.replace(settings, seed=settings.seed + j)
                 index = i * n + j
                 request = Request(prompt, max_tokens, sink=self._sink(index), settings=s,
-                                  stop_ids=frozenset({tokenizer.eos_id}))
+                                  stop_ids=frozenset({tokenizer.eos_id}) if stop_ids is None
+                                  else stop_ids)
                 self.choices.append(Choice(index, prompt, request, TextStream(tokenizer, stops)))
 
     def _sink(self, index: int):

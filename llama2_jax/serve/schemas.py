@@ -41,6 +41,8 @@ class _Sampling(_Request):
     logit_bias: dict[str, float] | None = None
     # An extension (as vLLM's): the prompt's token ids and each choice's, in the response.
     return_token_ids: bool = False
+    # An extension (as vLLM's): do not stop at EOS; generate max_tokens (benchmarks).
+    ignore_eos: bool = False
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -154,6 +156,7 @@ class ChatChunkChoice(BaseModel):
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: the tokens behind the delta
 
 
 class ChatCompletionChunk(BaseModel):

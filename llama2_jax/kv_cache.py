@@ -1,0 +1,224 @@
+"""The KV cache: its layouts, how new keys/values are written, and attention over it.
+
+A cache holds keys and values of every layer as [L, B, K, S, H] arrays (L layers, B rows,
+K KV heads, S positions, H head dim); slot s of row b holds position s of that row's sequence.
+It comes in two layouts, one code path:
+
+  KVCache  one array per k and v: the whole batch, every position (the Engine's).
+  Blocks   the rows in groups and the positions in blocks, one array pair per (group, block):
+           group g holds rows start_g .. start_g + size_g - 1, block j positions off_j ...
+           A plain KVCache is the Blocks of one group and one block.
+
+Why blocks: XLA:CPU copies a slice of an array before a dot reads it, so a decode step that
+attends over the first `attend` positions of its first `rows` rows, sliced out of one array,
+pays for a copy of all of them (BENCH_134M shapes, 12 layers, 16 rows x 512 of 640 positions:
+207 ms sliced vs 16 ms in blocks of 128). A step over Blocks reads whole arrays only: the
+groups of the rows it runs, the blocks of the positions it attends. Row groups grow
+geometrically (1, 3, 12, 48, ...), so 1, 4, 16, 64, ... rows are always whole groups.
+
+Blocks of one layer (a per-layer cache, the unstacked CPU path) are stored without their
+size-1 dimensions: [rows, K, S, H], or [K, S, H] for a one-row group. XLA:CPU turns a
+size-1 dimension into a bitcast in front of the attention dot, fuses the cache write into it,
+and then needs a copy of the block for that fusion on every step; without it the write is in
+place and the dot reads the written block itself.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+class KVCache(NamedTuple):
+    """Keys and values, [L, B, K, S, H] each; slot s holds position s. (In a per-layer Blocks
+    cache: [B, K, S, H], or [K, S, H] for one row.)"""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[-2]
+
+    @property
+    def rows(self) -> int:
+        return 1 if self.k.ndim == 3 else self.k.shape[-4]
+
+    @staticmethod
+    def axes(ndim: int = 5) -> tuple[str, ...]:
+        """Logical axes of an array of the cache with `ndim` dimensions."""
+        return ("layers", "batch", "kv_heads", "length", "head_dim")[5 - ndim:]
+
+
+class Blocks(NamedTuple):
+    """A cache in row groups x position blocks: groups[g][j] is a KVCache [L, rows of group
+    g, K, positions of block j, H]. Every group has the same blocks."""
+
+    groups: tuple[tuple[KVCache, ...], ...]
+
+    @property
+    def length(self) -> int:
+        return sum(b.length for b in self.groups[0])
+
+    @property
+    def rows(self) -> int:
+        return sum(g[0].rows for g in self.groups)
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return tuple(b.length for b in self.groups[0])
+
+
+def group_sizes(rows: int, growth: int = 4) -> tuple[int, ...]:
+    """Row groups for `rows` rows whose leading groups hold 1, growth, growth^2, ... rows in
+    all (the last group cut to fit): 1, 3, 12, 48, ... for growth 4."""
+    sizes, total = [], 0
+    while total < rows:
+        size = min(max(1, total * (growth - 1)), rows - total)
+        sizes.append(size)
+        total += size
+    return tuple(sizes)
+
+
+def block_sizes(length: int, block: int) -> tuple[int, ...]:
+    """Position blocks of `block` slots covering `length` (the last one shorter)."""
+    return tuple(min(block, length - off) for off in range(0, length, block))
+
+
+def init_blocks(n_layers: int | None, groups: Sequence[int], blocks: Sequence[int],
+                kv_heads: int, head_dim: int, dtype) -> Blocks:
+    """Zeros; n_layers=None: one layer's blocks, stored without size-1 dimensions."""
+    def shape(g, s):
+        if n_layers is None:
+            return (g, kv_heads, s, head_dim) if g > 1 else (kv_heads, s, head_dim)
+        return (n_layers, g, kv_heads, s, head_dim)
+    return Blocks(tuple(tuple(KVCache(*[jnp.zeros(shape(g, s), dtype)] * 2) for s in blocks)
+                        for g in groups))
+
+
+def as_blocks(cache: KVCache | Blocks) -> Blocks:
+    return cache if isinstance(cache, Blocks) else Blocks(((cache,),))
+
+
+def like(template: KVCache | Blocks, blocks: Blocks) -> KVCache | Blocks:
+    """`blocks` in the layout of `template` (a KVCache stays a KVCache)."""
+    return blocks if isinstance(template, Blocks) else blocks.groups[0][0]
+
+
+def _groups_for(blocks: Blocks, rows: int):
+    """(group, first row, rows of it in use) for the groups holding rows 0..rows-1."""
+    start = 0
+    for group in blocks.groups:
+        if start >= rows:
+            return
+        size = group[0].rows
+        yield group, start, min(size, rows - start)
+        start += size
+
+
+def write(cache: KVCache | Blocks, k: jax.Array, v: jax.Array, layer,
+          positions: jax.Array) -> KVCache | Blocks:
+    """The cache with k, v [B, T, K, H] of rows 0..B-1 at (layer, b, :, positions[b, t]).
+
+    Positions outside the cache (an idle row's, padding past the end) are dropped. Writes
+    are in place; inside a layer scan too.
+    """
+    b = as_blocks(cache)
+    groups = list(b.groups)
+    for gi, (group, start, n) in enumerate(_groups_for(b, k.shape[0])):
+        kg, vg = k[start:start + n], v[start:start + n]
+        pos = positions[start:start + n]
+        new, off = [], 0
+        for blk in group:
+            new.append(KVCache(_write_block(blk.k, kg, layer, pos - off),
+                               _write_block(blk.v, vg, layer, pos - off)))
+            off += blk.length
+        groups[gi] = tuple(new)
+    return like(cache, Blocks(tuple(groups)))
+
+
+def _write_block(c: jax.Array, x: jax.Array, layer, idx: jax.Array) -> jax.Array:
+    """c with x [n, T, K, H] at slots idx [n, T] of rows 0..n-1 (dropped outside 0..S-1)."""
+    size = c.shape[-2]
+    inside = (idx >= 0) & (idx < size)
+    x = x.astype(c.dtype)
+    if c.ndim == 3 and x.shape[1] == 1:
+        # One row, one position (decode): a dynamic-update-slice of the slot the position
+        # falls in, or of a slot with its own old value. (A one-row scatter becomes a
+        # dynamic-update-slice, and its dropped out-of-bounds write a select over the whole
+        # block: a copy of it on every step.)
+        at = jnp.clip(idx[0, 0], 0, size - 1)
+        old = jax.lax.dynamic_slice(c, (0, at, 0), (c.shape[0], 1, c.shape[2]))
+        return jax.lax.dynamic_update_slice(
+            c, jnp.where(inside[0, 0], x[0].transpose(1, 0, 2), old), (0, at, 0))
+    idx = jnp.where(inside, idx, size)  # elsewhere: dropped
+    if c.ndim == 3:  # one row, a chunk of positions: [K, T, H] at slots idx
+        return c.at[:, idx[0]].set(x[0].transpose(1, 0, 2), mode="drop")
+    row = jnp.arange(x.shape[0])[:, None]  # [n, 1]
+    if c.ndim == 4:
+        return c.at[row, :, idx].set(x, mode="drop")
+    return c.at[layer, row, :, idx].set(x, mode="drop")
+
+
+def _rows_of(c: jax.Array, layer, n: int) -> jax.Array:
+    """[n, K, S, H]: rows 0..n-1 of the layer's block (sliced only if it holds more)."""
+    if c.ndim == 5:
+        c = c[layer]
+    elif c.ndim == 3:
+        c = c[None]
+    return c if c.shape[0] == n else c[:n]
+
+
+def attention(q: jax.Array, cache: KVCache | Blocks, layer, positions: jax.Array,
+              attend: int | None = None) -> jax.Array:
+    """Attention of q [B, T, K, G, H] (rows 0..B-1 at `positions` [B, T]) over the cache, this
+    step's keys/values written: query at position p sees slots s <= p. Only the cache's first
+    `attend` positions (all if None) are read: whole blocks, but where `attend` ends inside
+    one. Returns [B, T, K, G, H] in q.dtype.
+    """
+    b = as_blocks(cache)
+    attend = b.length if attend is None else attend
+    outs = []
+    for group, start, n in _groups_for(b, q.shape[0]):
+        keys, values, key_pos, off = [], [], [], 0
+        for blk in group:
+            if off >= attend:
+                break
+            take = min(blk.length, attend - off)
+            kb, vb = _rows_of(blk.k, layer, n), _rows_of(blk.v, layer, n)  # [n, K, S, H]
+            if take < blk.length:
+                kb, vb = kb[:, :, :take], vb[:, :, :take]
+            keys.append(kb)
+            values.append(vb)
+            key_pos.append(off + jnp.arange(take))
+            off += blk.length
+        pos = positions[start:start + n]
+        mask = jnp.concatenate(key_pos)[None, None, :] <= pos[:, :, None]  # [n, T, S]
+        outs.append(attend_over(q[start:start + n], keys, values, mask))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
+def attend_over(q: jax.Array, keys: Sequence[jax.Array], values: Sequence[jax.Array],
+                mask: jax.Array) -> jax.Array:
+    """Softmax attention of q [B, T, K, G, H] over keys/values given as blocks [B, K, S_j, H]
+    (their positions in order), where mask [B, T, S] (S = the blocks' total) is True.
+    Scores and softmax in float32; returns [B, T, K, G, H] in q.dtype."""
+    H = q.shape[-1]
+    scores = jnp.concatenate(
+        [jnp.einsum("BTKGH,BKSH->BKGTS", q, kb.astype(q.dtype), preferred_element_type=f32)
+         for kb in keys], axis=-1) * (H ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    if len(values) == 1:
+        return jnp.einsum("BKGTS,BKSH->BTKGH", probs, values[0].astype(q.dtype))
+    out, off = 0.0, 0
+    for vb in values:  # per block, summed in float32
+        s = vb.shape[2]
+        out = out + jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., off:off + s],
+                               vb.astype(q.dtype), preferred_element_type=f32)
+        off += s
+    return out.astype(q.dtype)
