@@ -68,6 +68,7 @@ from llama2_jax.config import BENCH_134M, LLAMA2_7B  # noqa: E402
 from llama2_jax.engine import Engine  # noqa: E402
 from llama2_jax.model import param_count  # noqa: E402
 from llama2_jax.sampling import Greedy  # noqa: E402
+from flax import nnx  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for torch and XLA:CPU.")
@@ -278,6 +279,72 @@ class HF:
         return times
 
 
+# -- the decode step next to its bare matmuls ----------------------------------------------------
+def matmul_chain(engine: Engine):
+    """A jitted chain of the model's own weight matmuls at batch 1, in the decode step's order,
+    and nothing else (no attention, norms, RoPE, sampling): what a decode step cannot beat."""
+    cfg = engine.config
+    layers = [jax.tree.map(lambda a: a, nnx.to_pure_dict(s)) for s in engine._unstacked]
+    params = nnx.to_pure_dict(engine._state)
+    d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def chain(x, layers, embed_out):
+        for w in layers:
+            a, f = w["attention"], w["feed_forward"]
+            q = x @ a["wq"].reshape(d, n * h)
+            kv = x @ a["wk"].reshape(d, k * h) + x @ a["wv"].reshape(d, k * h)
+            mix = q + jnp.repeat(kv.reshape(1, k, h), n // k, axis=1).reshape(1, n * h)
+            x = x + mix @ a["wo"].reshape(n * h, d)
+            x = x + (jax.nn.silu(x @ f["w1"]) * (x @ f["w3"])) @ f["w2"]
+        return jnp.argmax(x @ embed_out, axis=-1)
+
+    run = jax.jit(chain)
+    x = jnp.ones((1, d), cfg.compute_dtype)
+    return lambda: run(x, layers, params["output"])
+
+
+def decode_vs_chain(model, prompt, reps: int, steps: int) -> dict:
+    """Batch-1 decode step of the server (Slots, one slot of prompt + new tokens) and of the
+    Engine, next to the bare matmul chain; alternating, best and median step of each."""
+    from llama2_jax.batching import Settings, Slots
+    engine = Engine(model)
+    length = bucket_up(len(prompt) + FLAGS.new_tokens)
+    slots = Slots(engine, 1, length)
+    chain = matmul_chain(engine)
+    ours = Ours(model, prompt, FLAGS.new_tokens)
+    ours.engine = engine
+    times = {"server_step": [], "engine_step": [], "chain": []}
+    for _ in range(reps):
+        slots.release(0)
+        slots.prefill(0, prompt, 0, True, Settings())
+        for name in times:
+            if name == "server_step":
+                jax.block_until_ready(slots.decode().tokens)
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    jax.block_until_ready(slots.decode().tokens)
+                    times[name].append(time.perf_counter() - t)
+            elif name == "engine_step":
+                times[name] += ours.step_times(steps)
+            else:
+                jax.block_until_ready(chain())
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    jax.block_until_ready(chain())
+                    times[name].append(time.perf_counter() - t)
+    out = {f"{k}_ms": 1e3 * median(v) for k, v in times.items()}
+    out.update({f"{k}_best_ms": 1e3 * min(v) for k, v in times.items()})
+    out["slot_length"], out["kv_block"] = length, slots.kv_block
+    return out
+
+
+def bucket_up(n: int) -> int:
+    size = 16
+    while size < n:
+        size *= 2
+    return size
+
+
 # -- CPU comparison ------------------------------------------------------------------------------
 def measure(side, r: dict, cold: bool) -> None:
     busy = OthersBusy().start()
@@ -344,6 +411,7 @@ def run_cpu() -> dict:
         }
     summary[Ours.name]["compile_count"] = compiles
     summary[Ours.name]["step_ms_by_cache_length"] = by_length
+    summary["decode_vs_chain"] = decode_vs_chain(model, prompt, FLAGS.reps, FLAGS.steps)
     return {
         "mode": "cpu",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -401,6 +469,16 @@ def cpu_table(out: dict) -> str:
     for length, ms in o["step_ms_by_cache_length"].items():
         lines.append(f"| decode step in isolation, KV cache of {length} slots, ms | {ms:.1f} "
                      "| | | |")
+    c = out["summary"]["decode_vs_chain"]
+    lines += ["", "| batch-1 step, same weights, alternating (median / best ms) | ms | "
+              "chain / step |", "|---|---:|---:|"]
+    for key, label in (("chain", "bare jitted chain of the model's matmuls (no attention, "
+                                 "norms, sampling)"),
+                       ("server_step", f"server decode step (Slots, 1 slot of "
+                                       f"{c['slot_length']}, blocks of {c['kv_block']})"),
+                       ("engine_step", "Engine decode step (generate / chat)")):
+        lines.append(f"| {label} | {c[key + '_ms']:.1f} / {c[key + '_best_ms']:.1f} | "
+                     f"{c['chain_ms'] / c[key + '_ms']:.0%} |")
     dec = o["decode_tok_s"]
     mem = out["memory"]
     busy = [b for r in out["raw"].values() for b in r["others_busy"]]

@@ -165,7 +165,12 @@ class Slots:
 
     # -- buckets -----------------------------------------------------------------------------
     def bucket(self, n: int) -> int:
-        """The static length a prefill of n tokens compiles for (capped at the chunk)."""
+        """The static length a prefill of n tokens compiles for: a power of two up to
+        4 x min_bucket, then a multiple of that (less padding than powers of two: a prompt's
+        last chunk is any length), capped at the chunk."""
+        step = 4 * self.min_bucket
+        if n > step:
+            return min(-(-n // step) * step, self.chunk)
         return min(bucket(max(n, self.min_bucket), self.length), self.chunk)
 
     def attend_bucket(self, n: int) -> int:

@@ -96,8 +96,8 @@ def init_blocks(n_layers: int | None, groups: Sequence[int], blocks: Sequence[in
         if n_layers is None:
             return (g, kv_heads, s, head_dim) if g > 1 else (kv_heads, s, head_dim)
         return (n_layers, g, kv_heads, s, head_dim)
-    return Blocks(tuple(tuple(KVCache(*[jnp.zeros(shape(g, s), dtype)] * 2) for s in blocks)
-                        for g in groups))
+    return Blocks(tuple(tuple(KVCache(jnp.zeros(shape(g, s), dtype), jnp.zeros(shape(g, s), dtype))
+                              for s in blocks) for g in groups))
 
 
 def as_blocks(cache: KVCache | Blocks) -> Blocks:
