@@ -43,6 +43,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# One CPU device in this process (tests.conftest, imported with tests.serving, would ask for 8
+# simulated ones: `generate` would then run sharded 8 ways on this machine's cores).
+os.environ.setdefault("XLA_FLAGS", "")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import httpx  # noqa: E402
 import jax  # noqa: E402
@@ -201,6 +205,7 @@ def run() -> dict:
     prompt_sets = {c: make_prompts(rng, max(FLAGS.min_requests, FLAGS.requests_per_client * c))
                    for c in levels}
     model = checkpoint.random_model(BENCH_134M, seed=FLAGS.seed)
+    assert len(jax.devices()) == 1, "one CPU device expected (XLA_FLAGS)"
     out = dict(levels={}, config=dict(
         model="BENCH_134M fp32 (random weights)", new_tokens=new, context=context,
         prompts=f"{FLAGS.min_prompt}-{FLAGS.max_prompt} tokens, uniform",
@@ -331,7 +336,6 @@ def main(argv):
     del argv
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
     pin_threads(FLAGS.threads)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     out = run()
     print(table(out))
     if FLAGS.json:
