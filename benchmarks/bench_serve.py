@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks.common import hf_model_from, median, pin_threads  # noqa: E402
+from benchmarks.common import hf_model_from, pin_threads  # noqa: E402
 from benchmarks.serve_peers import hf_continuous_batching  # noqa: E402
 from llama2_jax import checkpoint, generate  # noqa: E402
 from llama2_jax.config import BENCH_134M  # noqa: E402

@@ -13,7 +13,7 @@ into a Hugging Face `LlamaForCausalLM` (convert/mapping.py's jax_to_hf), every p
 (q/k/v/o, gate/up/down, lm_head) quantized and dequantized in torch with plain symmetric
 per-output-channel absmax (int8: round(w / s) with s = max|w| / 127; fp8: cast of w / s to
 torch.float8_e4m3fn with s = max|w| / 448), compared with the fp32 HF model's own logits.
-"fp8-native" is the FP8 x FP8 path of GPUs with FP8 matmuls (`quant.NATIVE_FP8`: the
+"fp8-native" is the FP8 x FP8 path of GPUs with FP8 matmuls (`native_fp8=True`: the
 activations cast to e4m3 too, a scale per token), emulated here on CPU, against the same
 weight-only floor. The script also counts the 8-bit codes that differ between the two sides (the scales may
 differ in their last bit: XLA:CPU's float division is not always correctly rounded).
@@ -195,8 +195,8 @@ def main(argv):
                "methods": {}}
     for name, method, native in (("int8", "int8", False), ("fp8", "fp8", False),
                                  ("fp8-native", "fp8", True)):
-        quant.NATIVE_FP8 = native  # True: the GPU path, emulated on CPU
-        qmodel = quant.quantize_model(model, method)
+        # native: the GPU path (FP8 x FP8), emulated on CPU
+        qmodel = quant.quantize_model(model, method, native_fp8=native)
         ours = np.concatenate([llama2_jax.forward(qmodel, p) for p in prompts])
         (floor_kl, floor_top1), torch_codes = torch_floor(params, cfg, prompts, method,
                                                           full_hf)

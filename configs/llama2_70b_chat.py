@@ -12,6 +12,9 @@ def get_config():
     c = base_config()
     c.checkpoint_dir = "checkpoints/llama-2-70b-chat"
     c.model_preset = "70b"  # with --config.checkpoint_dir="": random weights of this shape
-    # "fp8" or "int8": 69 GB of weights, one 80 GB GPU; "" = as the checkpoint stores it
-    c.quantization = ""
+    # "auto": the planner (python -m llama2_jax.plan) picks the mesh and, when bf16 weights
+    # (138 GB) do not fit the devices present, int8 (69 GB); "none" / "int8" / "fp8" fix it;
+    # "" = as the checkpoint stores it. The choice is printed at start.
+    c.mesh = "auto"
+    c.quantization = "auto"
     return c

@@ -12,6 +12,9 @@ def get_config():
     c = base_config()
     c.checkpoint_dir = "checkpoints/llama-2-7b-chat"
     c.model_preset = "7b"  # with --config.checkpoint_dir="": random weights of this shape
-    # "int8" or "fp8": 6.7 GB of weights, not 13.5 (bf16); "" = as the checkpoint stores it
-    c.quantization = ""
+    # "auto": the planner (python -m llama2_jax.plan) picks the mesh and, when the weights in
+    # their dtype do not fit the devices present, int8; "none" / "int8" / "fp8" fix it;
+    # "" = as the checkpoint stores it. The choice is printed at start.
+    c.mesh = "auto"
+    c.quantization = "auto"
     return c

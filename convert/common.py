@@ -16,9 +16,9 @@ from absl import flags, logging
 from tqdm import tqdm
 
 from llama2_jax import checkpoint
+from llama2_jax.config import DTYPES  # noqa: F401  (the one list; converters' --dtype)
 
 TOKENIZER_FILE = "tokenizer.model"
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 class ConversionError(ValueError):

@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama2_jax import kv_cache, sharding
 from llama2_jax.engine import Engine, _layers_for, bucket
 from llama2_jax.kv_cache import Blocks, KVCache
-from llama2_jax.sampling import RowSampling, TOP_LOGPROBS, logprobs, sample_rows
+from llama2_jax.sampling import RowSampling, logprobs, sample_rows
 
 f32, i32 = jnp.float32, jnp.int32
 

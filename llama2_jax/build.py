@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from llama2_jax import checkpoint, cli, quant, sharding
+from llama2_jax import checkpoint, cli, distributed, plan, quant, sharding
 from llama2_jax.checkpoint import CheckpointError
 from llama2_jax.config import DTYPES, ConfigError, ModelConfig
 from llama2_jax.engine import ContextError
@@ -51,12 +51,17 @@ def model_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # 8-bit weights: none | int8 | fp8, quantized while loading; "" = as the checkpoint
     # stores them (a converter's --quantization), so a quantized checkpoint stays quantized.
     c.quantization = ""
+    # FP8 weights multiply FP8 activations (FP8 matmul hardware: Hopper, Ada); off: weight-only.
+    c.native_fp8 = False
     # Mesh sizes, -1 = the devices left. Tensor parallelism is the fastest for one
     # conversation but must divide the heads; FSDP works with any device count.
     c.data = 1
     c.fsdp = 1
     c.tensor = -1
-    c.multihost = False  # jax.distributed.initialize(); process 0 reads input and prints
+    # "auto": the planner (llama2_jax.plan) picks the mesh, and with quantization="auto" the
+    # weight format, that fit the devices present; "" = the data / fsdp / tensor sizes above.
+    c.mesh = ""
+    distributed.fields(c)  # multihost, coordinator_address, num_processes, process_id, ...
     c.seed = 0  # also the seed of random weights
     c.context_length = 0  # 0 = the model's max_seq_len
     # Compiled steps persist here, so the next start skips XLA compilation (minutes for 70B
@@ -76,6 +81,7 @@ class Prepared:
     quantization: str  # "" = as stored
     checkpoint_dir: str  # "" = random weights
     seed: int
+    native_fp8: bool = False
 
     @property
     def source(self) -> str:
@@ -87,11 +93,13 @@ class Prepared:
             if err is not None:
                 err.write(f"loading {self.checkpoint_dir} ...\n")
                 err.flush()
-            return checkpoint.load(self.checkpoint_dir, mesh=self.mesh, dtype=self.dtype,
-                                   quantization=self.quantization or None)
-        model = checkpoint.random_model(self.model_config.with_dtype(self.dtype), self.mesh,
-                                        seed=self.seed)
-        return quant.quantize_model(model, self.quantization or "none")
+            model = checkpoint.load(self.checkpoint_dir, mesh=self.mesh, dtype=self.dtype,
+                                    quantization=self.quantization or None)
+        else:
+            model = quant.quantize_model(
+                checkpoint.random_model(self.model_config.with_dtype(self.dtype), self.mesh,
+                                        seed=self.seed), self.quantization or "none")
+        return quant.use_native_fp8(model, True) if self.native_fp8 else model
 
 
 def context_length(model_cfg: ModelConfig, requested: int) -> int:
@@ -103,28 +111,34 @@ def context_length(model_cfg: ModelConfig, requested: int) -> int:
     return length
 
 
-def prepare(config: ml_collections.ConfigDict, err: TextIO) -> Prepared:
-    """Check the model settings of `config` (see `model_fields`); nothing is loaded.
+def prepare(config: ml_collections.ConfigDict, err: TextIO, app: str = "chat") -> Prepared:
+    """Check the model settings of `config` (see `model_fields`; a fine-tuning config has
+    them too) for `app` (chat, serve or finetune); nothing is loaded. The one way every app,
+    and the notebook, turns a config into a model config, tokenizer, mesh and weight format.
 
-    Trains the demo's model first when `train_config` says so. Raises one of USER_ERRORS.
+    Trains the demo's model first when `train_config` says so. The mesh and quantization are
+    the planner's (llama2_jax.plan) where they are "auto", and the ones given otherwise, which
+    must fit the devices present. Raises one of USER_ERRORS.
     """
     dtype = config.dtype or checkpoint.default_dtype()
     if dtype not in DTYPES:
         raise SettingsError(f"dtype={config.dtype!r}: expected one of {', '.join(DTYPES)} or "
                             "'' (bfloat16 on accelerators, float32 on CPU)")
-    if config.quantization:
+    if config.quantization not in ("", "auto"):
         quant.check_method(config.quantization)
-    mesh = sharding.make_mesh(config.data, config.fsdp, config.tensor)
+    mesh = explicit_mesh(config)
     checkpoint_dir = os.path.expanduser(config.checkpoint_dir)
-    if checkpoint_dir and config.train_config and not os.path.isdir(checkpoint_dir):
-        train_first(config.train_config, checkpoint_dir, err)
+    train_config = config.get("train_config", "")  # the demo's (chat and serve configs)
+    if checkpoint_dir and train_config and not os.path.isdir(checkpoint_dir):
+        train_first(train_config, checkpoint_dir, err)
+    stored = "none"
     if checkpoint_dir:
         if not os.path.isdir(checkpoint_dir):
             raise CheckpointError(
                 f"checkpoint directory not found: {checkpoint_dir} (convert weights there "
                 "with convert/meta_to_orbax.py or convert/hf_to_orbax.py, or set "
                 "--config.checkpoint_dir)")
-        model_cfg = checkpoint.read_config(checkpoint_dir)
+        model_cfg, stored = checkpoint.read_meta(checkpoint_dir)
         tokenizer_path = config.tokenizer_path or os.path.join(checkpoint_dir,
                                                                checkpoint.TOKENIZER_FILE)
     else:
@@ -134,9 +148,60 @@ def prepare(config: ml_collections.ConfigDict, err: TextIO) -> Prepared:
         tokenizer_path = config.tokenizer_path
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocab(tokenizer, model_cfg)
-    sharding.check_mesh(mesh, model_cfg.n_heads, model_cfg.n_kv_heads)
-    return Prepared(model_cfg, tokenizer, mesh, dtype, config.quantization, checkpoint_dir,
-                    config.seed)
+    if mesh is not None:
+        sharding.check_mesh(mesh, model_cfg.n_heads, model_cfg.n_kv_heads)
+    mesh, quantization = fit_devices(config, model_cfg, app, dtype, stored, mesh, err)
+    return Prepared(model_cfg, tokenizer, mesh, dtype, quantization, checkpoint_dir,
+                    config.seed, bool(config.get("native_fp8", False)))
+
+
+def explicit_mesh(config: ml_collections.ConfigDict) -> Mesh | None:
+    """The mesh of `config`'s data / fsdp / tensor sizes; None when `mesh` is "auto"."""
+    if config.mesh == "auto":
+        return None
+    if config.mesh:
+        raise SettingsError(f"mesh={config.mesh!r}: expected 'auto' (the planner picks) or '' "
+                            "(the data, fsdp and tensor settings)")
+    return sharding.make_mesh(config.data, config.fsdp, config.tensor)
+
+
+def fit_devices(config: ml_collections.ConfigDict, model_cfg: ModelConfig, app: str,
+                dtype: str, stored: str, mesh: Mesh | None,
+                err: TextIO) -> tuple[Mesh, str]:
+    """The mesh and quantization `app` runs with: `mesh` (None = the planner's) and
+    `config.quantization` ("auto" = the planner's; "" = as `stored`), checked against the
+    devices present by llama2_jax.plan. Raises SettingsError, with the planner's numbers,
+    when they do not fit."""
+    wanted = config.quantization
+    if wanted == "auto":
+        # A quantized checkpoint stays so; full fine-tuning trains unquantized weights.
+        quantization = stored if stored != "none" else "auto"
+    else:
+        quantization = wanted or stored
+    task = plan.task_of(config, app)
+    if task.name == "sft" and wanted == "auto":
+        quantization = "none"
+    devices = plan.present_devices()
+    fixed = None
+    if mesh is not None:
+        devices = dataclasses.replace(devices, count=mesh.size)
+        fixed = {axis: int(size) for axis, size in mesh.shape.items()}
+    name = os.path.basename(os.path.normpath(config.checkpoint_dir)) if config.checkpoint_dir \
+        else (config.model_preset or "random model")
+    try:
+        p = plan.make_plan(model_cfg, task, devices, model=name, quantization=quantization,
+                           mesh=fixed, dtype=dtype)
+    except plan.PlanError as e:
+        raise SettingsError(str(e)) from None
+    if not p.fits:
+        raise SettingsError(f"{p.notes[-1]} (python -m llama2_jax.plan prints the table)")
+    if mesh is None:
+        mesh = sharding.make_mesh(p.mesh["data"], p.mesh["fsdp"], p.mesh["tensor"])
+    if fixed is None or wanted == "auto":
+        err.write(f"plan: mesh {', '.join(f'{k}={v}' for k, v in p.mesh.items())}, "
+                  f"quantization {p.quantization}: {plan.gb(p.total)} of "
+                  f"{plan.gb(p.usable)} per device ({devices.kind})\n")
+    return mesh, p.quantization if wanted == "auto" else wanted
 
 
 def check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:

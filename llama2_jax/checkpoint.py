@@ -125,7 +125,7 @@ def save(directory: str | os.PathLike, model: Transformer, *,
         raise CheckpointError(f"{directory} already exists; pass overwrite=True to replace it")
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{_shared_suffix()}")
     try:
         ckptr = ocp.StandardCheckpointer()
         params = params_of(model)
@@ -169,6 +169,15 @@ def replace_dir(src: str, dst: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(src, dst)
+
+
+def _shared_suffix() -> str:
+    """A random name part, the same in every process (they write one checkpoint together)."""
+    suffix = np.frombuffer(uuid.uuid4().bytes[:4], np.uint8)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        suffix = np.asarray(multihost_utils.broadcast_one_to_all(suffix))
+    return bytes(suffix.astype(np.uint8)).hex()
 
 
 def _sync(name: str) -> None:

@@ -23,8 +23,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from llama2_jax.tokenizer import (B_INST, B_SYS, E_INST, E_SYS, DialogError, Tokenizer,
-                                  check_dialog)
+from llama2_jax.tokenizer import DialogError, Tokenizer, chat_turns, check_dialog
 
 TRUNCATE, DROP = "truncate", "drop"
 
@@ -96,15 +95,10 @@ def encode_for_training(tokenizer: Tokenizer, messages: Sequence[Mapping[str, st
     The ids are those `encode_dialog` gives for the same turns followed by a user message (so
     training sees what the chat app sends); the mask is True on each answer's tokens and EOS.
     """
-    messages = list(messages)
-    if messages[0]["role"] == "system":
-        messages = [{"role": "user", "content": B_SYS + messages[0]["content"] + E_SYS
-                     + messages[1]["content"]}] + messages[2:]
     tokens: list[int] = []
     loss: list[bool] = []
-    for prompt, answer in zip(messages[::2], messages[1::2]):
-        question = f"{B_INST} {prompt['content'].strip()} {E_INST}"
-        turn = tokenizer.encode(f"{question} {answer['content'].strip()} ", bos=True, eos=True)
+    for question, answer in chat_turns(messages):
+        turn = tokenizer.encode(f"{question} {answer} ", bos=True, eos=True)
         head = tokenizer.encode(question, bos=True)
         # SentencePiece could merge across the boundary; the answer starts where they part.
         n = next((i for i, (a, b) in enumerate(zip(head, turn)) if a != b), len(head))

@@ -22,12 +22,24 @@ from llama2_jax.model import Transformer, init_cache, unstack_layers
 from llama2_jax.sampling import Greedy
 
 MIN_BUCKET = 16
-# On CPU, models whose layers take at most this many bytes run with a second, per-layer copy of
-# the layer weights (see Transformer's `unstacked`): ~1.5x faster decode with caches of up to
-# UNSTACK_MAX_SLOTS slots; past that XLA:CPU copies per-layer caches and the scan is faster.
-UNSTACK_MAX_BYTES = 2 << 30
-UNSTACK_MAX_SLOTS = 1024
-SESSION_MIN_CACHE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """Tuning values of an Engine (and its Sessions).
+
+    On CPU, models whose layers take at most `unstack_max_bytes` run with a second, per-layer
+    copy of the layer weights (see Transformer's `unstacked`): ~1.5x faster decode with caches
+    of up to `unstack_max_slots` slots; past that XLA:CPU copies per-layer caches and the scan
+    is faster. A Session's cache starts at `session_min_cache` slots and doubles as needed.
+    """
+
+    unstack_max_bytes: int = 2 << 30
+    unstack_max_slots: int = 1024
+    session_min_cache: int = 256
+
+
+DEFAULT_OPTIONS = EngineOptions()
 
 
 class ContextError(ValueError):
@@ -72,18 +84,21 @@ class Engine:
     """Compiled prefill/decode for one model; compiles once per (batch, bucket) shape.
 
     `unstack` runs the layers from a per-layer copy of their weights (None: on CPU, for
-    layers of at most UNSTACK_MAX_BYTES) when the KV cache has at most UNSTACK_MAX_SLOTS
-    slots; such a cache is a tuple of one-layer caches, a longer one is stacked and scanned.
+    layers of at most `options.unstack_max_bytes`) when the KV cache has at most
+    `options.unstack_max_slots` slots; such a cache is a tuple of one-layer caches, a longer
+    one is stacked and scanned.
     """
 
     def __init__(self, model: Transformer, mesh: Mesh | None = None,
-                 unstack: bool | None = None):
+                 unstack: bool | None = None, options: EngineOptions = DEFAULT_OPTIONS):
         self.config = model.config
         self.mesh = mesh or model_mesh(model)
+        self.options = options
         self._graphdef, self._state = nnx.split(model)
         if unstack is None:
             layer_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.layers)))
-            unstack = jax.default_backend() == "cpu" and layer_bytes <= UNSTACK_MAX_BYTES
+            unstack = (jax.default_backend() == "cpu"
+                       and layer_bytes <= options.unstack_max_bytes)
         self._unstacked = unstack_layers(model) if unstack else None
         self.compile_count = 0  # traces of prefill/decode/forward, for tests and benchmarks
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampler",),
@@ -125,7 +140,7 @@ class Engine:
     # -- building blocks -----------------------------------------------------------------------
     def _per_layer(self, length: int) -> bool:
         """Whether a cache of `length` slots is kept per layer (and the layers unstacked)."""
-        return self._unstacked is not None and length <= UNSTACK_MAX_SLOTS
+        return self._unstacked is not None and length <= self.options.unstack_max_slots
 
     def _cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
         """One array's shape: [L, B, K, S, H]; per layer without its size-1 dimensions
@@ -301,7 +316,8 @@ class Session:
 
     Each `generate` call receives the whole token sequence so far (e.g. a dialog in the chat
     format); only the tokens after the longest prefix already in the cache are prefilled. The
-    cache grows in power-of-two steps (from SESSION_MIN_CACHE slots) as the conversation does:
+    cache grows in power-of-two steps (from the engine's `options.session_min_cache` slots) as
+    the conversation does:
     each decode step reads every slot, so a short chat in a 4096-token context stays fast.
     """
 
@@ -320,7 +336,7 @@ class Session:
         if len(tokens) >= self.length:
             raise ContextError(f"{len(tokens)} tokens leave no room to answer in a context of "
                                f"{self.length}")
-        size = max(min(SESSION_MIN_CACHE, self.length),
+        size = max(min(self.engine.options.session_min_cache, self.length),
                    bucket(len(tokens) + max_new_tokens, self.length))
         if self.cache is None or jax.tree.leaves(self.cache)[0].is_deleted():
             self.cache, self.cached = self.engine.new_cache(1, size), []

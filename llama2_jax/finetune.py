@@ -31,40 +31,39 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from absl import app, logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llama2_jax import checkpoint, cli, data, quant, sharding
+from llama2_jax import checkpoint, cli, data, distributed, quant, sharding
 from llama2_jax.checkpoint import CheckpointError
 from llama2_jax.config import DTYPES, ConfigError
 from llama2_jax.data import DataError
 from llama2_jax.events import EventWriter
-from llama2_jax.model import Transformer, abstract_model, linear
-from llama2_jax.quant import QArray
+from llama2_jax.model import abstract_model
+from llama2_jax.lora import (LORA_TARGETS, LoRA, apply_adapters, init_adapters,  # noqa: F401
+                             lora_scale, merge_adapters)
 from llama2_jax.sharding import ShardingError
-from llama2_jax.tokenizer import Tokenizer
+from llama2_jax.train_step import (_shardings_like, bind, decay_mask, loss_sums,  # noqa: F401
+                                   make_eval_step, make_optimizer, make_train_step)
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 EVENTS_DIR = "events"  # TensorBoard: tensorboard --logdir <output_dir>/events
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
-# Where each LoRA target lives and how many leading (input) axes its weight has.
-LORA_TARGETS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention", 1),
-                "wo": ("attention", 2), "w1": ("feed_forward", 1), "w2": ("feed_forward", 1),
-                "w3": ("feed_forward", 1)}
 # Settings a resumed run may change without changing what it computes.
 _RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "log_every", "keep_checkpoints",
-                      "compilation_cache_dir", "multihost", "progress"}
+                      "compilation_cache_dir", "multihost", "progress", "coordinator_address",
+                      "num_processes", "process_id", "distributed_timeout_s",
+                      "heartbeat_timeout_s"}
 
 
 class FinetuneError(ValueError):
@@ -111,11 +110,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("wq", "wv")))
     # With LoRA, the frozen base can be held in 8 bits (int8 | fp8, see llama2_jax.quant):
     # a 7B base in ~6.7 GB instead of 13.5. "none" = param_dtype.
+    # "auto" (LoRA): the planner's choice, none or int8, for the devices present.
     c.quantization = "none"
+    c.mesh = ""  # "auto": the planner picks the mesh; "" = the sizes below
     c.data = 1  # mesh sizes; -1 = the devices left
     c.fsdp = -1
     c.tensor = 1
-    c.multihost = False
+    distributed.fields(c)  # multihost, coordinator_address, num_processes, process_id, ...
     c.save_every = 500
     c.keep_checkpoints = 2
     c.eval_every = 500
@@ -125,48 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# -- LoRA ------------------------------------------------------------------------------------
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class LoRA:
-    """A frozen weight plus a low-rank update, W + scale * a @ b, as `model.linear` takes it.
-
-    `base` has the weight's own shape (reshaped by the model to its 2-D [in, out] view);
-    `a` [in, r] and `b` [r, out] are always 2-D (a leading L axis when stacked).
-    """
-
-    base: jax.Array
-    a: jax.Array
-    b: jax.Array
-    scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
-
-    @property
-    def shape(self):
-        return self.base.shape
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    def __getitem__(self, index):
-        if index is not Ellipsis:
-            raise TypeError("a LoRA weight is read whole, as w[...]")
-        return self
-
-    def reshape(self, *shape):
-        return dataclasses.replace(self, base=self.base.reshape(*shape))
-
-    def einsum(self, eq: str, x: jax.Array, out_dtype=None) -> jax.Array:
-        # The contraction is over x's last axis, so the adapter path is two plain matmuls.
-        y = linear(eq, x, jax.lax.stop_gradient(self.base), out_dtype)  # base may be 8-bit
-        low = (x @ self.a.astype(x.dtype)) @ self.b.astype(x.dtype)  # [..., out]
-        return y + (self.scale * low).astype(y.dtype)
-
-
-def lora_scale(config) -> float:
-    return float(config.lora.alpha) / int(config.lora.rank)
-
-
+# -- LoRA settings ---------------------------------------------------------------------------
 def check_lora(lora) -> None:
     if lora.rank < 0:
         raise FinetuneError(f"lora.rank={lora.rank}: expected 0 (full fine-tuning) or a rank > 0")
@@ -175,135 +135,6 @@ def check_lora(lora) -> None:
         if bad or not lora.targets:
             raise FinetuneError(f"lora.targets={tuple(lora.targets)}: expected a non-empty subset "
                                 f"of {', '.join(LORA_TARGETS)}")
-
-
-def init_adapters(params: dict, targets: Sequence[str], rank: int, seed: int) -> dict:
-    """Adapters for `targets`: a ~ N(0, 1/in), b = 0, so the model starts as the base exactly."""
-    out: dict = {}
-    keys = jax.random.split(jax.random.key(seed), len(targets))
-    for key, name in zip(keys, targets):
-        module, n_in = LORA_TARGETS[name]
-        w = params["layers"][module][name]  # [L, in..., out...]
-        fan_in, fan_out = math.prod(w.shape[1:1 + n_in]), math.prod(w.shape[1 + n_in:])
-        a = jax.random.normal(key, (w.shape[0], fan_in, rank), jnp.float32) * fan_in ** -0.5
-        out.setdefault("layers", {}).setdefault(module, {})[name] = {
-            "a": a, "b": jnp.zeros((w.shape[0], rank, fan_out), jnp.float32)}
-    return out
-
-
-def _with_adapters(params: dict, adapters: dict, fn: Callable) -> dict:
-    out = jax.tree.map(lambda x: x, params)  # a new nested dict, same arrays
-    for module, weights in adapters.get("layers", {}).items():
-        for name, ab in weights.items():
-            out["layers"][module][name] = fn(params["layers"][module][name], ab)
-    return out
-
-
-def apply_adapters(params: dict, adapters: dict, scale: float) -> dict:
-    """`params` with each adapted weight replaced by its LoRA object (for training)."""
-    return _with_adapters(params, adapters, lambda w, ab: LoRA(w, ab["a"], ab["b"], scale))
-
-
-def merge_adapters(params: dict, adapters: dict, scale: float, dtype=None) -> dict:
-    """`params` with W + scale * a @ b folded in (in float32, stored in `dtype`, default W's;
-    an 8-bit W is dequantized first)."""
-    def merge(w, ab):
-        delta = jnp.einsum("lir,lro->lio", ab["a"], ab["b"]).reshape(w.shape)
-        full = w.dequantize(jnp.float32) if isinstance(w, QArray) else w.astype(jnp.float32)
-        return (full + scale * delta).astype(dtype or w.dtype)
-    return _with_adapters(params, adapters, merge)
-
-
-# -- the training step ------------------------------------------------------------------------
-def bind(graphdef, state, params: dict) -> Transformer:
-    """The model with `params` (a pure dict; leaves may be LoRA objects) as its weights."""
-    state = jax.tree.map(lambda x: x, state)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
-
-
-def loss_sums(model: Transformer, batch: dict, remat: bool = False):
-    """(sum of token cross-entropies weighted by batch["weights"], sum of weights)."""
-    mask = data.segment_mask(batch["segments"])  # [B, T, T]
-    logits, _ = model(batch["inputs"], batch["positions"], mask_extra=mask, remat=remat)
-    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    gold = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    w = batch["weights"]
-    return jnp.sum((logz - gold) * w), jnp.sum(w)
-
-
-def decay_mask(tree: dict) -> dict:
-    """True where AdamW decays: not norms, not embeddings."""
-    def keep(path, _):
-        names = [str(getattr(k, "key", k)) for k in path]
-        return not any(n.endswith("norm") or n == "tok_embeddings" for n in names)
-    return jax.tree_util.tree_map_with_path(keep, tree)
-
-
-def make_optimizer(config, trainable: dict) -> tuple[optax.GradientTransformation, Callable]:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-        decay_steps=max(config.steps, config.warmup_steps + 1),
-        end_value=config.learning_rate * config.final_lr_ratio)
-    parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
-    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay, mask=decay_mask(trainable)))
-    return optax.chain(*parts), schedule
-
-
-def make_train_step(graphdef, state, tx, *, lora_scale_: float | None, remat: bool):
-    """step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
-
-    `batch` leaves are [grad_accum, micro_batch, T]; the micro-batches' gradients are summed
-    and divided by the step's total loss weight, so accumulation changes nothing but memory.
-    """
-    def params_for(trainable, frozen):
-        if lora_scale_ is None:
-            return trainable
-        return apply_adapters(frozen, trainable, lora_scale_)
-
-    def step(trainable, frozen, opt_state, batch):
-        def micro(carry, mb):
-            grads, loss, weight = carry
-            def f(p):
-                return loss_sums(bind(graphdef, state, params_for(p, frozen)), mb, remat)
-            (l, w), g = jax.value_and_grad(f, has_aux=True)(trainable)
-            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-            return (grads, loss + l, weight + w), None
-
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-        (grads, loss, weight), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
-        denom = jnp.maximum(weight, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss / denom, "grad_norm": optax.tree.norm(grads),
-                   "loss_tokens": weight}
-        return trainable, opt_state, metrics
-
-    return step
-
-
-def make_eval_step(graphdef, state, *, lora_scale_: float | None):
-    def step(trainable, frozen, batch):
-        params = trainable if lora_scale_ is None else apply_adapters(frozen, trainable,
-                                                                      lora_scale_)
-        return loss_sums(bind(graphdef, state, params), batch)
-    return step
-
-
-def _shardings_like(tree, reference: dict, mesh: Mesh):
-    """A sharding for each leaf of `tree` (e.g. optimizer state): the one of the parameter at
-    the same dict path in `reference`, else replicated (step counts, scalars)."""
-    by_path = {tuple(str(k.key) for k in path): s
-               for path, s in jax.tree_util.tree_leaves_with_path(reference)}
-    replicated = NamedSharding(mesh, P())
-
-    def pick(path, leaf):
-        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-        s = by_path.get(keys)
-        return s if s is not None and getattr(leaf, "shape", ()) != () else replicated
-    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -326,31 +157,30 @@ class Trainer:
         self.err = err
         check_settings(c)
         self.out = os.path.abspath(os.path.expanduser(c.output_dir))
-        self.mesh = sharding.make_mesh(c.data, c.fsdp, c.tensor)
         self.lora_scale = lora_scale(c) if c.lora.rank else None
-        self.dtype = c.dtype or checkpoint.default_dtype()
         self._stop_signal: int | None = None
-
-        # The base model and the tokenizer.
-        if c.checkpoint_dir:
-            base = os.path.abspath(os.path.expanduser(c.checkpoint_dir))
-            _check_not_inside(self.out, base)
-            self.base_cfg = checkpoint.read_config(base)
-            tokenizer_path = c.tokenizer_path or os.path.join(base, checkpoint.TOKENIZER_FILE)
-        else:
-            self.base_cfg = cli.random_config(c)
-            if not c.tokenizer_path:
-                raise FinetuneError("tokenizer_path is required when checkpoint_dir is empty")
-            tokenizer_path = c.tokenizer_path
-        self.tokenizer_path = os.path.abspath(os.path.expanduser(tokenizer_path))
-        self.tokenizer = Tokenizer(self.tokenizer_path)
-        if self.tokenizer.vocab_size != self.base_cfg.vocab_size:
-            raise FinetuneError(f"tokenizer {self.tokenizer_path} has {self.tokenizer.vocab_size} "
-                                f"pieces but the model's vocab_size is {self.base_cfg.vocab_size}")
+        from llama2_jax import build  # noqa: PLC0415 (build trains the demo with this module)
+        # The one way every app turns its config into a model config, tokenizer, mesh and
+        # weight format, checked against the devices by the planner before anything loads.
+        try:
+            prepared = build.prepare(c, err, "finetune")
+        except build.SettingsError as e:
+            raise FinetuneError(str(e)) from None
+        if prepared.checkpoint_dir:
+            _check_not_inside(self.out, os.path.abspath(prepared.checkpoint_dir))
+        self.base_cfg = prepared.model_config
+        self.tokenizer = prepared.tokenizer
+        self.tokenizer_path = os.path.abspath(prepared.tokenizer.path)
+        self.mesh, self.quantization = prepared.mesh, prepared.quantization
+        self.dtype = prepared.dtype
         if c.seq_len > self.base_cfg.max_seq_len:
             raise FinetuneError(f"seq_len={c.seq_len} exceeds the model's max_seq_len="
                                 f"{self.base_cfg.max_seq_len}")
-        sharding.check_mesh(self.mesh, self.base_cfg.n_heads, self.base_cfg.n_kv_heads)
+        micro, processes = c.batch_size // c.grad_accum, jax.process_count()
+        if micro % processes:
+            raise FinetuneError(f"the micro-batch of {micro} sequences (batch_size="
+                                f"{c.batch_size} / grad_accum={c.grad_accum}) does not divide "
+                                f"over {processes} processes")
         self.cfg = self.base_cfg.replace(dtype=jnp.dtype(self.dtype).name,
                                          param_dtype=jnp.dtype(c.param_dtype).name)
         self._load_data()
@@ -389,10 +219,10 @@ class Trainer:
         self.param_shardings = checkpoint.param_shardings(abstract, self.mesh)
         if c.checkpoint_dir:
             model = checkpoint.load(c.checkpoint_dir, mesh=self.mesh, dtype=c.param_dtype,
-                                    quantization=c.quantization)
+                                    quantization=self.quantization)
         else:
             model = quant.quantize_model(checkpoint.random_model(self.cfg, self.mesh, seed=c.seed),
-                                         c.quantization)
+                                         self.quantization)
         params = checkpoint.params_of(model)
         del model
         replicated = NamedSharding(self.mesh, P())
@@ -576,7 +406,11 @@ class Trainer:
 
     # -- the output directory
     def _claim_output_dir(self) -> None:
-        """Create output_dir with run.json, or check that an existing one is this run's."""
+        """Create output_dir with run.json, or check that an existing one is this run's
+        (process 0; the others stop with its error)."""
+        distributed.on_main("claim_output_dir", self._claim)
+
+    def _claim(self) -> None:
         settings = self.config.to_dict()
         path = os.path.join(self.out, RUN_FILE)
         if os.path.isfile(path):
@@ -595,11 +429,10 @@ class Trainer:
         if os.path.isdir(self.out) and os.listdir(self.out):
             raise FinetuneError(f"output_dir {self.out} exists and is not a fine-tuning run "
                                 f"(no {RUN_FILE}); refusing to write into it")
-        if sharding.is_main_process():
-            os.makedirs(self.out, exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump(_jsonable(settings), f, indent=2)
-            os.replace(path + ".tmp", path)
+        os.makedirs(self.out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(_jsonable(settings), f, indent=2)
+        os.replace(path + ".tmp", path)
 
     # -- reporting
     def _describe(self, trainable) -> str:
@@ -610,7 +443,7 @@ class Trainer:
         return (f"fine-tuning {c.checkpoint_dir or 'a random ' + c.model_preset + ' model'}: "
                 f"dim {m.dim}, {m.n_layers} layers; training {what} ({n_train:,} parameters), "
                 f"compute {m.dtype}, weights {m.param_dtype}"
-                f"{'' if c.quantization == 'none' else ', base in ' + c.quantization}\n"
+                f"{'' if self.quantization == 'none' else ', base in ' + self.quantization}\n"
                 f"  data: {c.train_data}: {self.stats}; {self.n_train} train / {self.n_eval} eval"
                 f" examples; {c.batch_size} x {c.seq_len} tokens a step"
                 f"{', packed' if c.packing else ''}\n"
@@ -669,10 +502,11 @@ def check_settings(c) -> None:
         raise FinetuneError(f"param_dtype is required: one of {', '.join(DTYPES)}")
     check_lora(c.lora)
     try:
-        quant.check_method(c.quantization)
+        if c.quantization != "auto":
+            quant.check_method(c.quantization)
     except ConfigError as e:
         raise FinetuneError(str(e)) from None
-    if c.quantization != "none" and not c.lora.rank:
+    if c.quantization not in ("none", "auto") and not c.lora.rank:
         raise FinetuneError(f"quantization={c.quantization!r} needs LoRA (lora.rank > 0): full "
                             "fine-tuning trains every weight in param_dtype")
 
@@ -697,7 +531,7 @@ def run(config: ml_collections.ConfigDict, err: TextIO | None = None) -> int:
     """The app for a loaded config. Returns the exit status."""
     err = sys.stderr if err is None else err
     try:
-        sharding.maybe_initialize_distributed(config.multihost)
+        distributed.initialize(config)
         summary = train(config, err)
     except NonFiniteLoss as e:
         err.write(f"\nerror: {e}\n")

@@ -13,7 +13,7 @@ rotary pairs), stored einsum-friendly: `wq` is [D, N, H], `wo` [N, H, D], `w1` [
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -33,12 +33,29 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     return KVCache(zeros, zeros)
 
 
-def linear(eq: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
+@runtime_checkable
+class Weight(Protocol):
+    """What `linear` takes besides a plain array: a weight that multiplies `x` itself.
+
+    Implemented by llama2_jax.quant.QArray (8-bit weights) and llama2_jax.lora.LoRA (a
+    frozen weight plus a low-rank update). Such a weight is a pytree (it passes through jit and
+    `lax.scan` over stacked layers) with the logical shape of the array it stands for.
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def einsum(self, eq: str, x: jax.Array, out_dtype=None) -> jax.Array:
+        """`jnp.einsum(eq, x, W)` for this weight W, in `out_dtype` (None: x's dtype)."""
+        ...
+
+
+def linear(eq: str, x: jax.Array, w: "jax.Array | Weight", out_dtype=None) -> jax.Array:
     """Every weight matmul goes through here, so quantized weights plug in at one spot.
 
-    `w` is an array or an object with `einsum(eq, x, out_dtype)` (a quantized weight).
+    `w` is an array or a `Weight` (a quantized weight, a LoRA-adapted one).
     """
-    if hasattr(w, "einsum"):
+    if isinstance(w, Weight):
         return w.einsum(eq, x, out_dtype)
     return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=out_dtype)
 

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from llama2_jax import kv_cache, quant, sharding
+from llama2_jax import kv_cache, sharding
 from llama2_jax.config import DTYPES, ModelConfig
 
 GiB = 1 << 30
@@ -294,13 +294,22 @@ def step_temporaries(cfg: ModelConfig, mesh: dict[str, int], rows: int, tokens: 
 def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[str, int],
                     quantization: str) -> dict[str, int]:
     """Per-device bytes of the chat app or the server, by kind."""
-    from llama2_jax.engine import UNSTACK_MAX_BYTES
+    from llama2_jax.engine import DEFAULT_OPTIONS
     context = task.context or cfg.max_seq_len
     w = weight_bytes(cfg, mesh, quantization)
     out = {"weights": w["layers"] + w["other"]}
-    per_layer = w["layers"] / cfg.n_layers
-    if devices.platform == "cpu" and per_layer <= UNSTACK_MAX_BYTES:
-        out["per-layer weight copy"] = w["layers"]  # Engine(unstack=None) on CPU
+    if devices.platform == "cpu":
+        # Engine(unstack=None): a per-layer copy of the layer weights when all of them take
+        # at most unstack_max_bytes (llama2_jax.engine); else the layers are scanned, and
+        # XLA:CPU copies each one's slice out of the stack, converted to the compute dtype.
+        everything = weight_bytes(cfg, {"data": 1, "fsdp": 1, "tensor": 1},
+                                  quantization)["layers"]
+        if everything <= DEFAULT_OPTIONS.unstack_max_bytes:
+            out["per-layer weight copy"] = w["layers"]
+        else:
+            layer = w["layers"] // cfg.n_layers
+            itemsize = 1 if quantization in ("int8", "fp8") else np.dtype(cfg.weight_dtype).itemsize
+            out["scanned layer copy"] = layer + layer * cfg.compute_dtype.itemsize // itemsize
     if task.name == "serve":
         rows = kv_cache.group_sizes(task.slots)
         out["KV cache"] = kv_bytes(cfg, mesh, rows, context) + kv_bytes(cfg, mesh, (1,),

@@ -10,7 +10,8 @@ scale (a per-column factor of the product). Layout: `q` [lead..., in..., out...]
 
 Embeddings (a gather, not a matmul) and norms stay in the model's dtype. The 8-bit weights
 are converted to the compute dtype inside the jitted step (XLA:CPU does this slowly, see
-benchmarks/RESULTS.md). With `NATIVE_FP8` set, FP8 weights multiply activations cast to e4m3
+benchmarks/RESULTS.md). FP8 weights quantized with `native=True` (`quantize_model(...,
+native_fp8=True)`, the apps' `native_fp8` setting) multiply activations cast to e4m3
 too (one scale per row), so the dot can run on FP8 hardware (Hopper's FP8 GEMMs). It is off by
 default: on a trained tiny model it more than doubles the KL divergence from the unquantized
 model (weight-only FP8 matches plain absmax quantization; see benchmarks/RESULTS.md). It is
@@ -35,10 +36,6 @@ f32 = jnp.float32
 METHODS = ("none", "int8", "fp8")
 QDTYPE = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
 QMAX = {"int8": 127.0, "fp8": 448.0}
-# FP8 x FP8 dots for FP8 weights (activations in e4m3 too): False = weight-only (the default),
-# True = always (CPU emulates them), None = where the GPU has FP8 matmuls (compute capability
-# 8.9+: Ada, Hopper).
-NATIVE_FP8: bool | None = False
 # Quantized parameters, by their last name, and how many of their axes (after the stacked L
 # axis) are the matmul's inputs: model.py's layouts (wq [D, N, H], wo [N, H, D], output [D, V]).
 INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w2": 1, "w3": 1, "output": 1}
@@ -55,11 +52,14 @@ class QArray:
     """An 8-bit weight and its per-output-channel scales; w ~ q * scale.
 
     `n_out` (static) is the number of trailing output axes of `q`, which `scale` shares.
+    `native` (static, FP8 only): multiply FP8 activations (FP8 x FP8 dots, for GPUs with FP8
+    matmuls) instead of converting the weight to the activations' dtype.
     """
 
     q: Any  # [lead..., in..., out...] int8 or float8_e4m3fn
     scale: Any  # [lead..., out...] float32
     n_out: int = 1
+    native: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -90,7 +90,7 @@ class QArray:
         if index is Ellipsis:
             return self
         if isinstance(index, int) and self.scale.ndim > self.n_out:
-            return QArray(self.q[index], self.scale[index], self.n_out)
+            return QArray(self.q[index], self.scale[index], self.n_out, self.native)
         raise TypeError(f"a QArray is indexed with ... or a layer index, not {index!r}")
 
     def reshape(self, *shape) -> "QArray":
@@ -108,7 +108,8 @@ class QArray:
                              f"{out} as {shape}")
         if tuple(shape[:len(lead)]) != lead or len(shape) <= len(lead) + len(new_out):
             raise ValueError(f"cannot view a weight of shape {self.shape} as {shape}")
-        return QArray(self.q.reshape(shape), self.scale.reshape(lead + new_out), len(new_out))
+        return QArray(self.q.reshape(shape), self.scale.reshape(lead + new_out), len(new_out),
+                      self.native)
 
     def einsum(self, eq: str, x: jax.Array, out_dtype=None) -> jax.Array:
         """`jnp.einsum(eq, x, w)` as (x @ q) * scale, accumulated in float32.
@@ -120,7 +121,7 @@ class QArray:
                 or not out_spec.endswith(w_spec[-self.n_out:])):
             raise ValueError(f"{eq!r} does not fit a weight {self.shape} with output axes "
                              f"{self.scale.shape} (stacked weights are used per layer)")
-        if self.q.dtype == QDTYPE["fp8"] and native_fp8():
+        if self.q.dtype == QDTYPE["fp8"] and self.native:
             # Each row of x to e4m3 with its own scale (a factor of its output row), so both
             # operands are FP8 and XLA can use the hardware's FP8 GEMM.
             xs = jnp.max(jnp.abs(x.astype(f32)), axis=-1, keepdims=True)
@@ -136,13 +137,13 @@ class QArray:
         return (self.q.astype(f32) * _expand(self.scale, self)).astype(dtype)
 
 
-jax.tree_util.register_dataclass(QArray, data_fields=("q", "scale"), meta_fields=("n_out",))
+jax.tree_util.register_dataclass(QArray, data_fields=("q", "scale"),
+                                 meta_fields=("n_out", "native"))
 
 
-def native_fp8() -> bool:
-    """Whether FP8 weights multiply FP8 activations (see NATIVE_FP8)."""
-    if NATIVE_FP8 is not None:
-        return NATIVE_FP8
+def has_fp8_matmuls() -> bool:
+    """Whether the first device multiplies FP8 x FP8 in hardware (compute capability 8.9+:
+    Ada, Hopper); `native_fp8=None` means this."""
     device = jax.devices()[0]
     capability = getattr(device, "compute_capability", None)  # "9.0" on an H100
     return device.platform == "gpu" and capability is not None and float(capability) >= 8.9
@@ -154,13 +155,14 @@ def _expand(scale, w: QArray):
     return scale.reshape(scale.shape[:lead] + (1,) * w.n_in + scale.shape[lead:])
 
 
-def quantize(w, method: str, n_in: int, n_lead: int = 0) -> QArray:
+def quantize(w, method: str, n_in: int, n_lead: int = 0, native: bool = False) -> QArray:
     """Symmetric per-output-channel absmax quantization of `w` [lead..., in..., out...].
 
     Args:
       w: the weight (any float dtype; computed in float32).
       method: "int8" or "fp8".
       n_in: how many axes after the `n_lead` leading ones are the matmul's inputs.
+      native: FP8 x FP8 dots (see QArray); only for method "fp8".
     Returns:
       QArray with |w - q * scale| <= scale / 2 (int8), or e4m3's relative rounding (FP8:
       2^-4 of |w| for normal values, scale * 2^-10 below them).
@@ -176,7 +178,7 @@ def quantize(w, method: str, n_in: int, n_lead: int = 0) -> QArray:
         q = jnp.clip(jnp.round(ws), -127, 127).astype(jnp.int8)
     else:  # the cast rounds to nearest; clipping keeps a rounding overshoot off NaN
         q = jnp.clip(ws, -448.0, 448.0).astype(jnp.float8_e4m3fn)
-    return QArray(q, scale, w.ndim - n_lead - n_in)
+    return QArray(q, scale, w.ndim - n_lead - n_in, native and method == "fp8")
 
 
 # -- parameter trees ---------------------------------------------------------------------------
@@ -305,11 +307,14 @@ def dequantize_params(params: Mapping, dtype, shardings: Mapping | None = None) 
     return map_params(leaf, params)
 
 
-def quantize_model(model, method: str):
+def quantize_model(model, method: str, native_fp8: bool | None = False):
     """A copy of `model` with its weights quantized in place on their devices (scales sharded
-    like their weights' output axes). `method` "none" returns the model itself."""
+    like their weights' output axes). `method` "none" returns the model itself. FP8 weights
+    with `native_fp8` multiply FP8 activations (None: where the device has FP8 matmuls)."""
     if check_method(method) == "none":
         return model
+    if method == "fp8" and native_fp8 is not False:
+        return use_native_fp8(quantize_model(model, method), native_fp8)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     leaves = jax.tree.leaves(params)
@@ -320,6 +325,18 @@ def quantize_model(model, method: str):
                            params)
         target = abstract_params(sds, param_axes(model), mesh, method)
     nnx.replace_by_pure_dict(state, quantize_params(params, method, target))
+    return nnx.merge(graphdef, state)
+
+
+def use_native_fp8(model, on: bool | None = True):
+    """`model` with its FP8 weights set to multiply FP8 activations (`on`), or not (None:
+    where the device has FP8 matmuls); int8 and unquantized weights are left as they are."""
+    on = has_fp8_matmuls() if on is None else bool(on)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = map_params(lambda _, w: dataclasses.replace(w, native=on)
+                        if _is_q(w) and w.method == "fp8" else w, params)
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 

@@ -112,11 +112,5 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-    """`jax.distributed.initialize()` for multi-host runs (TPU pods, several GPU hosts)."""
-    if enabled:
-        jax.distributed.initialize()
-
-
 def is_main_process() -> bool:
     return jax.process_index() == 0

@@ -78,21 +78,33 @@ def check_dialog(dialog: Sequence[Message], last: str = "user") -> None:
         raise DialogError(f"the last message must be the {last}'s, got {roles[-1]!r}")
 
 
-def encode_dialog(tokenizer: Tokenizer, dialog: Sequence[Message]) -> list[int]:
-    """Token ids of `dialog` in Meta's chat format, ready for the assistant's next answer."""
-    check_dialog(dialog)
+def chat_turns(dialog: Sequence[Message]) -> list[tuple[str, str | None]]:
+    """Meta's chat format, the one implementation: each turn's question text
+    ("[INST] ... [/INST]", the system prompt inside the first) and its answer's text (None
+    for a last user message still to be answered). A turn with an answer is encoded as
+    BOS + question + " " + answer + " " + EOS; the open one as BOS + question."""
     dialog = list(dialog)
-    if dialog[0]["role"] == "system":
+    if dialog and dialog[0]["role"] == "system":
         dialog = [{"role": dialog[1]["role"],
                    "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
                   ] + dialog[2:]
+    turns: list[tuple[str, str | None]] = []
+    for i in range(0, len(dialog), 2):
+        question = f"{B_INST} {dialog[i]['content'].strip()} {E_INST}"
+        answer = dialog[i + 1]["content"].strip() if i + 1 < len(dialog) else None
+        turns.append((question, answer))
+    return turns
+
+
+def encode_dialog(tokenizer: Tokenizer, dialog: Sequence[Message]) -> list[int]:
+    """Token ids of `dialog` in Meta's chat format, ready for the assistant's next answer."""
+    check_dialog(dialog)
     tokens: list[int] = []
-    for prompt, answer in zip(dialog[::2], dialog[1::2]):
-        tokens += tokenizer.encode(
-            f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ",
-            bos=True, eos=True)
-    tokens += tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}",
-                               bos=True, eos=False)
+    for question, answer in chat_turns(dialog):
+        if answer is None:
+            tokens += tokenizer.encode(question, bos=True, eos=False)
+        else:
+            tokens += tokenizer.encode(f"{question} {answer} ", bos=True, eos=True)
     return tokens
 
 

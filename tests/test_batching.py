@@ -16,7 +16,7 @@ from llama2_jax.batching import Settings, Slots
 from llama2_jax.config import TINY
 from llama2_jax.engine import ContextError, Engine
 from llama2_jax.prefix_cache import PrefixCache
-from llama2_jax.sampling import Greedy, RowSampling, Sample, sample_rows
+from llama2_jax.sampling import Greedy, RowSampling, sample_rows
 from llama2_jax.scheduler import Done, QueueFull, Request, Scheduler, ShuttingDown, Token
 from tests.test_sampling import LOGITS, meta_nucleus
 

@@ -6,7 +6,7 @@ import pytest
 import llama2_jax
 from llama2_jax import checkpoint
 from llama2_jax.config import TINY
-from llama2_jax.engine import ContextError, Engine, Session, bucket, cache_length
+from llama2_jax.engine import ContextError, Engine, EngineOptions, Session, bucket, cache_length
 from llama2_jax.model import KVCache
 from llama2_jax.sampling import Greedy, Sample
 
@@ -80,11 +80,10 @@ def test_seeded_sampling_is_reproducible(model):
     assert a == b != c
 
 
-def test_session_reuses_cache_across_turns(engine, model, monkeypatch):
-    monkeypatch.setattr("llama2_jax.engine.SESSION_MIN_CACHE", 16)
+def test_session_reuses_cache_across_turns(engine, model):
     # The unstacked engine's cache starts per layer and turns stacked when it grows past 16.
-    monkeypatch.setattr("llama2_jax.engine.UNSTACK_MAX_SLOTS", 16)
-    engine = Engine(model, unstack=engine._unstacked is not None)
+    engine = Engine(model, unstack=engine._unstacked is not None,
+                    options=EngineOptions(unstack_max_slots=16, session_min_cache=16))
     session = Session(engine, length=64)
     turn1 = prompt(10, 5)
     answer1 = list(session.generate(turn1, max_new_tokens=6, sampler=Greedy()))
@@ -95,7 +94,7 @@ def test_session_reuses_cache_across_turns(engine, model, monkeypatch):
     turn2 = turn1 + answer1 + prompt(7, 6)
     answer2 = list(session.generate(turn2, max_new_tokens=6, sampler=Greedy()))
     assert cache_length(session.cache) == 32  # grown, keeping what it held
-    assert isinstance(session.cache, KVCache)  # stacked past UNSTACK_MAX_SLOTS
+    assert isinstance(session.cache, KVCache)  # stacked past unstack_max_slots
     assert answer2 == engine.generate([turn2], max_new_tokens=6, sampler=Greedy())[0]
     # a prompt that diverges early re-uses only the common prefix
     turn3 = turn1[:4] + prompt(9, 7)

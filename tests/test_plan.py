@@ -101,3 +101,86 @@ def test_command_line_table_json_and_exit_status():
     assert "needs" in p["notes"][0]
     out = run_plan("--model", "7b", "--devices=4 x tpu-v9")
     assert out.returncode == 2 and "unknown device kind" in out.stderr
+
+
+# -- `auto` in the apps -----------------------------------------------------------------------
+def demo_chat_config(checkpoint_dir, **overrides):
+    return load_config_file("demo", checkpoint_dir=checkpoint_dir, train_config="",
+                            prompt="Count to five.", temperature=0.0, max_new_tokens=12,
+                            compilation_cache_dir="", **overrides)
+
+
+def chat_run(config):
+    import io
+
+    from llama2_jax import chat
+    out, err = io.StringIO(), io.StringIO()
+    status = chat.run(config, out=out, err=err)
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_auto_mesh_and_quantization_load_and_answer_as_the_explicit_ones(demo_checkpoint):
+    """On the 8 simulated devices of the suite: the planner's mesh covers them all, keeps the
+    weights unquantized (they fit), and the answer is the explicit settings' answer."""
+    status, explicit, _ = chat_run(demo_chat_config(demo_checkpoint))
+    assert status == 0
+    status, out, err = chat_run(demo_chat_config(demo_checkpoint, mesh="auto",
+                                                 quantization="auto"))
+    assert status == 0, err
+    line = next(s for s in err.splitlines() if s.startswith("plan: "))
+    sizes = dict(kv.split("=") for kv in line[len("plan: mesh "):line.index(", quant")]
+                 .split(", "))
+    assert int(sizes["data"]) * int(sizes["fsdp"]) * int(sizes["tensor"]) == 8
+    assert 4 % int(sizes["tensor"]) == 0  # the demo's 4 heads
+    assert "quantization none" in line and "float32, weights none" in err
+    assert out == explicit
+
+
+def test_auto_quantizes_when_the_weights_do_not_fit(demo_checkpoint, monkeypatch):
+    """Devices with room for the int8 weights but not the float32 ones: auto picks int8,
+    which then loads and answers."""
+    from llama2_jax import checkpoint
+    cfg = checkpoint.read_config(demo_checkpoint)
+    config = demo_chat_config(demo_checkpoint, mesh="auto", quantization="auto")
+    task = plan.task_of(config, "chat")
+    big = plan.Devices(8, "cpu", 1 << 40, "cpu", "test")
+    full = plan.make_plan(cfg, task, big, quantization="none").total
+    int8 = plan.make_plan(cfg, task, big, quantization="int8").total
+    assert int8 < full
+    room = int((full + int8) / 2 / (1 - plan.HEADROOM))
+    monkeypatch.setattr(plan, "present_devices",
+                        lambda: plan.Devices(8, "cpu", room, "cpu", "test"))
+    status, out, err = chat_run(config)
+    assert status == 0, err
+    assert "quantization int8" in err and "weights int8" in err
+    assert out.strip()
+    # quantization fixed to none on the same devices: refused before loading, with numbers
+    status, out, err = chat_run(demo_chat_config(demo_checkpoint, quantization="none"))
+    assert status == 1 and out == ""
+    assert "needs" in err and "quantization=int8 needs" in err and "loading" not in err
+
+
+def test_settings_that_cannot_fit_fail_before_loading():
+    """70B in float32 on this CPU: chat, serve and fine-tuning refuse in seconds (a random
+    70B model is never made), naming the bytes needed and the closest fit."""
+    import io
+
+    from llama2_jax import finetune
+    from llama2_jax.serve import main as serve_main
+    from tests.conftest import TOKENIZER
+    overrides = dict(checkpoint_dir="", train_config="", model_preset="70b",
+                     tokenizer_path=TOKENIZER, quantization="none", prompt="Hi")
+    status, out, err = chat_run(load_config_file("demo", **overrides))
+    assert status == 1 and "error: " in err and "needs" in err and "GB" in err, err
+    assert "quantization=int8 needs" in err
+    del overrides["prompt"], overrides["train_config"]
+    err = io.StringIO()
+    assert serve_main.run(load_config_file("serve_demo", **overrides), err=err) == 1
+    assert "needs" in err.getvalue() and "GB" in err.getvalue()
+    err = io.StringIO()
+    config = load_config_file("sft_tiny", checkpoint_dir="", model_preset="70b",
+                              tokenizer_path=TOKENIZER, output_dir="/nonexistent/never-made")
+    config.model = {}  # the preset's shape, not sft_tiny's
+    assert finetune.run(config, err=err) == 1
+    assert "needs" in err.getvalue() and "task=lora" in err.getvalue(), err.getvalue()
+    assert not os.path.exists("/nonexistent/never-made")

@@ -252,24 +252,29 @@ def nnx_params(engine):
     return nnx.to_pure_dict(engine._state)
 
 
-def test_native_fp8_path_multiplies_e4m3_activations(models, monkeypatch):
+def test_native_fp8_path_multiplies_e4m3_activations(models):
     """The GPU path (FP8 x FP8 dot), run on CPU: against numpy with ml_dtypes' e4m3."""
     import ml_dtypes
-    assert not quant.native_fp8()  # off by default: weights are upcast instead
-    monkeypatch.setattr(quant, "NATIVE_FP8", None)
-    assert not quant.native_fp8()  # "where the hardware has FP8 matmuls": not on a CPU
+    assert not quant.has_fp8_matmuls()  # native_fp8=None ("where the hardware has them")
     w = channel_weights((64, 24), seed=3)
     x = np.random.default_rng(4).standard_normal((2, 3, 64)).astype(np.float32)
-    qa = quant.quantize(w, "fp8", n_in=1)
-    monkeypatch.setattr(quant, "NATIVE_FP8", True)
+    upcast = quant.quantize(w, "fp8", n_in=1)  # off by default: weights are upcast instead
+    qa = quant.quantize(w, "fp8", n_in=1, native=True)
+    assert not upcast.native and qa.native and qa.reshape(64, 24).native
     got = np.asarray(qa.einsum("BTD,DQ->BTQ", x))
+    assert np.abs(got - np.asarray(upcast.einsum("BTD,DQ->BTQ", x))).max() > 0
     xs = np.abs(x).max(-1, keepdims=True) / 448
     x8 = (x / xs).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
     want = (x8 @ np.asarray(qa.q).astype(np.float32)) * xs * np.asarray(qa.scale)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     full = llama2_jax.forward(models["tiny"], TOKENS)
-    fp8 = llama2_jax.forward(quant.quantize_model(models["tiny"], "fp8"), TOKENS)
+    fp8 = llama2_jax.forward(quant.quantize_model(models["tiny"], "fp8", native_fp8=True),
+                             TOKENS)
     assert 0 < np.abs(fp8 - full).max() <= 0.15 * np.abs(full).max()
+    weight_only = quant.quantize_model(models["tiny"], "fp8")
+    assert not (llama2_jax.forward(weight_only, TOKENS) == fp8).all()
+    switched = quant.use_native_fp8(weight_only, True)  # a loaded model, switched over
+    np.testing.assert_array_equal(llama2_jax.forward(switched, TOKENS), fp8)
 
 
 def test_export_to_hf_refuses_quantized_checkpoints(saved, tmp_path):

@@ -86,7 +86,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 def make_server(config: ml_collections.ConfigDict, err: TextIO) -> Server:
     """The Server `config` describes; its model loads when the scheduler starts."""
     check(config)
-    prepared = app_build.prepare(config, err)
+    prepared = app_build.prepare(config, err, "serve")
     length = app_build.context_length(prepared.model_config, config.context_length)
     name = model_name(config)
 

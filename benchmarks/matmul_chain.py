@@ -1,0 +1,77 @@
+"""The floor under a decode step on this CPU: a jitted chain of BENCH_134M's weight matmuls
+(12 layers of q/k/v/o and the SwiGLU MLP, then the output matrix; no attention, norms, RoPE
+or sampling) at batch 1, 4, 16 and 64, in XLA and in PyTorch, same weights, same process.
+
+  python benchmarks/matmul_chain.py
+
+What it shows: how far batching can raise decode throughput on this machine before any
+attention, prefill or scheduling is paid (rows / chain time), and whether XLA:CPU's or
+PyTorch's matmuls are faster here (machines differ: see benchmarks/RESULTS.md).
+"""
+
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import median, pin_threads  # noqa: E402
+from llama2_jax.config import BENCH_134M  # noqa: E402
+
+BATCHES = (1, 4, 16, 64)
+REPS = 20
+
+
+def main() -> None:
+    threads = os.cpu_count()
+    pin_threads(threads)
+    torch.set_num_threads(threads)
+    cfg = BENCH_134M
+    d, f, v = cfg.dim, cfg.ffn_dim, cfg.vocab_size
+    rng = np.random.default_rng(0)
+    shapes = [(d, d)] * 4 + [(d, f), (d, f), (f, d)]
+    weights = [[(rng.standard_normal(s, dtype=np.float32) * 0.02) for s in shapes]
+               for _ in range(cfg.n_layers)]
+    out = rng.standard_normal((d, v), dtype=np.float32) * 0.02
+
+    def chain(x, layers, o, silu):
+        for wq, wk, wv, wo, w1, w3, w2 in layers:
+            x = x + (x @ wq + x @ wk + x @ wv) @ wo
+            x = x + (silu(x @ w1) * (x @ w3)) @ w2
+        return x @ o
+
+    jw = [[jnp.asarray(w) for w in layer] for layer in weights]
+    jo = jnp.asarray(out)
+    run = jax.jit(lambda x, layers, o: chain(x, layers, o, jax.nn.silu))
+    tw = [[torch.from_numpy(w) for w in layer] for layer in weights]
+    to = torch.from_numpy(out)
+    print(f"BENCH_134M matmul chain, fp32, {threads} threads")
+    print("| rows | XLA ms | PyTorch ms | XLA rows/s (tok/s ceiling) | XLA / PyTorch time |")
+    print("|---:|---:|---:|---:|---:|")
+    for b in BATCHES:
+        x = jnp.ones((b, d), jnp.float32)
+        jax.block_until_ready(run(x, jw, jo))
+        tx = torch.ones(b, d)
+        with torch.no_grad():
+            chain(tx, tw, to, torch.nn.functional.silu)
+            xla, pt = [], []
+            for _ in range(REPS):  # alternating, so both see the same machine state
+                t = time.perf_counter()
+                jax.block_until_ready(run(x, jw, jo))
+                xla.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                chain(tx, tw, to, torch.nn.functional.silu)
+                pt.append(time.perf_counter() - t)
+        a, p = median(xla), median(pt)
+        print(f"| {b} | {1e3 * a:.1f} | {1e3 * p:.1f} | {b / a:.0f} | {a / p:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

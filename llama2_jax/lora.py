@@ -1,0 +1,101 @@
+"""LoRA: low-rank adapters on a frozen base, W + scale * a @ b, for llama2_jax.finetune.
+
+A `LoRA` weight stands in for the base weight inside the model (it implements
+llama2_jax.model.Weight: `linear()` calls its einsum), so one forward pass serves the full
+model, the adapted one and, after `merge_adapters`, the merged one. The base may be 8-bit
+(a QArray); adapters are float32 and replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from llama2_jax.model import linear
+from llama2_jax.quant import QArray
+
+# Where each LoRA target lives and how many leading (input) axes its weight has.
+LORA_TARGETS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention", 1),
+                "wo": ("attention", 2), "w1": ("feed_forward", 1), "w2": ("feed_forward", 1),
+                "w3": ("feed_forward", 1)}
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoRA:
+    """A frozen weight plus a low-rank update, W + scale * a @ b, as `model.linear` takes it.
+
+    `base` has the weight's own shape (reshaped by the model to its 2-D [in, out] view);
+    `a` [in, r] and `b` [r, out] are always 2-D (a leading L axis when stacked).
+    """
+
+    base: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError("a LoRA weight is read whole, as w[...]")
+        return self
+
+    def reshape(self, *shape):
+        return dataclasses.replace(self, base=self.base.reshape(*shape))
+
+    def einsum(self, eq: str, x: jax.Array, out_dtype=None) -> jax.Array:
+        # The contraction is over x's last axis, so the adapter path is two plain matmuls.
+        y = linear(eq, x, jax.lax.stop_gradient(self.base), out_dtype)  # base may be 8-bit
+        low = (x @ self.a.astype(x.dtype)) @ self.b.astype(x.dtype)  # [..., out]
+        return y + (self.scale * low).astype(y.dtype)
+
+
+def lora_scale(config) -> float:
+    return float(config.lora.alpha) / int(config.lora.rank)
+
+
+def init_adapters(params: dict, targets: Sequence[str], rank: int, seed: int) -> dict:
+    """Adapters for `targets`: a ~ N(0, 1/in), b = 0, so the model starts as the base exactly."""
+    out: dict = {}
+    keys = jax.random.split(jax.random.key(seed), len(targets))
+    for key, name in zip(keys, targets):
+        module, n_in = LORA_TARGETS[name]
+        w = params["layers"][module][name]  # [L, in..., out...]
+        fan_in, fan_out = math.prod(w.shape[1:1 + n_in]), math.prod(w.shape[1 + n_in:])
+        a = jax.random.normal(key, (w.shape[0], fan_in, rank), jnp.float32) * fan_in ** -0.5
+        out.setdefault("layers", {}).setdefault(module, {})[name] = {
+            "a": a, "b": jnp.zeros((w.shape[0], rank, fan_out), jnp.float32)}
+    return out
+
+
+def _with_adapters(params: dict, adapters: dict, fn: Callable) -> dict:
+    out = jax.tree.map(lambda x: x, params)  # a new nested dict, same arrays
+    for module, weights in adapters.get("layers", {}).items():
+        for name, ab in weights.items():
+            out["layers"][module][name] = fn(params["layers"][module][name], ab)
+    return out
+
+
+def apply_adapters(params: dict, adapters: dict, scale: float) -> dict:
+    """`params` with each adapted weight replaced by its LoRA object (for training)."""
+    return _with_adapters(params, adapters, lambda w, ab: LoRA(w, ab["a"], ab["b"], scale))
+
+
+def merge_adapters(params: dict, adapters: dict, scale: float, dtype=None) -> dict:
+    """`params` with W + scale * a @ b folded in (in float32, stored in `dtype`, default W's;
+    an 8-bit W is dequantized first)."""
+    def merge(w, ab):
+        delta = jnp.einsum("lir,lro->lio", ab["a"], ab["b"]).reshape(w.shape)
+        full = w.dequantize(jnp.float32) if isinstance(w, QArray) else w.astype(jnp.float32)
+        return (full + scale * delta).astype(dtype or w.dtype)
+    return _with_adapters(params, adapters, merge)

@@ -1,0 +1,175 @@
+"""Several JAX processes on 127.0.0.1 (2 x 4 and 4 x 2 simulated CPU devices, gloo
+collectives) run the chat app, fine-tuning and checkpoints exactly as one process with 8
+devices; a killed process stops the others instead of hanging them; the usual multi-host
+mistakes get errors that name them. Every run is bounded in time (tests/multihost.py)."""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from tests import multihost
+from tests.serving import free_port
+
+pytestmark = pytest.mark.multihost
+TIMEOUT = 300
+
+
+def chat_args(checkpoint_dir, *extra):
+    return ["-m", "llama2_jax.chat", "--config", "configs/demo.py",
+            f"--config.checkpoint_dir={checkpoint_dir}", "--config.train_config=",
+            "--config.prompt=Count to five.", "--config.temperature=0",
+            "--config.max_new_tokens=24", "--config.compilation_cache_dir=", *extra]
+
+
+def sft_args(output_dir, *extra):
+    return ["-m", "llama2_jax.finetune", "--config", "configs/sft_tiny.py",
+            f"--config.output_dir={output_dir}", "--config.progress=false",
+            "--config.compilation_cache_dir=", *extra]
+
+
+def ok(result, what=""):
+    assert result.returncode == 0, f"{what} exit {result.returncode}:\n{result.stderr[-3000:]}"
+    return result
+
+
+def losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def final_params(output_dir):
+    import jax
+
+    from llama2_jax import checkpoint
+    model = checkpoint.load(os.path.join(output_dir, "final"))
+    return jax.tree.map(np.asarray, checkpoint.params_of(model))
+
+
+def assert_params_close(a, b, atol=1e-6):
+    import jax
+    diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b))
+    assert max(diffs) <= atol, max(diffs)
+
+
+def test_chat_one_shot_in_two_processes_answers_as_one(demo_checkpoint):
+    """Process 0 reads the prompt and prints; process 1 prints nothing; the answer is the
+    8-device single-process answer token for token."""
+    one = ok(multihost.run_one(chat_args(demo_checkpoint), devices=8), "1 process")
+    two = multihost.run(chat_args(demo_checkpoint), count=2, devices=4, timeout=TIMEOUT)
+    ok(two[0], "process 0"), ok(two[1], "process 1")
+    assert one.stdout.strip() and two[0].stdout == one.stdout
+    assert two[1].stdout == "" and two[1].stderr.count("error") == 0
+    assert "over 8 x cpu in 2 process(es)" in two[0].stderr
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory):
+    """sft_tiny with FSDP over 8 devices: in 1 process, and in 2 processes of 4 devices
+    (orbax checkpoints written by both)."""
+    tmp = tmp_path_factory.mktemp("multihost_sft")
+    settings = ["--config.steps=6", "--config.save_every=3", "--config.eval_every=3",
+                "--config.log_every=1"]
+    one = ok(multihost.run_one(sft_args(tmp / "one", *settings), devices=8), "1 process")
+    two = multihost.run(sft_args(tmp / "two", *settings), count=2, devices=4, timeout=TIMEOUT)
+    ok(two[0], "process 0"), ok(two[1], "process 1")
+    return tmp, one, two
+
+
+def test_fsdp_fine_tuning_in_two_processes_equals_one(sft_runs):
+    tmp, _, two = sft_runs
+    a, b = losses(tmp / "one"), losses(tmp / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * max(1.0, abs(a[step])), (step, a[step], b[step])
+    assert_params_close(final_params(tmp / "one"), final_params(tmp / "two"))
+    # both processes wrote the checkpoints; process 0 alone the metrics and run.json
+    assert sorted(os.listdir(tmp / "two" / "checkpoints")) == ["3", "6"]
+    assert "step 6" in two[0].stderr and "step 6" not in two[1].stderr
+
+
+def test_a_checkpoint_from_two_processes_restores_in_one_and_in_four(sft_runs):
+    """Loaded in this process on a (fsdp 4, tensor 2) mesh, and answered from by the chat app
+    in 4 processes of 2 devices on another mesh: the same as one process."""
+    import jax
+
+    from llama2_jax import checkpoint, sharding
+    tmp, _, _ = sft_runs
+    final = str(tmp / "two" / "final")
+    mesh = sharding.make_mesh(1, 4, 2)
+    restored = checkpoint.load(final, mesh=mesh)
+    assert_params_close(jax.tree.map(np.asarray, checkpoint.params_of(restored)),
+                        final_params(tmp / "two"), atol=0)
+    args = chat_args(final, "--config.tokenizer_path=", "--config.max_new_tokens=12")
+    one = ok(multihost.run_one(args, devices=8), "1 process")
+    four = multihost.run([*args, "--config.tensor=2", "--config.fsdp=-1"], count=4, devices=2,
+                         timeout=TIMEOUT)
+    for i, r in enumerate(four):
+        ok(r, f"process {i}")
+    assert four[0].stdout == one.stdout and all(r.stdout == "" for r in four[1:])
+
+
+def test_a_killed_process_stops_the_other_and_a_rerun_resumes(tmp_path):
+    """SIGKILL of process 1 after the first checkpoint: process 0 exits with an error within
+    the heartbeat timeout (no hang); the same command again resumes and ends with the weights
+    of an uninterrupted 2-process run."""
+    settings = ["--config.steps=60", "--config.save_every=10", "--config.eval_every=1000",
+                "--config.log_every=10", "--config.heartbeat_timeout_s=10"]
+    reference = multihost.run(sft_args(tmp_path / "ref", *settings), count=2, devices=4,
+                              timeout=TIMEOUT)
+    ok(reference[0], "reference, process 0"), ok(reference[1], "reference, process 1")
+    out = tmp_path / "run"
+    procs = multihost.Processes(sft_args(out, *settings), count=2, devices=4)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "checkpoints" / "10").is_dir():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs.procs), \
+            [p.communicate()[1][-2000:] for p in procs.procs]
+        time.sleep(0.05)
+    os.killpg(procs.procs[1].pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    try:
+        procs.procs[0].wait(timeout=120)
+    except Exception:
+        procs.kill()
+        raise AssertionError("process 0 still running 120 s after process 1 was killed")
+    assert procs.procs[0].returncode != 0
+    assert time.monotonic() - killed_at < 120
+    assert not (out / "final").exists()
+    again = multihost.run(sft_args(out, *settings), count=2, devices=4, timeout=TIMEOUT)
+    ok(again[0], "process 0 (rerun)"), ok(again[1], "process 1 (rerun)")
+    assert "resuming from step" in again[0].stderr
+    # bit for bit: the same reduction order as the uninterrupted 2-process run
+    assert_params_close(final_params(tmp_path / "ref"), final_params(out), atol=0)
+
+
+def test_mistakes_get_errors_that_name_them(tmp_path):
+    # processes started with different settings: all stop, naming the setting
+    runs = multihost.run(sft_args(tmp_path / "a"), count=2, devices=4, timeout=TIMEOUT,
+                         extra=lambda i: [f"--config.seed={i}"])
+    for r in runs:
+        assert r.returncode == 1 and "different settings" in r.stderr and "seed" in r.stderr, \
+            r.stderr[-2000:]
+    assert not (tmp_path / "a").exists()
+    # a coordinator nobody runs: the message names the address and the timeout
+    port = free_port()
+    lonely = multihost.run_one(sft_args(tmp_path / "b", "--config.multihost=true",
+                                        f"--config.coordinator_address=127.0.0.1:{port}",
+                                        "--config.num_processes=2", "--config.process_id=1",
+                                        "--config.distributed_timeout_s=5"), devices=4,
+                               timeout=120)
+    assert lonely.returncode == 1
+    assert f"coordinator at 127.0.0.1:{port} within 5 s" in lonely.stderr, lonely.stderr[-2000:]
+    # a mesh that does not divide the 8 devices; a batch that does not divide over processes
+    runs = multihost.run(sft_args(tmp_path / "c", "--config.data=3"), count=2, devices=4,
+                         timeout=TIMEOUT)
+    assert all(r.returncode == 1 and "8 devices" in r.stderr and "data=3" in r.stderr
+               for r in runs), [r.stderr[-1000:] for r in runs]
+    runs = multihost.run(sft_args(tmp_path / "d", "--config.batch_size=5",
+                                  "--config.fsdp=1", "--config.data=1"),
+                         count=2, devices=4, timeout=TIMEOUT)
+    assert all(r.returncode == 1 and "does not divide over 2 processes" in r.stderr
+               for r in runs), [r.stderr[-1000:] for r in runs]
