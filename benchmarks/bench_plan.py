@@ -158,20 +158,17 @@ def run() -> dict:
         finally:
             os.remove(path)
 
-    for model, body, cfg in (("tiny", "", None), ("134M", """
-            c.model_preset = "bench_134m"
-            c.model = ml_collections.ConfigDict()""", BENCH_134M)):
-        for kind, extra in (("SFT", ""), ("LoRA", "c.lora.rank = 8")):
+    for model, body, cfg in (("tiny", [], None),
+                             ("134M", ['c.model_preset = "bench_134m"',
+                                       "c.model = ml_collections.ConfigDict()"], BENCH_134M)):
+        for kind, extra in (("SFT", []), ("LoRA", ["c.lora.rank = 8"])):
             name = f"{model} {kind} step"
             if not want(name):
                 continue
-            path = config_file(tmp, f"sft_{model}_{kind}", "sft_tiny", f"""
-                c.output_dir = {os.path.join(tmp, "runs", model + kind)!r}
-                c.steps = 4
-                c.save_every = 2
-                c.eval_every = 2
-                c.progress = False
-                {extra}""" + textwrap.dedent(body))
+            lines = [f"c.output_dir = {os.path.join(tmp, 'runs', model + kind)!r}",
+                     "c.steps = 4", "c.save_every = 2", "c.eval_every = 2", "c.progress = False",
+                     *extra, *body]
+            path = config_file(tmp, f"sft_{model}_{kind}", "sft_tiny", "\n".join(lines))
             from llama2_jax.cli import random_config
             rows.append(finetune_case(name, path, cfg or random_config(load(path))))
 

@@ -9,7 +9,7 @@ sharded by the one rules table (llama2_jax.sharding), in the dtype and 8-bit for
 KV cache from the layout the chat session or the server allocates; step temporaries from the
 formulas below; fine-tuning adds master weights, gradients, AdamW's two moments and
 activations. Device memory is `device.memory_stats()["bytes_limit"]` where the backend reports
-it, else the table `DEVICES`; `cpu` is this machine's available RAM.
+it, else the table `DEVICES`; `cpu` is this machine's RAM.
 
 Temporaries (bytes per device; R rows of T tokens attending over S positions, D model width,
 F feed-forward width, N query heads, V vocabulary, e the compute dtype's size, t the tensor
@@ -18,8 +18,12 @@ axis where heads split):
   attention     2 R (N / t) T S 4            float32 scores and probabilities
   logits        3 R V 4 (x2 when sampling)   float32 logits, log-softmax, sort for top-p
 Prefill and decode steps do not overlap: the larger counts. On the CPU the process's own
-memory counts too (Python, jaxlib, compiled code: `CPU_RUNTIME_BYTES`, measured), and the
-engine keeps a per-layer copy of the layer weights (llama2_jax.engine, `unstack`).
+memory counts too: Python, jaxlib and the tokenizer (`CPU_RUNTIME_BYTES`), the compiled steps'
+code (`CPU_CODE_BYTES` per layer a step runs unrolled, times the steps: the chat's prefill and
+decode, the server's every bucket, see `serve_steps`), the engine's per-layer copy of the
+layer weights (llama2_jax.engine, `unstack`), and, when fine-tuning, orbax's host copy of the
+trained weights and optimizer state while a checkpoint is saved. Constants measured with
+benchmarks/bench_plan.py (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -60,9 +64,12 @@ DEVICES: dict[str, tuple[int, str]] = {
 }
 # JAX takes this share of a GPU's memory at start (XLA_PYTHON_CLIENT_MEM_FRACTION).
 GPU_FRACTION = 0.75
-# What a CPU process holds besides the arrays: Python, jaxlib, the tokenizer, compiled steps
+# What a CPU process holds besides its arrays and compiled code: Python, jaxlib, the tokenizer
 # (measured: benchmarks/bench_plan.py).
-CPU_RUNTIME_BYTES = 600 * MiB
+CPU_RUNTIME_BYTES = 150 * MiB
+# XLA:CPU's compiled code per layer of a step's unrolled program (measured: the 134M server's
+# 36 steps of 12 layers held 1.6 GB more than its arrays).
+CPU_CODE_BYTES = 3_600_000
 HEADROOM = 0.05  # of each device's memory, never planned: fragmentation, small buffers
 TASKS = ("chat", "serve", "sft", "lora")
 QUANTIZATIONS = ("none", "int8", "fp8")
@@ -85,11 +92,13 @@ class Devices:
 
 
 def available_ram() -> int:
-    """MemAvailable of /proc/meminfo (the RAM a new process may use), else total RAM."""
+    """This machine's RAM (MemTotal of /proc/meminfo): what a process may plan for. Not
+    MemAvailable, which moves with whatever else runs (a plan would then refuse a run that
+    fits, or accept one that fits only while the machine is idle)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith("MemTotal:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -108,7 +117,7 @@ def parse_devices(spec: str) -> Devices:
     if count < 1:
         raise PlanError(f"--devices={spec!r}: the count must be >= 1")
     if kind == "cpu":
-        return Devices(count, "cpu", available_ram() // count, "cpu", "MemAvailable")
+        return Devices(count, "cpu", available_ram() // count, "cpu", "MemTotal")
     if kind not in DEVICES:
         raise PlanError(f"unknown device kind {kind!r}; known: cpu, {', '.join(DEVICES)}")
     size, platform = DEVICES[kind]
@@ -132,7 +141,7 @@ def present_devices() -> Devices:
     d = devices[0]
     if d.platform == "cpu":
         return Devices(len(devices), "cpu", available_ram() // len(devices), "cpu",
-                       "MemAvailable")
+                       "MemTotal")
     stats = d.memory_stats() or {}
     kind = _kind_name(d.device_kind)
     if stats.get("bytes_limit"):
@@ -325,7 +334,30 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
                                  step_temporaries(cfg, mesh, 1, context, context))
     if devices.platform == "cpu":
         out["runtime (Python, XLA)"] = CPU_RUNTIME_BYTES // devices.count
+        unrolled = cfg.n_layers if "per-layer weight copy" in out else 1
+        steps = serve_steps(task.slots, context, task.prefill_chunk) if task.name == "serve" \
+            else 4  # the chat: prefill, decode, the cache's growth
+        out["compiled code"] = steps * unrolled * CPU_CODE_BYTES // devices.count
     return out
+
+
+def serve_steps(slots: int, length: int, chunk: int) -> int:
+    """How many steps the server compiles at start (llama2_jax.batching.Slots.warm_up):
+    prefill per (chunk bucket, attend bucket), commit / extract per position block, insert,
+    decode per (row bucket, attend bucket)."""
+    from llama2_jax.batching import Slots, default_kv_block
+    s = object.__new__(Slots)  # only its bucket arithmetic
+    s.length, s.chunk, s.min_bucket = length, min(chunk, length), 16
+    s.kv_block = min(default_kv_block(length), length)
+    s.groups = kv_cache.group_sizes(slots)
+    s.blocks = kv_cache.block_sizes(length, s.kv_block)
+    prefill = 0
+    for t in s.chunk_buckets():
+        for attend in s.buckets():
+            n = min(t, attend, length - 1)
+            start = max(0, min(attend, length - 1) - n)
+            prefill += s.bucket(n) == t and s.attend_bucket(start + n) == attend
+    return prefill + 2 * len(s.blocks) + 1 + len(s.row_buckets()) * len(s.buckets())
 
 
 def lora_params(cfg: ModelConfig, rank: int, targets: Sequence[str]) -> int:
@@ -367,9 +399,17 @@ def training_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[st
         out["activations"] = cfg.n_layers * boundary + 2 * per_layer
     else:
         out["activations"] = cfg.n_layers * (per_layer + 6 * boundary)
-    out["logits"] = 3 * b * T * _split(cfg.vocab_size, t) * 4
+    # float32 logits, their log-softmax, its gradient and the softmax (measured: 4 copies)
+    out["logits"] = 4 * b * T * _split(cfg.vocab_size, t) * 4
+    # AdamW's update of each trained weight: new moments and the update before donation
+    # lets them replace the old ones (measured: 3 copies in float32)
+    out["optimizer step temporaries"] = 3 * trainable_elems * 4
     if devices.platform == "cpu":
         out["runtime (Python, XLA)"] = CPU_RUNTIME_BYTES // devices.count
+        # orbax copies what a checkpoint holds to host memory while it saves it
+        out["checkpoint save copy"] = out["gradients"] // (2 if task.grad_accum > 1 else 1) \
+            + out["AdamW moments"]
+        out["compiled code"] = 2 * CPU_CODE_BYTES // devices.count  # train and eval steps
     return out
 
 

@@ -15,6 +15,7 @@ from llama2_jax import checkpoint
 from llama2_jax import cli as app_cli
 from llama2_jax.engine import Engine
 from llama2_jax.sampling import Greedy
+from llama2_jax.tokenizer import encode_dialog
 
 CONFIGS = os.path.join(ROOT, "configs")
 NOISE = "random weights"
@@ -286,7 +287,7 @@ def test_context_overflow_drops_the_oldest_turns(new_chat):
     assert "error: " in notices and "exceeds the context of 96 tokens" in notices
     assert chat.system_prompt == "Be brief." and chat.history[-2]["content"] == "Thanks!"
     assert len(chat.history) < 2 * 5
-    tokens = chat_app.encode_dialog(chat.tokenizer, chat.dialog("next"))
+    tokens = encode_dialog(chat.tokenizer, chat.dialog("next"))
     assert len(tokens) < 96
 
 

@@ -184,3 +184,32 @@ def test_settings_that_cannot_fit_fail_before_loading():
     assert finetune.run(config, err=err) == 1
     assert "needs" in err.getvalue() and "task=lora" in err.getvalue(), err.getvalue()
     assert not os.path.exists("/nonexistent/never-made")
+
+
+# -- estimates against measurement ------------------------------------------------------------
+def test_estimates_against_the_memory_of_real_runs(demo_home, demo_checkpoint, tmp_path):
+    """The demo chat and a tiny SFT and LoRA run, each in a child process: the planner's
+    total is within 15% of the measured peak RssAnon and never under it by more than 5%
+    (benchmarks/bench_plan.py does the same for the 134M model, serving and 7B int8)."""
+    from llama2_jax import checkpoint
+    from llama2_jax.cli import random_config
+    from tests.memory import peak_rss_anon, planned
+    ratios = {}
+    demo = load_config_file("demo")
+    peak, proc = peak_rss_anon(["-m", "llama2_jax.chat", "--config", "configs/demo.py",
+                                "--config.prompt=Count to five.", "--config.temperature=0",
+                                "--config.compilation_cache_dir="], env={"HOME": str(demo_home)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ratios["demo chat"] = planned(demo, "chat", checkpoint.read_config(demo_checkpoint)).total / peak
+    for name, extra in (("tiny SFT", []), ("tiny LoRA", ["--config.lora.rank=8"])):
+        out = tmp_path / name.replace(" ", "_")
+        args = ["-m", "llama2_jax.finetune", "--config", "configs/sft_tiny.py",
+                f"--config.output_dir={out}", "--config.steps=4", "--config.save_every=2",
+                "--config.eval_every=2", "--config.progress=false",
+                "--config.compilation_cache_dir=", *extra]
+        peak, proc = peak_rss_anon(args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        config = load_config_file("sft_tiny", **({"lora.rank": 8} if extra else {}))
+        ratios[name] = planned(config, "finetune", random_config(config)).total / peak
+    for name, ratio in ratios.items():
+        assert 0.95 <= ratio <= 1.15, ratios

@@ -33,8 +33,12 @@ def commands() -> list[list[str]]:
         for line in text.splitlines():
             line = line.split(" #")[0].strip()
             for part in re.split(r"&&|\|", line):
-                if part.strip().startswith("python "):
-                    out.append(shlex.split(part.strip()))
+                part = part.strip()
+                if part.startswith("python "):
+                    try:
+                        out.append(shlex.split(part))
+                    except ValueError:  # the end of a command quoted for ssh: "... 'x'"
+                        out.append(shlex.split(part.rstrip('"')))
     return out
 
 
