@@ -182,3 +182,7 @@ def on_main(name: str, fn: Callable[[], None], timeout_s: int = 300) -> None:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def process_index() -> int:
+    return jax.process_index()

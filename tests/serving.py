@@ -25,9 +25,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """The server started with `configs/<config>.py` and `overrides` ({"max_slots": 2})."""
+    """The server started with `configs/<config>.py` and `overrides` ({"max_slots": 2}); with
+    `processes` > 1, as that many JAX processes of `devices` devices each, joined by a
+    coordinator on 127.0.0.1 (process 0 serves HTTP; `procs` and `output(i)` are per process)."""
 
-    def __init__(self, config: str = "serve_demo", devices: int = 1, env=None, **overrides):
+    def __init__(self, config: str = "serve_demo", devices: int = 1, env=None,
+                 processes: int = 1, **overrides):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [f"--config.port={self.port}", "--config.compilation_cache_dir="]
@@ -36,17 +39,27 @@ class ServerProcess:
                        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
                        if devices > 1 else "")
         environ.update(env or {})
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama2_jax.serve", "--config", f"configs/{config}.py",
-             *args], cwd=ROOT, env=environ, stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=subprocess.STDOUT, text=True)
+        coordinator = f"127.0.0.1:{free_port()}"
+        self.logs, self.procs = [], []
+        for i in range(processes):
+            flags = [] if processes == 1 else [
+                "--config.multihost=true", f"--config.coordinator_address={coordinator}",
+                f"--config.num_processes={processes}", f"--config.process_id={i}"]
+            log = tempfile.NamedTemporaryFile("w+", suffix=f".{i}.log", delete=False)
+            self.logs.append(log)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "llama2_jax.serve", "--config", f"configs/{config}.py",
+                 *args, *flags], cwd=ROOT, env=environ, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, text=True))
+        self.log, self.proc = self.logs[0], self.procs[0]
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> "ServerProcess":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            for i, p in enumerate(self.procs):
+                if p.poll() is not None:
+                    raise RuntimeError(f"server process {i} exited with {p.returncode}:\n"
+                                       f"{self.output(i)}")
             try:
                 status, _ = self.get("/health")
                 if status == 200:
@@ -57,9 +70,9 @@ class ServerProcess:
         self.kill()
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.output()}")
 
-    def output(self) -> str:
-        with open(self.log.name) as f:
-            return f.read()
+    def output(self, process: int = 0) -> str:
+        with open(self.logs[process].name) as f:
+            return "".join(line for line in f if not line.startswith("[Gloo]"))
 
     def request(self, method: str, path: str, body=None, headers=None, timeout: float = 120):
         """(status, parsed JSON body or text)."""
@@ -102,19 +115,25 @@ class ServerProcess:
             raise KeyError(f"{name}{labels} not in /metrics")
         return total
 
-    def terminate(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+    def terminate(self, timeout: float = 60, process: int = 0) -> int:
+        """SIGTERM to `process`; every process's exit within `timeout` seconds (else all are
+        killed and TimeoutExpired raised). Returns process 0's exit status."""
+        if self.procs[process].poll() is None:
+            self.procs[process].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
         try:
-            return self.proc.wait(timeout)
+            for p in self.procs:
+                p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+        return self.proc.returncode
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:

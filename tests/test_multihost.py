@@ -173,3 +173,128 @@ def test_mistakes_get_errors_that_name_them(tmp_path):
                          count=2, devices=4, timeout=TIMEOUT)
     assert all(r.returncode == 1 and "does not divide over 2 processes" in r.stderr
                for r in runs), [r.stderr[-1000:] for r in runs]
+
+
+# -- the server ------------------------------------------------------------------------------
+SERVED = "llama2_jax-demo"  # configs/serve_demo.py's model_name
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
+def serve_settings(checkpoint_dir, **extra):
+    return dict(checkpoint_dir=checkpoint_dir, train_config="", max_slots=4,
+                context_length=256, prefill_chunk=64, heartbeat_timeout_s=10, **extra)
+
+
+def answers(server) -> dict:
+    """What the server answers to a fixed set of requests: greedy chat, a stream, a seeded
+    sample, six concurrent requests of different lengths, and a chat again (its prompt from
+    the prefix cache), through the `openai` client."""
+    import concurrent.futures
+
+    import openai
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                           timeout=120)
+    chat = [SYSTEM, {"role": "user", "content": "Count to five."}]
+
+    def ask(messages, **kw):
+        r = client.chat.completions.create(model=SERVED, messages=messages, temperature=0,
+                                           max_tokens=24, **kw)
+        return r.choices[0].message.content, r.usage.prompt_tokens, r.usage.completion_tokens
+
+    def complete(i):
+        return client.completions.create(model=SERVED, prompt=f"Question {i}: what is {i} "
+                                          f"plus {i}?", temperature=0, max_tokens=8 + 2 * i
+                                          ).choices[0].text
+
+    out = {"chat": ask(chat)}
+    stream = client.chat.completions.create(
+        model=SERVED, messages=[SYSTEM, {"role": "user", "content": "Name a color."}],
+        temperature=0, max_tokens=24, stream=True)
+    out["stream"] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    out["sampled"] = client.completions.create(model=SERVED, prompt="Once upon a time",
+                                               temperature=0.8, top_p=0.9, seed=7,
+                                               max_tokens=16).choices[0].text
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        out["concurrent"] = list(pool.map(complete, range(6)))
+    out["chat again"] = ask(chat)
+    return out
+
+
+def test_server_in_two_processes_answers_as_one(demo_checkpoint):
+    """Process 0 serves HTTP and process 1 follows its steps (2 x 4 devices, FSDP over all 8):
+    every answer equals the one-process 8-device server's; a client that leaves mid-stream
+    frees its slot on both; SIGTERM to process 0 finishes the running stream, then both exit
+    0 with the same number of device calls made."""
+    import httpx
+
+    from tests.serving import ServerProcess
+    one = ServerProcess(devices=8, **serve_settings(demo_checkpoint))
+    try:
+        expected = answers(one.wait_ready())
+    finally:
+        assert one.terminate() == 0, one.output()
+    s = ServerProcess(devices=4, processes=2, **serve_settings(demo_checkpoint))
+    try:
+        s.wait_ready()
+        assert "following process 0" in s.output(1)
+        got = answers(s)
+        assert got == expected
+        assert got["chat"][2] > 0 and len(set(got["concurrent"])) > 1
+
+        body = {"model": SERVED, "prompt": "Tell me a long story.", "max_tokens": 200,
+                "temperature": 0, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert any(next(lines).startswith("data: {") for _ in range(4))
+        deadline = time.monotonic() + 30
+        while s.metric("llama2_jax_active_slots") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.metric("llama2_jax_active_slots") == 0
+        assert s.metric("llama2_jax_generations_finished_total", '{reason="cancelled"}',
+                        default=0) == 1, s.get("/metrics")[1]
+        assert answers(s)["chat"] == expected["chat"]
+
+        body = dict(body, max_tokens=40)
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            assert first.startswith("data: {")
+            s.procs[0].send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: {")]
+        final = json.loads(rest[-1][len("data: "):])
+        assert final["choices"][0]["finish_reason"] == "length", rest[-1]
+        assert [p.wait(60) for p in s.procs] == [0, 0], s.output(0) + s.output(1)
+        leader, follower = s.output(0), s.output(1)
+        assert "server stopped" in leader and "process 0 stopped the server" in follower
+        assert "Traceback" not in leader + follower, leader + follower
+    finally:
+        s.kill()
+
+
+def test_server_stops_when_any_process_is_told_to_or_dies(demo_checkpoint):
+    """SIGTERM to process 1 drains the server (process 0 hears of it) and both exit 0; SIGKILL
+    of process 1 ends process 0 with an error within the heartbeat timeout, not a hang."""
+    from tests.serving import ServerProcess
+    body = {"model": SERVED, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    for how in ("SIGTERM", "SIGKILL"):
+        s = ServerProcess(devices=4, processes=2, warmup=False,
+                          **serve_settings(demo_checkpoint))
+        try:
+            s.wait_ready()
+            assert s.post("/v1/completions", body)[0] == 200
+            if how == "SIGTERM":
+                assert s.terminate(timeout=90, process=1) == 0, s.output(0)
+                assert s.procs[1].returncode == 0, s.output(1)
+                assert "process 1: SIGTERM: no new requests" in s.output(0)
+                continue
+            s.procs[1].kill()
+            killed = time.monotonic()
+            try:
+                s.procs[0].wait(120)
+            except Exception:
+                raise AssertionError("process 0 still running 120 s after process 1 was "
+                                     f"killed:\n{s.output(0)}")
+            assert s.procs[0].returncode != 0
+            assert time.monotonic() - killed < 120
+        finally:
+            s.kill()

@@ -26,6 +26,7 @@ import ml_collections
 import uvicorn
 
 from llama2_jax import build as app_build
+from llama2_jax import distributed, lockstep
 from llama2_jax.batching import Slots
 from llama2_jax.build import USER_ERRORS, SettingsError
 from llama2_jax.engine import Engine
@@ -78,13 +79,21 @@ def check(config: ml_collections.ConfigDict) -> None:
     if not 0 < config.top_p <= 1 or config.temperature < 0:
         raise SettingsError(f"temperature={config.temperature} must be >= 0 and "
                             f"top_p={config.top_p} in (0, 1]")
-    if config.multihost:
-        raise SettingsError("multihost serving is not supported yet: serve from one process "
-                            "(its devices may be several GPUs or a TPU VM's chips)")
 
 
-def make_server(config: ml_collections.ConfigDict, err: TextIO) -> Server:
-    """The Server `config` describes; its model loads when the scheduler starts."""
+def _slots(config: ml_collections.ConfigDict, prepared: app_build.Prepared, length: int,
+           err: TextIO) -> Slots:
+    model = prepared.load(err)
+    slots = Slots(Engine(model, prepared.mesh), config.max_slots, length,
+                  chunk=config.prefill_chunk)
+    err.write(app_build.banner("serve", model, prepared.source, prepared.mesh, length))
+    return slots
+
+
+def make_server(config: ml_collections.ConfigDict, err: TextIO,
+                channel: lockstep.Channel | None = None) -> Server:
+    """The Server `config` describes; its model loads when the scheduler starts. With
+    `channel` (process 0 of several), its device calls are replayed by the other processes."""
     check(config)
     prepared = app_build.prepare(config, err, "serve")
     length = app_build.context_length(prepared.model_config, config.context_length)
@@ -92,10 +101,9 @@ def make_server(config: ml_collections.ConfigDict, err: TextIO) -> Server:
 
     def load() -> Slots:
         t0 = time.perf_counter()
-        model = prepared.load(err)
-        slots = Slots(Engine(model, prepared.mesh), config.max_slots, length,
-                      chunk=config.prefill_chunk)
-        err.write(app_build.banner("serve", model, prepared.source, prepared.mesh, length))
+        slots = _slots(config, prepared, length, err)
+        if channel is not None:
+            slots = lockstep.Leader(slots, channel)
         if config.warmup:
             err.write(f"compiling the steps of {config.max_slots} slots x {length} positions"
                       " ...\n")
@@ -144,12 +152,27 @@ class _Uvicorn(uvicorn.Server):
         if self.draining:  # a second signal: now
             self.should_exit = self.force_exit = True
             return
+        self.drain(signal.Signals(sig).name)
+
+    def drain(self, why: str) -> None:
+        """Stop accepting requests, finish the running ones, then exit."""
+        if self.draining:
+            return
         self.draining = True
-        self.err.write(f"{signal.Signals(sig).name}: no new requests; finishing the running "
-                       f"ones (up to {self.grace:g} s) ...\n")
+        self.err.write(f"{why}: no new requests; finishing the running ones (up to "
+                       f"{self.grace:g} s) ...\n")
         self.err.flush()
         self.app_server.scheduler.shutdown(self.grace)
         threading.Thread(target=self._exit_when_drained, daemon=True).start()
+
+    def watch_followers(self, channel: lockstep.Channel) -> None:
+        """Drain when another process was asked to stop (SIGTERM to every host, or to one)."""
+        while not self.should_exit:
+            why = channel.stop_requested()
+            if why is not None:
+                self.drain(why)
+                return
+            time.sleep(0.5)
 
     def _exit_when_drained(self) -> None:
         self.app_server.scheduler.join(self.grace + 30)
@@ -169,7 +192,11 @@ def run(config: ml_collections.ConfigDict, err: TextIO | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     err = sys.stderr if err is None else err
     try:
-        server = make_server(config, err)
+        distributed.initialize(config)
+        channel = lockstep.Channel() if config.multihost else None
+        if channel is not None and not distributed.is_main_process():
+            return follow(config, channel, err)
+        server = make_server(config, err, channel)
     except USER_ERRORS as e:
         err.write(f"error: {e}\n")
         return 1
@@ -179,10 +206,45 @@ def run(config: ml_collections.ConfigDict, err: TextIO | None = None) -> int:
     uv = _Uvicorn(uv_config, server, config.shutdown_grace_s, err)
     server.scheduler.start()
     threading.Thread(target=uv.watch_loading, daemon=True).start()
-    uv.run()
-    server.scheduler.shutdown(0)
-    server.scheduler.join(10)
+    if channel is not None:
+        threading.Thread(target=uv.watch_followers, args=(channel,), daemon=True).start()
+    try:
+        uv.run()
+    finally:
+        server.scheduler.shutdown(0)
+        server.scheduler.join(10)
+        if channel is not None:  # after the scheduler's last call: the followers return
+            channel.send({"op": "stop"})
     if uv.failed:
         return 1
     err.write("server stopped\n")
+    return 0
+
+
+def follow(config: ml_collections.ConfigDict, channel: lockstep.Channel, err: TextIO) -> int:
+    """A process other than 0 of a multi-process server: load the model and make process 0's
+    device calls until it stops. SIGTERM asks process 0 to drain (a second one exits)."""
+    check(config)
+    prepared = app_build.prepare(config, err, "serve")
+    length = app_build.context_length(prepared.model_config, config.context_length)
+    slots = _slots(config, prepared, length, err)
+    me = f"process {distributed.process_index()}"
+    err.write(f"{me}: following process 0, which serves http://{config.host}:{config.port}"
+              "/v1\n")
+    err.flush()
+    asked = []
+
+    def on_signal(sig, frame):
+        if asked:
+            raise SystemExit(128 + sig)
+        asked.append(sig)
+        err.write(f"{me}: {signal.Signals(sig).name}: asking process 0 to drain the server\n")
+        err.flush()
+        channel.request_stop(signal.Signals(sig).name)
+
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, on_signal)
+    calls = lockstep.follow(slots, channel, on_error=err.write)
+    err.write(f"{me}: process 0 stopped the server after {calls} calls\n")
     return 0

@@ -1,0 +1,224 @@
+"""One server over several JAX processes: process 0 decides, every process computes.
+
+JAX runs one program per process (multi-controller): a jitted step over a mesh that spans
+several hosts runs only when every process calls it, with the same shapes, in the same order.
+So process 0 runs the scheduler and the HTTP server alone, and its `Leader` publishes each
+call it makes to its Slots (prefill, decode, release, insert, extract, warm-up) before making
+it; the other processes `follow`, making the same calls on their own Slots, whose host state
+(positions, the staging row) therefore stays the same as process 0's. Requests, cancellations
+and disconnects are scheduler decisions, so they reach the followers as the calls they lead
+to; shutdown is a `stop` message. A follower asked to stop (SIGTERM) asks process 0, which
+drains the server and then sends `stop` to all.
+
+The calls travel, in order, through the key-value store of JAX's coordination service (the one
+`jax.distributed` runs on process 0): a message is a small JSON object under an increasing
+index; the followers acknowledge what they have read, and process 0 deletes what all have.
+A process that dies stops the others through the coordination service's heartbeats
+(`heartbeat_timeout_s`), never a hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import sys
+import threading
+import traceback
+import weakref
+from typing import Callable, Sequence
+
+import jax
+
+from llama2_jax.batching import Prefix, Settings, Slots, StepOut
+from llama2_jax.distributed import DistributedError, _client
+
+BLOCK = 256  # messages per key directory: deleted a directory at a time
+POLL_MS = 1000  # a follower waits this long per try for the next message (then checks again)
+
+
+class Channel:
+    """Ordered messages from process 0 to the others over the coordination service."""
+
+    def __init__(self, name: str = "serve", client=None):
+        self.prefix = f"llama2_jax/{name}/"
+        self.client = client if client is not None else _client()
+        self.followers = jax.process_count() - 1
+        self.sent = 0  # process 0: messages published
+        self.received = 0  # a follower: messages read
+        self._deleted = 0  # process 0: blocks deleted
+        self._lock = threading.Lock()  # the scheduler's thread sends, and the last `stop`
+
+    def _key(self, n: int) -> str:
+        return f"{self.prefix}ops/{n // BLOCK}/{n}"
+
+    # -- process 0 ---------------------------------------------------------------------------
+    def send(self, message: dict) -> None:
+        with self._lock:
+            self.client.key_value_set(self._key(self.sent), json.dumps(message))
+            self.sent += 1
+            if self.sent % BLOCK == 0:
+                self._forget()
+
+    def _forget(self) -> None:
+        """Delete the blocks every follower has read."""
+        read = min((self._acked(i) for i in range(1, self.followers + 1)), default=self.sent)
+        while (self._deleted + 1) * BLOCK <= read:
+            self.client.key_value_delete(f"{self.prefix}ops/{self._deleted}")
+            self._deleted += 1
+
+    def _acked(self, process: int) -> int:
+        try:
+            return int(self.client.key_value_try_get(f"{self.prefix}ack/{process}"))
+        except Exception:  # noqa: BLE001 -- NOT_FOUND: nothing acknowledged yet
+            return 0
+
+    def stop_requested(self) -> str | None:
+        """Why a follower asked to stop, or None."""
+        try:
+            return self.client.key_value_try_get(f"{self.prefix}stop_requested")
+        except Exception:  # noqa: BLE001 -- NOT_FOUND
+            return None
+
+    # -- the other processes -----------------------------------------------------------------
+    def receive(self) -> dict:
+        """The next message; waits for it as long as process 0 lives (process 0's death ends
+        the wait with DistributedError, or ends this process through the heartbeats)."""
+        key = self._key(self.received)
+        while True:
+            try:
+                text = self.client.blocking_key_value_get(key, POLL_MS)
+                break
+            except Exception as e:  # noqa: BLE001 -- JaxRuntimeError
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise DistributedError(f"process {jax.process_index()} lost process 0 "
+                                           f"(waiting for message {self.received}): "
+                                           f"{str(e).splitlines()[0]}") from None
+        self.received += 1
+        if self.received % (BLOCK // 4) == 0:
+            self.client.key_value_set(f"{self.prefix}ack/{jax.process_index()}",
+                                      str(self.received), allow_overwrite=True)
+        return json.loads(text)
+
+    def request_stop(self, why: str) -> None:
+        self.client.key_value_set(f"{self.prefix}stop_requested",
+                                  f"process {jax.process_index()}: {why}", allow_overwrite=True)
+
+
+class SharedPrefix:
+    """A Prefix that every process holds: the followers keep theirs under `id` until process
+    0's copy is dropped (by the prefix cache; a weak reference tells)."""
+
+    def __init__(self, prefix: Prefix, id: int):
+        self.prefix, self.id = prefix, id
+        self.nbytes = prefix.nbytes
+
+
+class Leader:
+    """Process 0's Slots: each call that changes the device or the slots' host state is sent
+    to the followers first. The scheduler uses it as it uses Slots."""
+
+    def __init__(self, slots: Slots, channel: Channel):
+        self.slots, self.channel = slots, channel
+        self._ids = itertools.count()
+        self._dropped: list[int] = []  # prefix ids process 0 no longer holds
+
+    # read-only, answered by process 0 alone
+    @property
+    def max_slots(self) -> int:
+        return self.slots.max_slots
+
+    @property
+    def chunk(self) -> int:
+        return self.slots.chunk
+
+    @property
+    def length(self) -> int:
+        return self.slots.length
+
+    @property
+    def compile_count(self) -> int:
+        return self.slots.compile_count
+
+    def prefix_bytes(self, length: int) -> int:
+        return self.slots.prefix_bytes(length)
+
+    # replayed by every process
+    def _send(self, op: str, **args) -> None:
+        message = {"op": op, **args}
+        if self._dropped:  # appended to by the finalizers of dropped prefixes
+            drop = self._dropped[:]
+            del self._dropped[:len(drop)]
+            message["drop"] = drop
+        self.channel.send(message)
+
+    def prefill(self, slot: int, tokens: Sequence[int], start: int, final: bool,
+                settings: Settings) -> StepOut:
+        self._send("prefill", slot=int(slot), tokens=[int(t) for t in tokens], start=int(start),
+                   final=bool(final), settings=dataclasses.asdict(settings))
+        return self.slots.prefill(slot, tokens, start, final, settings)
+
+    def decode(self) -> StepOut:
+        self._send("decode")
+        return self.slots.decode()
+
+    def release(self, slot: int) -> None:
+        self._send("release", slot=int(slot))
+        self.slots.release(slot)
+
+    def extract(self, slot: int, length: int) -> SharedPrefix:
+        n = next(self._ids)
+        self._send("extract", slot=int(slot), length=int(length), id=n)
+        shared = SharedPrefix(self.slots.extract(slot, length), n)
+        weakref.finalize(shared, self._dropped.append, n)
+        return shared
+
+    def insert(self, slot: int, shared: SharedPrefix) -> None:
+        self._send("insert", slot=int(slot), id=shared.id)
+        self.slots.insert(slot, shared.prefix)
+
+    def warm_up(self) -> int:
+        self._send("warm_up")
+        return self.slots.warm_up()
+
+    def stop(self) -> None:
+        """Tell the followers to return (the server is done)."""
+        self._send("stop")
+
+
+def follow(slots: Slots, channel: Channel, on_error: Callable[[str], None] | None = None) -> int:
+    """Make process 0's calls on `slots` until it sends `stop`; returns how many were made.
+    A call that fails here failed on process 0 too (same arguments, same host state): it is
+    reported and the next one follows, as process 0's scheduler goes on."""
+    prefixes: dict[int, Prefix] = {}
+    report = on_error or (lambda text: sys.stderr.write(text))
+    calls = 0
+    while True:
+        message = channel.receive()
+        for n in message.get("drop", ()):
+            prefixes.pop(n, None)
+        op = message["op"]
+        if op == "stop":
+            return calls
+        calls += 1
+        try:
+            if op == "prefill":
+                slots.prefill(message["slot"], message["tokens"], message["start"],
+                              message["final"], Settings(**message["settings"]))
+            elif op == "decode":
+                slots.decode()
+            elif op == "release":
+                slots.release(message["slot"])
+            elif op == "extract":
+                prefixes[message["id"]] = slots.extract(message["slot"], message["length"])
+            elif op == "insert":
+                slots.insert(message["slot"], prefixes[message["id"]])
+            elif op == "warm_up":
+                slots.warm_up()
+            else:
+                raise DistributedError(f"unknown message from process 0: {message!r}")
+        except DistributedError:
+            raise
+        except Exception:  # noqa: BLE001 -- process 0 met the same error and went on
+            report(f"process {jax.process_index()}, call {channel.received - 1} ({op}):\n"
+                   f"{traceback.format_exc()}")
