@@ -199,7 +199,9 @@ def answers(server) -> dict:
     def ask(messages, **kw):
         r = client.chat.completions.create(model=SERVED, messages=messages, temperature=0,
                                            max_tokens=24, **kw)
-        return r.choices[0].message.content, r.usage.prompt_tokens, r.usage.completion_tokens
+        cached = r.usage.prompt_tokens_details.cached_tokens
+        return r.choices[0].message.content, r.usage.prompt_tokens, r.usage.completion_tokens, \
+            cached
 
     def complete(i):
         return client.completions.create(model=SERVED, prompt=f"Question {i}: what is {i} "
@@ -240,6 +242,7 @@ def test_server_in_two_processes_answers_as_one(demo_checkpoint):
         got = answers(s)
         assert got == expected
         assert got["chat"][2] > 0 and len(set(got["concurrent"])) > 1
+        assert got["chat again"][3] > 0  # its prompt came from the prefix cache
 
         body = {"model": SERVED, "prompt": "Tell me a long story.", "max_tokens": 200,
                 "temperature": 0, "stream": True, "ignore_eos": True}

@@ -8,8 +8,9 @@ Start-up: the settings are checked first (a bad one fails at once, with one line
 HTTP server listens while the model loads and its steps compile on the device thread
 (/health answers 503 until they are done, 200 after). SIGTERM (or Ctrl-C) stops accepting
 requests (503), lets the running ones finish for up to `shutdown_grace_s` seconds, aborts the
-rest and exits 0; a second signal exits at once. Fields: `base_config` below, beside the model
-fields every app has (llama2_jax.build.model_fields).
+rest and exits 0; a second signal exits at once. With `multihost` (one process per host),
+process 0 serves and the others follow its device calls (llama2_jax.lockstep). Fields:
+`base_config` below, beside the model fields every app has (llama2_jax.build.model_fields).
 """
 
 from __future__ import annotations
