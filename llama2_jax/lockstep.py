@@ -4,7 +4,7 @@ JAX runs one program per process (multi-controller): a jitted step over a mesh t
 several hosts runs only when every process calls it, with the same shapes, in the same order.
 So process 0 runs the scheduler and the HTTP server alone, and its `Leader` publishes each
 call it makes to its Slots (prefill, decode, release, insert, extract, warm-up) before making
-it; the other processes `follow`, making the same calls on their own Slots, whose host state
+it; the other processes (`Follower`) make the same calls on their own Slots, whose host state
 (positions, the staging row) therefore stays the same as process 0's. Requests, cancellations
 and disconnects are scheduler decisions, so they reach the followers as the calls they lead
 to; shutdown is a `stop` message. A follower asked to stop (SIGTERM) asks process 0, which
@@ -40,10 +40,12 @@ POLL_MS = 1000  # a follower waits this long per try for the next message (then 
 class Channel:
     """Ordered messages from process 0 to the others over the coordination service."""
 
-    def __init__(self, name: str = "serve", client=None):
+    def __init__(self, name: str = "serve", client=None, *, processes: int | None = None,
+                 process: int | None = None):
         self.prefix = f"llama2_jax/{name}/"
         self.client = client if client is not None else _client()
-        self.followers = jax.process_count() - 1
+        self.followers = (jax.process_count() if processes is None else processes) - 1
+        self.process = jax.process_index() if process is None else process
         self.sent = 0  # process 0: messages published
         self.received = 0  # a follower: messages read
         self._deleted = 0  # process 0: blocks deleted
@@ -91,18 +93,18 @@ class Channel:
                 break
             except Exception as e:  # noqa: BLE001 -- JaxRuntimeError
                 if "DEADLINE_EXCEEDED" not in str(e):
-                    raise DistributedError(f"process {jax.process_index()} lost process 0 "
+                    raise DistributedError(f"process {self.process} lost process 0 "
                                            f"(waiting for message {self.received}): "
                                            f"{str(e).splitlines()[0]}") from None
         self.received += 1
         if self.received % (BLOCK // 4) == 0:
-            self.client.key_value_set(f"{self.prefix}ack/{jax.process_index()}",
+            self.client.key_value_set(f"{self.prefix}ack/{self.process}",
                                       str(self.received), allow_overwrite=True)
         return json.loads(text)
 
     def request_stop(self, why: str) -> None:
         self.client.key_value_set(f"{self.prefix}stop_requested",
-                                  f"process {jax.process_index()}: {why}", allow_overwrite=True)
+                                  f"process {self.process}: {why}", allow_overwrite=True)
 
 
 class SharedPrefix:
@@ -186,39 +188,50 @@ class Leader:
         self._send("stop")
 
 
-def follow(slots: Slots, channel: Channel, on_error: Callable[[str], None] | None = None) -> int:
-    """Make process 0's calls on `slots` until it sends `stop`; returns how many were made.
-    A call that fails here failed on process 0 too (same arguments, same host state): it is
-    reported and the next one follows, as process 0's scheduler goes on."""
-    prefixes: dict[int, Prefix] = {}
-    report = on_error or (lambda text: sys.stderr.write(text))
-    calls = 0
-    while True:
-        message = channel.receive()
-        for n in message.get("drop", ()):
-            prefixes.pop(n, None)
-        op = message["op"]
-        if op == "stop":
-            return calls
-        calls += 1
-        try:
-            if op == "prefill":
-                slots.prefill(message["slot"], message["tokens"], message["start"],
-                              message["final"], Settings(**message["settings"]))
-            elif op == "decode":
-                slots.decode()
-            elif op == "release":
-                slots.release(message["slot"])
-            elif op == "extract":
-                prefixes[message["id"]] = slots.extract(message["slot"], message["length"])
-            elif op == "insert":
-                slots.insert(message["slot"], prefixes[message["id"]])
-            elif op == "warm_up":
-                slots.warm_up()
-            else:
-                raise DistributedError(f"unknown message from process 0: {message!r}")
-        except DistributedError:
-            raise
-        except Exception:  # noqa: BLE001 -- process 0 met the same error and went on
-            report(f"process {jax.process_index()}, call {channel.received - 1} ({op}):\n"
-                   f"{traceback.format_exc()}")
+class Follower:
+    """A process other than 0: makes process 0's calls on its own `slots` (see `run`)."""
+
+    def __init__(self, slots: Slots, channel: Channel,
+                 on_error: Callable[[str], None] | None = None):
+        self.slots, self.channel = slots, channel
+        self.report = on_error or sys.stderr.write
+        self.prefixes: dict[int, Prefix] = {}  # process 0's live SharedPrefixes, by id
+        self.calls = 0
+
+    def run(self) -> int:
+        """Make process 0's calls until it sends `stop`; returns how many were made. A call
+        that fails here failed on process 0 too (same arguments, same host state): it is
+        reported and the next one follows, as process 0's scheduler goes on."""
+        while True:
+            message = self.channel.receive()
+            for n in message.get("drop", ()):
+                self.prefixes.pop(n, None)
+            op = message["op"]
+            if op == "stop":
+                return self.calls
+            self.calls += 1
+            try:
+                self._call(op, message)
+            except DistributedError:
+                raise
+            except Exception:  # noqa: BLE001 -- process 0 met the same error and went on
+                self.report(f"process {self.channel.process}, call {self.channel.received - 1}"
+                            f" ({op}):\n{traceback.format_exc()}")
+
+    def _call(self, op: str, m: dict) -> None:
+        slots = self.slots
+        if op == "prefill":
+            slots.prefill(m["slot"], m["tokens"], m["start"], m["final"],
+                          Settings(**m["settings"]))
+        elif op == "decode":
+            slots.decode()
+        elif op == "release":
+            slots.release(m["slot"])
+        elif op == "extract":
+            self.prefixes[m["id"]] = slots.extract(m["slot"], m["length"])
+        elif op == "insert":
+            slots.insert(m["slot"], self.prefixes[m["id"]])
+        elif op == "warm_up":
+            slots.warm_up()
+        else:
+            raise DistributedError(f"unknown message from process 0: {m!r}")

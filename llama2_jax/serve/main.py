@@ -246,6 +246,6 @@ def follow(config: ml_collections.ConfigDict, channel: lockstep.Channel, err: Te
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, on_signal)
-    calls = lockstep.follow(slots, channel, on_error=err.write)
+    calls = lockstep.Follower(slots, channel, on_error=err.write).run()
     err.write(f"{me}: process 0 stopped the server after {calls} calls\n")
     return 0
