@@ -235,7 +235,7 @@ class Plan:
                 "fits": self.fits, "notes": self.notes}
 
     def table(self) -> str:
-        mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.items())
+        mesh = mesh_text(self.mesh)
         lines = [f"{self.model}, task {self.task.name}, on {self.devices} "
                  f"({gb(self.devices.bytes)} each, {self.devices.source})",
                  f"mesh {mesh}; weights {self.dtype}, quantization {self.quantization}", "",
@@ -252,6 +252,10 @@ class Plan:
 
 def gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
+
+
+def mesh_text(mesh: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in mesh.items())
 
 
 def _abstract_mesh(mesh: dict[str, int]) -> AbstractMesh:
@@ -285,6 +289,16 @@ def kv_bytes(cfg: ModelConfig, mesh: dict[str, int], rows: Sequence[int], length
     return total * cfg.compute_dtype.itemsize
 
 
+def scanned_layer_bytes(cfg: ModelConfig, mesh: dict[str, int], quantization: str,
+                        rows: int = 1, attend: int = 0) -> int:
+    """One layer's weights on one device, and its keys/values of `rows` x `attend` positions:
+    a step over the scanned layers copies each layer's slices out of the stacks (XLA's
+    memory_analysis() of the 7B/13B/70B steps on 8 simulated devices counts both,
+    benchmarks/bench_plan_xla.py)."""
+    kv = kv_bytes(cfg, mesh, (rows,), attend) // cfg.n_layers if attend else 0
+    return weight_bytes(cfg, mesh, quantization)["layers"] // cfg.n_layers + kv
+
+
 def _split(n: int, k: int) -> int:
     return n // k if n % k == 0 else n
 
@@ -305,6 +319,7 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
     """Per-device bytes of the chat app or the server, by kind."""
     from llama2_jax.engine import DEFAULT_OPTIONS
     context = task.context or cfg.max_seq_len
+    rows = task.slots if task.name == "serve" else 1
     w = weight_bytes(cfg, mesh, quantization)
     out = {"weights": w["layers"] + w["other"]}
     if devices.platform == "cpu":
@@ -316,13 +331,15 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
         if everything <= DEFAULT_OPTIONS.unstack_max_bytes:
             out["per-layer weight copy"] = w["layers"]
         else:
-            layer = w["layers"] // cfg.n_layers
+            layer = scanned_layer_bytes(cfg, mesh, quantization)
             itemsize = 1 if quantization in ("int8", "fp8") else np.dtype(cfg.weight_dtype).itemsize
-            out["scanned layer copy"] = layer + layer * cfg.compute_dtype.itemsize // itemsize
+            out["scanned layer copy"] = layer * cfg.compute_dtype.itemsize // itemsize + \
+                scanned_layer_bytes(cfg, mesh, quantization, rows, context)
+    else:  # accelerators scan the layers
+        out["scanned layer copy"] = scanned_layer_bytes(cfg, mesh, quantization, rows, context)
     if task.name == "serve":
-        rows = kv_cache.group_sizes(task.slots)
-        out["KV cache"] = kv_bytes(cfg, mesh, rows, context) + kv_bytes(cfg, mesh, (1,),
-                                                                          context)
+        out["KV cache"] = kv_bytes(cfg, mesh, kv_cache.group_sizes(task.slots), context) + \
+            kv_bytes(cfg, mesh, (1,), context)
         if task.prefix_cache_mb:
             out["prefix cache"] = int(task.prefix_cache_mb * MiB)
         chunk = min(task.prefill_chunk, context)
