@@ -17,7 +17,10 @@ axis where heads split):
   activations   R T (4 D + 3 F / t) e        hidden state, q/k/v, attention output, MLP
   attention     2 R (N / t) T S 4            float32 scores and probabilities
   logits        3 R V 4 (x2 when sampling)   float32 logits, log-softmax, sort for top-p
-Prefill and decode steps do not overlap: the larger counts. On the CPU the process's own
+Prefill and decode steps do not overlap: the larger counts. A step over scanned layers (on
+accelerators always) also holds a copy of one layer's weights and of its keys/values for the
+rows and positions it reads (`scanned_layer_bytes`; checked against XLA's memory_analysis()
+by benchmarks/bench_plan_xla.py). On the CPU the process's own
 memory counts too: Python, jaxlib and the tokenizer (`CPU_RUNTIME_BYTES`), the compiled steps'
 code (`CPU_CODE_BYTES` per layer a step runs unrolled, times the steps: the chat's prefill and
 decode, the server's every bucket, see `serve_steps`), the engine's per-layer copy of the
