@@ -76,6 +76,8 @@ def test_messages_arrive_in_order_and_only_read_ones_are_deleted():
         leader.send({"op": "decode", "i": i})
     reader.join(30)
     assert got == list(range(n + lockstep.BLOCK))
+    for i in range(lockstep.BLOCK):  # the next deletion, after the follower acknowledged
+        leader.send({"op": "decode", "i": i})
     # what was read is gone but for the block in use and the last acknowledgement's lag
     assert store.ops() <= 2 * lockstep.BLOCK
     assert leader.stop_requested() is None

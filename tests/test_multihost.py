@@ -256,7 +256,8 @@ def test_server_in_two_processes_answers_as_one(demo_checkpoint):
         assert s.metric("llama2_jax_active_slots") == 0
         assert s.metric("llama2_jax_generations_finished_total", '{reason="cancelled"}',
                         default=0) == 1, s.get("/metrics")[1]
-        assert answers(s)["chat"] == expected["chat"]
+        again = answers(s)["chat"]  # (now its whole prompt is cached: compare the rest)
+        assert again[:3] == expected["chat"][:3] and again[3] > 0
 
         body = dict(body, max_tokens=40)
         with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
