@@ -86,7 +86,9 @@ def chat_case(name, config_path, model_cfg, env=None, quantization="none", extra
 
 def finetune_case(name, config_path, model_cfg):
     config = load(config_path)
-    peak, proc = peak_rss_anon(["-m", "llama2_jax.finetune", "--config", config_path])
+    # (no compilation cache: a cached step skips the compiler's memory, as the tests do)
+    peak, proc = peak_rss_anon(["-m", "llama2_jax.finetune", "--config", config_path,
+                                "--config.compilation_cache_dir="])
     return result(name, peak, planned(config, "finetune", model_cfg,
                                       config.quantization), proc)
 
