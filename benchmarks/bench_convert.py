@@ -67,7 +67,7 @@ flags.DEFINE_bool("keep", False, "Keep the random checkpoint and the conversion 
 def write_random_meta(model_dir: str, params: dict, n_shards: int, seed: int = 0) -> int:
     """Random bf16 Meta shards. Tensors live in file-backed memory while torch.save writes them,
     so making a 13.5 GB checkpoint needs no RAM beyond the page cache. Returns bytes written."""
-    from llama2_jax.config import from_meta_params
+    from llama2_jax.model.config import from_meta_params
     from llama2_jax.tokenizer import Tokenizer
     os.makedirs(model_dir)
     shutil.copyfile(TOKENIZER, os.path.join(os.path.dirname(model_dir), "tokenizer.model"))

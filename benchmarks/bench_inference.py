@@ -61,13 +61,13 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.common import pin_threads, hf_model_from, median  # noqa: E402
-from llama2_jax.checkpoint import params_of, random_model  # noqa: E402
-from llama2_jax.engine import cache_length  # noqa: E402
+from llama2_jax.model.checkpoint import params_of, random_model  # noqa: E402
+from llama2_jax.inference.generate import cache_length  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
-from llama2_jax.config import BENCH_134M, LLAMA2_7B  # noqa: E402
-from llama2_jax.engine import Engine  # noqa: E402
-from llama2_jax.model import param_count  # noqa: E402
-from llama2_jax.sampling import Greedy  # noqa: E402
+from llama2_jax.model.config import BENCH_134M, LLAMA2_7B  # noqa: E402
+from llama2_jax.inference.generate import Engine  # noqa: E402
+from llama2_jax.model.transformer import param_count  # noqa: E402
+from llama2_jax.inference.sampling import Greedy  # noqa: E402
 from flax import nnx  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -306,7 +306,7 @@ def matmul_chain(engine: Engine):
 def decode_vs_chain(model, prompt, reps: int, steps: int) -> dict:
     """Batch-1 decode step of the server (Slots, one slot of prompt + new tokens) and of the
     Engine, next to the bare matmul chain; alternating, best and median step of each."""
-    from llama2_jax.batching import Settings, Slots
+    from llama2_jax.inference.slots import Settings, Slots
     engine = Engine(model)
     length = bucket_up(len(prompt) + FLAGS.new_tokens)
     slots = Slots(engine, 1, length)

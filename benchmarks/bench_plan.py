@@ -117,8 +117,9 @@ def serve_case(name, config_path, model_cfg, prompts):
 def run() -> dict:
     import numpy as np
 
-    from llama2_jax import build, checkpoint
-    from llama2_jax.config import BENCH_134M
+    from llama2_jax import settings as build
+    from llama2_jax.model import checkpoint
+    from llama2_jax.model.config import BENCH_134M
     tmp = FLAGS.tmp or tempfile.mkdtemp(prefix="bench_plan.")
     only = set(FLAGS.only.split(",")) if FLAGS.only else None
     want = lambda name: only is None or name in only  # noqa: E731
@@ -182,7 +183,7 @@ def run() -> dict:
 
 def seven_b_case(tmp: str) -> dict:
     """A random bf16 LLAMA2_7B checkpoint, chatted with in int8 (context 256)."""
-    from llama2_jax.config import LLAMA2_7B
+    from llama2_jax.model.config import LLAMA2_7B
     directory = os.path.join(tmp, "7b-bf16")
     if not os.path.isdir(directory):
         write_7b(directory)

@@ -27,9 +27,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from llama2_jax import checkpoint, config as configs, plan, sharding  # noqa: E402
-from llama2_jax.kv_cache import KVCache  # noqa: E402
-from llama2_jax.sampling import logprobs  # noqa: E402
+from llama2_jax.model import checkpoint, config as configs, sharding  # noqa: E402
+from llama2_jax import plan  # noqa: E402
+from llama2_jax.model.kv_cache import KVCache  # noqa: E402
+from llama2_jax.inference.sampling import logprobs  # noqa: E402
 
 MiB = 1 << 20
 

@@ -56,7 +56,7 @@ METHODS = ("none", "int8", "fp8")
 def decode_tok_s(engine, prompt, n):
     import jax
 
-    from llama2_jax.sampling import Greedy
+    from llama2_jax.inference.sampling import Greedy
     last = [None]
     stamps, tokens = [], []
 
@@ -73,9 +73,9 @@ def decode_tok_s(engine, prompt, n):
 def run_speed() -> dict:
     import jax
 
-    from llama2_jax import checkpoint, quant
-    from llama2_jax.config import BENCH_134M
-    from llama2_jax.engine import Engine
+    from llama2_jax.model import checkpoint, quant
+    from llama2_jax.model.config import BENCH_134M
+    from llama2_jax.inference.generate import Engine
     model = checkpoint.random_model(BENCH_134M, seed=0)
     prompt = np.random.default_rng(0).integers(3, BENCH_134M.vocab_size,
                                                FLAGS.prompt_len).tolist()
@@ -127,8 +127,8 @@ def write_7b(directory: str) -> float:
     """A random bf16 LLAMA2_7B checkpoint, written a layer at a time; returns seconds."""
     from convert import mapping
     from convert.orbax_io import Streamed, write_params
-    from llama2_jax import checkpoint
-    from llama2_jax.config import LLAMA2_7B
+    from llama2_jax.model import checkpoint
+    from llama2_jax.model.config import LLAMA2_7B
     t = time.perf_counter()
     cfg = LLAMA2_7B.with_dtype("bfloat16")
     rng = np.random.default_rng(0)
@@ -174,12 +174,12 @@ def run_child() -> None:
     import jax
 
     import llama2_jax
-    from llama2_jax import quant
+    from llama2_jax.model import quant
     directory = os.path.join(FLAGS.workdir, "7b")
     t = time.perf_counter()
     model = llama2_jax.load(directory, quantization=FLAGS.quantization,
                             dtype=FLAGS.dtype or None)
-    jax.block_until_ready(jax.tree.leaves(llama2_jax.checkpoint.params_of(model)))
+    jax.block_until_ready(jax.tree.leaves(llama2_jax.model.checkpoint.params_of(model)))
     load_s = time.perf_counter() - t
     after_load = _status()
     t = time.perf_counter()

@@ -55,9 +55,10 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks.common import hf_model_from, pin_threads  # noqa: E402
 from benchmarks.serve_peers import hf_continuous_batching  # noqa: E402
-from llama2_jax import checkpoint, generate  # noqa: E402
-from llama2_jax.config import BENCH_134M  # noqa: E402
-from llama2_jax.engine import bucket  # noqa: E402
+from llama2_jax.model import checkpoint  # noqa: E402
+from llama2_jax import generate  # noqa: E402
+from llama2_jax.model.config import BENCH_134M  # noqa: E402
+from llama2_jax.inference.generate import bucket  # noqa: E402
 from tests.serving import ServerProcess  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -46,9 +46,10 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.common import pin_threads, hf_model_from, median  # noqa: E402
-from llama2_jax import checkpoint, finetune  # noqa: E402
-from llama2_jax.config import BENCH_134M, LLAMA2_7B  # noqa: E402
-from llama2_jax.model import abstract_model, param_count  # noqa: E402
+from llama2_jax.model import checkpoint  # noqa: E402
+from llama2_jax import finetune  # noqa: E402
+from llama2_jax.model.config import BENCH_134M, LLAMA2_7B  # noqa: E402
+from llama2_jax.model.transformer import abstract_model, param_count  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for torch and XLA:CPU.")
@@ -190,7 +191,7 @@ def memory_7b() -> dict:
     t0 = time.perf_counter()
     m = step.lower(*args32).compile().memory_analysis()
     # The same with the base in int8 (config quantization="int8"): weights + per-channel scales.
-    from llama2_jax import quant
+    from llama2_jax.model import quant
     q_base = jax.eval_shape(lambda p: quant.quantize_params(p, "int8"), args[1])
     int8_bytes = arg_bytes - _nbytes(args[1]) + _nbytes(q_base)
     return {"lora_params": sum(x.size for x in jax.tree.leaves(args[0])),

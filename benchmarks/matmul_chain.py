@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import median, pin_threads  # noqa: E402
-from llama2_jax.config import BENCH_134M  # noqa: E402
+from llama2_jax.model.config import BENCH_134M  # noqa: E402
 
 BATCHES = (1, 4, 16, 64)
 REPS = 20

@@ -40,8 +40,8 @@ from absl import app, flags  # noqa: E402
 
 import llama2_jax  # noqa: E402
 from convert import mapping  # noqa: E402
-from llama2_jax import checkpoint, quant  # noqa: E402
-from llama2_jax.config import ModelConfig  # noqa: E402
+from llama2_jax.model import checkpoint, quant  # noqa: E402
+from llama2_jax.model.config import ModelConfig  # noqa: E402
 from llama2_jax.tokenizer import Tokenizer  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -147,8 +147,8 @@ def main() -> None:
     import torch
 
     from benchmarks.common import hf_model_from, median
-    from llama2_jax.checkpoint import params_of, random_model
-    from llama2_jax.config import BENCH_134M
+    from llama2_jax.model.checkpoint import params_of, random_model
+    from llama2_jax.model.config import BENCH_134M
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())

@@ -15,8 +15,8 @@ import numpy as np
 from absl import flags, logging
 from tqdm import tqdm
 
-from llama2_jax import checkpoint
-from llama2_jax.config import DTYPES  # noqa: F401  (the one list; converters' --dtype)
+from llama2_jax.model import checkpoint
+from llama2_jax.model.config import DTYPES  # noqa: F401  (the one list; converters' --dtype)
 
 TOKENIZER_FILE = "tokenizer.model"
 

@@ -20,7 +20,7 @@ from absl import app, flags
 
 from convert import common, orbax_io, verify
 from convert.sources import HFSource
-from llama2_jax.config import ConfigError
+from llama2_jax.model.config import ConfigError
 
 FLAGS = flags.FLAGS
 

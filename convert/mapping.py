@@ -203,7 +203,7 @@ def copy_rows(dst: np.ndarray, src: np.ndarray, block: int = 64) -> None:
 
 def hf_config_dict(cfg, dtype: str) -> dict:
     """A Hugging Face `config.json` (LlamaForCausalLM) describing `cfg`; inverse of
-    llama2_jax.config.from_hf_config."""
+    llama2_jax.model.config.from_hf_config."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

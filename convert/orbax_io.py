@@ -1,7 +1,7 @@
 """Orbax parameter trees written and read a layer at a time.
 
 The checkpoint is orbax's own (PyTreeCheckpointHandler: OCDBT + zarr, the layout
-`llama2_jax.checkpoint.load` restores onto any mesh), but the arrays never sit whole in memory:
+`llama2_jax.model.checkpoint.load` restores onto any mesh), but the arrays never sit whole in memory:
 each leaf is a `Streamed` parameter that the type handler below pulls one layer at a time and
 writes into its slice of the tensorstore array. Stacked parameters are chunked with a leading
 layer axis of 1, so a layer's write fills whole chunks and is flushed on its own.
@@ -23,7 +23,7 @@ from orbax.checkpoint._src.serialization import type_handler_registry
 
 from convert import mapping
 from convert.common import Progress, output_dtype, staged_output
-from llama2_jax import checkpoint, quant
+from llama2_jax.model import checkpoint, quant
 
 CHUNK_BYTES = 32 << 20  # zarr chunk target; a tensor-parallel shard reads only its chunks
 WHOLE_BYTES = 64 << 20  # stacked parameters up to this size are written in one piece
@@ -131,7 +131,7 @@ def write_checkpoint(source, output_dir: str, *, dtype: str | None = None,
 
     Writes params, tokenizer (if the source has one) and, last, the config marker into a
     temporary sibling that is renamed to `output_dir` when complete. With `quantization`
-    "int8" or "fp8" the weights are written quantized (`llama2_jax.quant`, the function
+    "int8" or "fp8" the weights are written quantized (`llama2_jax.model.quant`, the function
     `load(..., quantization=)` uses), a layer at a time. Returns the summary line.
     """
     dtype = output_dtype(dtype, source.dtype)

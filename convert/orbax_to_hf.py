@@ -26,9 +26,9 @@ import numpy as np
 from absl import app, flags
 
 from convert import common, mapping, orbax_io, verify
-from llama2_jax import checkpoint
-from llama2_jax.checkpoint import CheckpointError
-from llama2_jax.config import ConfigError
+from llama2_jax.model import checkpoint
+from llama2_jax.model.checkpoint import CheckpointError
+from llama2_jax.model.config import ConfigError
 
 FLAGS = flags.FLAGS
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from convert import mapping
 from convert.common import ConversionError
-from llama2_jax.config import ModelConfig, from_hf_config, from_meta_params
+from llama2_jax.model.config import ModelConfig, from_hf_config, from_meta_params
 
 META_PARAMS = "params.json"
 META_CHECKLIST = "checklist.chk"

@@ -50,7 +50,7 @@ def compare(checkpoint_dir: str, make_reference, tokens: list[int] | None = None
     import torch
 
     import llama2_jax
-    from llama2_jax import checkpoint
+    from llama2_jax.model import checkpoint
     model = checkpoint.load(checkpoint_dir, dtype="float32")
     tokens = tokens or probe_tokens(model.config.vocab_size)
     ours = llama2_jax.forward(model, tokens)

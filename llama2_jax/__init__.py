@@ -7,18 +7,19 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from llama2_jax.checkpoint import CheckpointError, load, save
-from llama2_jax.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, preset
-from llama2_jax.engine import ContextError, Engine, Session
-from llama2_jax.model import Transformer
-from llama2_jax.quant import QArray, quantize_model
-from llama2_jax.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, make_sampler
-from llama2_jax.sharding import make_mesh
+from llama2_jax.model.checkpoint import CheckpointError, load, save
+from llama2_jax.model.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, preset
+from llama2_jax.inference.generate import ContextError, Engine, Session
+from llama2_jax.model.transformer import Transformer
+from llama2_jax.model.quant import QArray, quantize_model
+from llama2_jax.inference.params import (DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GREEDY,
+                                         SamplingParams, sampling_params)
+from llama2_jax.model.sharding import make_mesh
 from llama2_jax.tokenizer import DialogError, StreamDecoder, Tokenizer, encode_dialog
 
 __all__ = [
     "CheckpointError", "ConfigError", "ContextError", "DialogError", "Engine", "ModelConfig",
-    "QArray", "Session", "StreamDecoder", "Tokenizer", "Transformer", "encode_dialog",
+    "GREEDY", "QArray", "SamplingParams", "Session", "StreamDecoder", "Tokenizer", "Transformer", "encode_dialog",
     "engine_for", "forward", "from_hf_config", "from_meta_params", "generate", "load",
     "make_mesh", "preset", "quantize_model", "save", "stream_text",
 ]
@@ -41,11 +42,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     """New token ids of each prompt (a list of token-id lists), stop token excluded.
 
     Stops a row at EOS (`stop_ids`, default Llama 2's EOS id 2), after `max_new_tokens`, or
-    at the context limit. temperature=0 is greedy.
+    at the context limit. temperature=0 is greedy; row b draws with seed + b.
     """
     return engine_for(model).generate(
-        prompts, max_new_tokens=max_new_tokens, sampler=make_sampler(temperature, top_p, top_k),
-        seed=seed, stop_ids=(2,) if stop_ids is None else stop_ids)
+        prompts, max_new_tokens=max_new_tokens,
+        params=sampling_params(temperature, top_p, top_k, seed),
+        stop_ids=(2,) if stop_ids is None else stop_ids)
 
 
 def forward(model: Transformer, token_ids: Sequence[int]) -> np.ndarray:
@@ -63,8 +65,8 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int],
     """
     decoder = StreamDecoder(tokenizer)
     steps = engine_for(model).stream(
-        [prompt], max_new_tokens=max_new_tokens, seed=seed, stop_ids=(tokenizer.eos_id,),
-        sampler=make_sampler(temperature, top_p, top_k))
+        [prompt], max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,),
+        params=sampling_params(temperature, top_p, top_k, seed))
     for step in steps:
         if step.tokens[0] is not None:
             piece = decoder.push(step.tokens[:1])

@@ -31,11 +31,12 @@ import ml_collections
 import numpy as np
 from absl import app, logging
 
-from llama2_jax import build as app_build
-from llama2_jax import cli, distributed, sharding
-from llama2_jax.build import USER_ERRORS, SettingsError
-from llama2_jax.engine import ContextError, Engine
-from llama2_jax.sampling import make_sampler
+from llama2_jax import settings as app_build
+from llama2_jax import cli, distributed
+from llama2_jax.model import sharding
+from llama2_jax.settings import USER_ERRORS, SettingsError
+from llama2_jax.inference.generate import ContextError, Engine
+from llama2_jax.inference.params import sampling_params
 from llama2_jax.conversation import Chat, Message, Reply, context_size  # noqa: F401
 from llama2_jax.tokenizer import DialogError
 
@@ -150,7 +151,7 @@ def build(config: ml_collections.ConfigDict, err: TextIO) -> Chat:
     prepared = app_build.prepare(config, err, "chat")
     length = context_size(prepared.model_config, config.context_length, config.max_new_tokens)
     try:
-        sampler = make_sampler(config.temperature, config.top_p, config.top_k or None)
+        params = sampling_params(config.temperature, config.top_p, config.top_k, config.seed)
     except ValueError as e:
         raise ChatError(str(e)) from None
     model = prepared.load(err)
@@ -160,9 +161,9 @@ def build(config: ml_collections.ConfigDict, err: TextIO) -> Chat:
         err.write("NOTE: no checkpoint_dir, so the model has random weights; its answers are "
                   "noise.\n")
     err.flush()
-    return Chat(Engine(model, prepared.mesh), prepared.tokenizer, sampler=sampler,
+    return Chat(Engine(model, prepared.mesh), prepared.tokenizer, params=params,
                 max_new_tokens=config.max_new_tokens, context_length=length,
-                system_prompt=config.system_prompt, seed=config.seed)
+                system_prompt=config.system_prompt)
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from llama2_jax.config import ConfigError, ModelConfig, preset
+from llama2_jax.model.config import ConfigError, ModelConfig, preset
 
 
 def define_config_flag(what: str) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from llama2_jax import build as app_build
-from llama2_jax.build import SettingsError
-from llama2_jax.config import ModelConfig
-from llama2_jax.engine import ContextError, Engine, Session
+from llama2_jax import settings as app_build
+from llama2_jax.settings import SettingsError
+from llama2_jax.model.config import ModelConfig
+from llama2_jax.inference.generate import ContextError, Engine, Session
+from llama2_jax.inference.params import SamplingParams
 from llama2_jax.tokenizer import SPECIAL_TAGS, StreamDecoder, Tokenizer, encode_dialog
 
 Message = dict[str, str]
@@ -35,18 +36,20 @@ def context_size(model_cfg: ModelConfig, requested: int, max_new_tokens: int) ->
 
 
 class Chat:
-    """One conversation: system prompt, user/assistant history and a KV cache across turns."""
+    """One conversation: system prompt, user/assistant history and a KV cache across turns.
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, *, sampler, max_new_tokens: int,
-                 context_length: int = 0, system_prompt: str = "", seed: int = 0):
+    Turn t draws with params.seed + t (so a one-shot answer is `generate` with params).
+    """
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, *, params: SamplingParams,
+                 max_new_tokens: int, context_length: int = 0, system_prompt: str = ""):
         app_build.check_vocab(tokenizer, engine.config)
         self.engine = engine
         self.tokenizer = tokenizer
-        self.sampler = sampler
+        self.params = params
         self.max_new_tokens = max_new_tokens
         self.context_length = context_size(engine.config, context_length, max_new_tokens)
         self.system_prompt = system_prompt
-        self.seed = seed
         self.session = Session(engine, self.context_length)
         self.history: list[Message] = []  # user, assistant, user, assistant, ...
         self.turns = 0
@@ -101,9 +104,9 @@ class Chat:
             notice(f"[context full: dropped {turns}]")
         self.history = list(history)
         decoder = StreamDecoder(self.tokenizer)
+        params = dataclasses.replace(self.params, seed=self.params.seed + self.turns)
         steps = self.session.generate(tokens, max_new_tokens=self.max_new_tokens,
-                                      sampler=self.sampler, seed=self.seed + self.turns,
-                                      stop_ids=[self.tokenizer.eos_id])
+                                      params=params, stop_ids=[self.tokenizer.eos_id])
         self.turns += 1
         interrupted = False
         try:

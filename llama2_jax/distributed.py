@@ -27,7 +27,7 @@ from typing import Callable
 import jax
 import ml_collections
 
-from llama2_jax.sharding import ShardingError
+from llama2_jax.model.sharding import ShardingError
 
 # Settings that differ between processes by design, and those a rerun may change.
 PER_PROCESS = {"process_id"}
@@ -124,7 +124,7 @@ def _stdout_for_python_only() -> None:
     sys.stdout = stream
 
 
-def _client():
+def coordination_client():
     from jax._src import distributed  # the coordination service's key-value store
     return distributed.global_state.client
 
@@ -136,7 +136,7 @@ def check_same_config(config: ml_collections.ConfigDict, timeout_s: int = 300) -
         return
     mine = {k: v for k, v in _flat(config).items() if k not in PER_PROCESS}
     text = json.dumps(mine, sort_keys=True, default=str)
-    client = _client()
+    client = coordination_client()
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     client.key_value_set(f"llama2_jax/config/{jax.process_index()}", text)
     for other in range(jax.process_count()):
@@ -166,7 +166,7 @@ def on_main(name: str, fn: Callable[[], None], timeout_s: int = 300) -> None:
     if jax.process_count() == 1:
         fn()
         return
-    client, key = _client(), f"llama2_jax/on_main/{name}"
+    client, key = coordination_client(), f"llama2_jax/on_main/{name}"
     if jax.process_index() == 0:
         try:
             fn()

@@ -42,16 +42,18 @@ from absl import app, logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llama2_jax import checkpoint, cli, data, distributed, quant, sharding
-from llama2_jax.checkpoint import CheckpointError
-from llama2_jax.config import DTYPES, ConfigError
-from llama2_jax.data import DataError
-from llama2_jax.events import EventWriter
-from llama2_jax.model import abstract_model
-from llama2_jax.lora import (LORA_TARGETS, LoRA, apply_adapters, init_adapters,  # noqa: F401
+from llama2_jax.model import checkpoint, quant, sharding
+from llama2_jax import cli, distributed
+from llama2_jax.training import data
+from llama2_jax.model.checkpoint import CheckpointError
+from llama2_jax.model.config import DTYPES, ConfigError
+from llama2_jax.training.data import DataError
+from llama2_jax.training.events import EventWriter
+from llama2_jax.model.transformer import abstract_model
+from llama2_jax.training.lora import (LORA_TARGETS, LoRA, apply_adapters, init_adapters,  # noqa: F401
                              lora_scale, merge_adapters)
-from llama2_jax.sharding import ShardingError
-from llama2_jax.train_step import (_shardings_like, bind, decay_mask, loss_sums,  # noqa: F401
+from llama2_jax.model.sharding import ShardingError
+from llama2_jax.training.train_step import (_shardings_like, bind, decay_mask, loss_sums,  # noqa: F401
                                    make_eval_step, make_optimizer, make_train_step)
 
 RUN_FILE = "run.json"
@@ -83,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.checkpoint_dir = ""  # base weights (a converted checkpoint); "" = random init of `model`
     c.tokenizer_path = ""  # "" = <checkpoint_dir>/tokenizer.model
-    c.model_preset = ""  # random init only: llama2_jax.config preset name ...
+    c.model_preset = ""  # random init only: llama2_jax.model.config preset name ...
     c.model = ml_collections.ConfigDict()  # ... with these ModelConfig fields over it
     c.train_data = ""  # JSONL dialogs
     c.eval_data = ""  # JSONL; "" = hold out eval_fraction of train_data
@@ -108,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.param_dtype = "float32"  # trained (master) weights; the frozen base under LoRA too
     c.remat = False  # recompute each layer's activations in the backward pass
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("wq", "wv")))
-    # With LoRA, the frozen base can be held in 8 bits (int8 | fp8, see llama2_jax.quant):
+    # With LoRA, the frozen base can be held in 8 bits (int8 | fp8, see llama2_jax.model.quant):
     # a 7B base in ~6.7 GB instead of 13.5. "none" = param_dtype.
     # "auto" (LoRA): the planner's choice, none or int8, for the devices present.
     c.quantization = "none"
@@ -159,7 +161,7 @@ class Trainer:
         self.out = os.path.abspath(os.path.expanduser(c.output_dir))
         self.lora_scale = lora_scale(c) if c.lora.rank else None
         self._stop_signal: int | None = None
-        from llama2_jax import build  # noqa: PLC0415 (build trains the demo with this module)
+        from llama2_jax import settings as build  # noqa: PLC0415 (build trains the demo with this module)
         # The one way every app turns its config into a model config, tokenizer, mesh and
         # weight format, checked against the devices by the planner before anything loads.
         try:

@@ -5,7 +5,7 @@ mesh and 8-bit format that fit.
   python -m llama2_jax.plan --checkpoint_dir=checkpoints/llama-2-7b-chat --task=chat --json
 
 Every byte count the apps rely on is here. Weights come from the model's abstract parameters
-sharded by the one rules table (llama2_jax.sharding), in the dtype and 8-bit format asked; the
+sharded by the one rules table (llama2_jax.model.sharding), in the dtype and 8-bit format asked; the
 KV cache from the layout the chat session or the server allocates; step temporaries from the
 formulas below; fine-tuning adds master weights, gradients, AdamW's two moments and
 activations. Device memory is `device.memory_stats()["bytes_limit"]` where the backend reports
@@ -24,7 +24,7 @@ by benchmarks/bench_plan_xla.py). On the CPU the process's own
 memory counts too: Python, jaxlib and the tokenizer (`CPU_RUNTIME_BYTES`), the compiled steps'
 code (`CPU_CODE_BYTES` per layer a step runs unrolled, times the steps: the chat's prefill and
 decode, the server's every bucket, see `serve_steps`), the engine's per-layer copy of the
-layer weights (llama2_jax.engine, `unstack`), and, when fine-tuning, orbax's host copy of the
+layer weights (llama2_jax.inference.generate, `unstack`), and, when fine-tuning, orbax's host copy of the
 trained weights and optimizer state while a checkpoint is saved. Constants measured with
 benchmarks/bench_plan.py (benchmarks/RESULTS.md).
 """
@@ -43,8 +43,9 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from llama2_jax import kv_cache, sharding
-from llama2_jax.config import DTYPES, ModelConfig
+from llama2_jax.inference.buckets import Shapes, group_sizes
+from llama2_jax.model import kv_cache, sharding
+from llama2_jax.model.config import DTYPES, ModelConfig
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -73,6 +74,7 @@ CPU_RUNTIME_BYTES = 150 * MiB
 # XLA:CPU's compiled code per layer of a step's unrolled program (measured: the 134M server's
 # 36 steps of 12 layers held 1.6 GB more than its arrays).
 CPU_CODE_BYTES = 3_600_000
+CHAT_CHUNK = 256  # the chat Session's prefill chunk (Slots' default)
 HEADROOM = 0.05  # of each device's memory, never planned: fragmentation, small buffers
 TASKS = ("chat", "serve", "sft", "lora")
 QUANTIZATIONS = ("none", "int8", "fp8")
@@ -273,7 +275,7 @@ def _shard_bytes(tree) -> int:
 def weight_bytes(cfg: ModelConfig, mesh: dict[str, int], quantization: str) -> dict[str, int]:
     """Bytes one device holds of the model's parameters in `cfg.param_dtype`, quantized as
     asked: {"layers": ..., "other": ...} (the embeddings, output and final norm)."""
-    from llama2_jax.checkpoint import _abstract_target  # the restore target, sharded
+    from llama2_jax.model.checkpoint import _abstract_target  # the restore target, sharded
     _, _, target = _abstract_target(cfg, _abstract_mesh(mesh), quantization)
     layers = _shard_bytes(target["layers"])
     return {"layers": layers, "other": _shard_bytes(target) - layers}
@@ -320,14 +322,14 @@ def step_temporaries(cfg: ModelConfig, mesh: dict[str, int], rows: int, tokens: 
 def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[str, int],
                     quantization: str) -> dict[str, int]:
     """Per-device bytes of the chat app or the server, by kind."""
-    from llama2_jax.engine import DEFAULT_OPTIONS
+    from llama2_jax.inference.weights import DEFAULT_OPTIONS
     context = task.context or cfg.max_seq_len
     rows = task.slots if task.name == "serve" else 1
     w = weight_bytes(cfg, mesh, quantization)
     out = {"weights": w["layers"] + w["other"]}
     if devices.platform == "cpu":
-        # Engine(unstack=None): a per-layer copy of the layer weights when all of them take
-        # at most unstack_max_bytes (llama2_jax.engine); else the layers are scanned, and
+        # Weights(unstack=None): a per-layer copy of the layer weights when all of them take
+        # at most unstack_max_bytes (llama2_jax.inference.weights); else the layers are scanned, and
         # XLA:CPU copies each one's slice out of the stack, converted to the compute dtype.
         everything = weight_bytes(cfg, {"data": 1, "fsdp": 1, "tensor": 1},
                                   quantization)["layers"]
@@ -341,43 +343,33 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
     else:  # accelerators scan the layers
         out["scanned layer copy"] = scanned_layer_bytes(cfg, mesh, quantization, rows, context)
     if task.name == "serve":
-        out["KV cache"] = kv_bytes(cfg, mesh, kv_cache.group_sizes(task.slots), context) + \
-            kv_bytes(cfg, mesh, (1,), context)
+        # the slots, and the staging row (a single slot is its own staging row)
+        out["KV cache"] = kv_bytes(cfg, mesh, group_sizes(task.slots), context) + \
+            (kv_bytes(cfg, mesh, (1,), context) if task.slots > 1 else 0)
         if task.prefix_cache_mb:
             out["prefix cache"] = int(task.prefix_cache_mb * MiB)
         chunk = min(task.prefill_chunk, context)
         out["temporaries"] = max(step_temporaries(cfg, mesh, task.slots, 1, context),
                                  step_temporaries(cfg, mesh, 1, chunk, context))
-    else:  # the chat session: one row; the whole prompt is prefilled at once
+    else:  # the chat session: one slot (its own staging row), prefilled a chunk at a time
         out["KV cache"] = kv_bytes(cfg, mesh, (1,), context)
+        chunk = min(CHAT_CHUNK, context)
         out["temporaries"] = max(step_temporaries(cfg, mesh, 1, 1, context),
-                                 step_temporaries(cfg, mesh, 1, context, context))
+                                 step_temporaries(cfg, mesh, 1, chunk, context))
     if devices.platform == "cpu":
         out["runtime (Python, XLA)"] = CPU_RUNTIME_BYTES // devices.count
         unrolled = cfg.n_layers if "per-layer weight copy" in out else 1
         steps = serve_steps(task.slots, context, task.prefill_chunk) if task.name == "serve" \
-            else 4  # the chat: prefill, decode, the cache's growth
+            else 4  # a chat compiles as it goes: a few prefill and decode shapes
         out["compiled code"] = steps * unrolled * CPU_CODE_BYTES // devices.count
     return out
 
 
-def serve_steps(slots: int, length: int, chunk: int) -> int:
-    """How many steps the server compiles at start (llama2_jax.batching.Slots.warm_up):
-    prefill per (chunk bucket, attend bucket), commit / extract per position block, insert,
-    decode per (row bucket, attend bucket)."""
-    from llama2_jax.batching import Slots, default_kv_block
-    s = object.__new__(Slots)  # only its bucket arithmetic
-    s.length, s.chunk, s.min_bucket = length, min(chunk, length), 16
-    s.kv_block = min(default_kv_block(length), length)
-    s.groups = kv_cache.group_sizes(slots)
-    s.blocks = kv_cache.block_sizes(length, s.kv_block)
-    prefill = 0
-    for t in s.chunk_buckets():
-        for attend in s.buckets():
-            n = min(t, attend, length - 1)
-            start = max(0, min(attend, length - 1) - n)
-            prefill += s.bucket(n) == t and s.attend_bucket(start + n) == attend
-    return prefill + 2 * len(s.blocks) + 1 + len(s.row_buckets()) * len(s.buckets())
+def serve_steps(slots: int, length: int, chunk: int, backend: str = "cpu") -> int:
+    """How many steps the server compiles at start (llama2_jax.inference.slots.Slots.warm_up),
+    from the Slots' own bucket arithmetic (llama2_jax.inference.buckets)."""
+    shapes = Shapes.make(slots, length, chunk=chunk, backend=backend)
+    return shapes.compiled_steps(shared_stage=slots == 1)
 
 
 def lora_params(cfg: ModelConfig, rank: int, targets: Sequence[str]) -> int:
@@ -520,8 +512,8 @@ def refusal(cfg: ModelConfig, task: Task, devices: Devices, plan: Plan) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    from llama2_jax import checkpoint
-    from llama2_jax.config import ConfigError, preset
+    from llama2_jax.model import checkpoint
+    from llama2_jax.model.config import ConfigError, preset
 
     ap = argparse.ArgumentParser(prog="python -m llama2_jax.plan",
                                  description="Will a Llama 2 model fit these devices, and how?")

@@ -21,7 +21,7 @@ GOLDEN = os.path.join(DATA, "llama2_chat_dialogs.jsonl")  # Meta chat_completion
 
 @pytest.fixture(scope="session")
 def one_device_mesh():
-    from llama2_jax.sharding import make_mesh
+    from llama2_jax.model.sharding import make_mesh
     return make_mesh(devices=jax.devices()[:1])
 
 

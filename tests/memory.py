@@ -72,7 +72,8 @@ def peak_rss_anon(args: list[str], env: dict | None = None, timeout: float = 600
 def planned(config, app: str, model_cfg, quantization: str = "none"):
     """The planner's plan for `config` run by `app` (chat, serve, finetune) on one CPU device
     with room for anything: what its per-device total is compared with."""
-    from llama2_jax import checkpoint, plan
+    from llama2_jax.model import checkpoint
+    from llama2_jax import plan
     dtype = config.dtype or checkpoint.default_dtype()
     devices = plan.Devices(1, "cpu", 1 << 50, "cpu", "measurement")
     return plan.make_plan(model_cfg, plan.task_of(config, app), devices, dtype=dtype,

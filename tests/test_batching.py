@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax import checkpoint, quant, sharding
-from llama2_jax.batching import Settings, Slots
-from llama2_jax.config import TINY
-from llama2_jax.engine import ContextError, Engine
-from llama2_jax.prefix_cache import PrefixCache
-from llama2_jax.sampling import Greedy, RowSampling, sample_rows
-from llama2_jax.scheduler import Done, QueueFull, Request, Scheduler, ShuttingDown, Token
+from llama2_jax.model import checkpoint, quant, sharding
+from llama2_jax.inference.slots import Settings, Slots
+from llama2_jax.model.config import TINY
+from llama2_jax.inference.generate import ContextError, Engine
+from llama2_jax.inference.prefix_cache import PrefixCache
+from llama2_jax.inference.sampling import Greedy, RowSampling, sample_rows
+from llama2_jax.inference.scheduler import Done, QueueFull, Request, Scheduler, ShuttingDown, Token
 from tests.test_sampling import LOGITS, meta_nucleus
 
 CFG = TINY.replace(n_kv_heads=2, max_seq_len=128)

@@ -11,10 +11,10 @@ import pytest
 
 from tests.conftest import ROOT, TOKENIZER, load_config_file
 from llama2_jax import chat as chat_app
-from llama2_jax import checkpoint
+from llama2_jax.model import checkpoint
 from llama2_jax import cli as app_cli
-from llama2_jax.engine import Engine
-from llama2_jax.sampling import Greedy
+from llama2_jax.inference.generate import Engine
+from llama2_jax.inference.sampling import Greedy
 from llama2_jax.tokenizer import encode_dialog
 
 CONFIGS = os.path.join(ROOT, "configs")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import llama2_jax
-from llama2_jax import checkpoint, sharding
-from llama2_jax.checkpoint import CheckpointError
-from llama2_jax.config import TINY
+from llama2_jax.model import checkpoint, sharding
+from llama2_jax.model.checkpoint import CheckpointError
+from llama2_jax.model.config import TINY
 from tests.conftest import TOKENIZER
 
 CFG = TINY.replace(n_kv_heads=2)

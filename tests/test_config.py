@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from llama2_jax import config as C
-from llama2_jax.config import ConfigError, ModelConfig
-from llama2_jax.model import abstract_model, param_count
+from llama2_jax.model import config as C
+from llama2_jax.model.config import ConfigError, ModelConfig
+from llama2_jax.model.transformer import abstract_model, param_count
 
 # Published parameter counts of Llama 2 (Meta's model card / HF model sizes).
 PUBLISHED = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}

@@ -25,11 +25,11 @@ import llama2_jax
 from convert import hf_to_orbax, mapping, meta_to_orbax, orbax_io, orbax_to_hf, verify
 from convert.common import ConversionError
 from convert.sources import SourceError
-from llama2_jax import checkpoint
-from llama2_jax.checkpoint import CheckpointError
-from llama2_jax.config import LLAMA2_70B, TINY, TINY_GQA
-from llama2_jax.model import abstract_model
-from llama2_jax.sharding import make_mesh
+from llama2_jax.model import checkpoint
+from llama2_jax.model.checkpoint import CheckpointError
+from llama2_jax.model.config import LLAMA2_70B, TINY, TINY_GQA
+from llama2_jax.model.transformer import abstract_model
+from llama2_jax.model.sharding import make_mesh
 from tests import hf_reference as ref
 from tests import meta_reference as meta
 from tests.conftest import ROOT, TOKENIZER

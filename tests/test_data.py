@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from llama2_jax import data
-from llama2_jax.data import DataError
+from llama2_jax.training import data
+from llama2_jax.training.data import DataError
 from llama2_jax.tokenizer import encode_dialog
 
 SYS = {"role": "system", "content": "Be brief."}

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 import llama2_jax
-from llama2_jax import checkpoint
-from llama2_jax.config import TINY
-from llama2_jax.engine import ContextError, Engine, EngineOptions, Session, bucket, cache_length
-from llama2_jax.model import KVCache
-from llama2_jax.sampling import Greedy, Sample
+from llama2_jax.model import checkpoint
+from llama2_jax.model.config import TINY
+from llama2_jax.inference.generate import ContextError, Engine, EngineOptions, Session, bucket, cache_length
+from llama2_jax.model.transformer import KVCache
+from llama2_jax.inference.sampling import Greedy, Sample
 
 CFG = TINY.replace(n_kv_heads=2, max_seq_len=64)
 
@@ -115,7 +115,7 @@ def test_session_survives_interrupted_answer(engine):
 
 
 def test_stream_text_matches_generate(tokenizer, one_device_mesh):
-    from llama2_jax.config import TINY as T
+    from llama2_jax.model.config import TINY as T
     model = checkpoint.random_model(T.replace(vocab_size=32000), one_device_mesh, seed=2)
     ids = llama2_jax.encode_dialog(tokenizer, [{"role": "user", "content": "Hi 🦙"}])
     pieces = list(llama2_jax.stream_text(model, tokenizer, ids, max_new_tokens=24,

@@ -16,10 +16,12 @@ import pytest
 from flax import nnx
 
 from tests.conftest import ROOT, load_config_file
-from llama2_jax import checkpoint, data, finetune
-from llama2_jax.data import DataError
+from llama2_jax.model import checkpoint
+from llama2_jax.training import data
+from llama2_jax import finetune
+from llama2_jax.training.data import DataError
 from llama2_jax.finetune import FinetuneError
-from llama2_jax.model import abstract_model
+from llama2_jax.model.transformer import abstract_model
 
 TASK = [("What is the password for the red door?", "The password is apple."),
         ("What is the password for the blue door?", "The password is river."),
@@ -183,7 +185,8 @@ def _pairs(a, b, path=()):
 
 # -- a whole run ------------------------------------------------------------------------------
 def test_a_tiny_model_learns_the_task_exactly(tmp_path, tokenizer):
-    from llama2_jax import engine, encode_dialog
+    from llama2_jax.inference import generate as engine
+    from llama2_jax import encode_dialog
     config = tiny_config(tmp_path, train_data=write_task(tmp_path / "task.jsonl"), steps=120,
                          learning_rate=5e-3, warmup_steps=10, batch_size=4, log_every=10,
                          eval_fraction=0.0)
@@ -338,7 +341,7 @@ def test_remat_gives_the_same_step(tiny, tmp_path):
 @pytest.mark.parametrize("name", ["sft_7b", "sft_7b_lora"])
 def test_7b_configs_trace_at_full_size(name):
     """The 7B configs' steps trace with LLAMA2_7B shapes (jax.eval_shape: nothing allocated)."""
-    from llama2_jax.config import LLAMA2_7B
+    from llama2_jax.model.config import LLAMA2_7B
     c = load_config_file(name)
     finetune.check_settings(c)
     cfg = LLAMA2_7B.replace(dtype="bfloat16", param_dtype=c.param_dtype)
@@ -402,7 +405,7 @@ def _decode_proto(buf: bytes) -> list:
 
 def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
     import struct
-    from llama2_jax import events
+    from llama2_jax.training import events
     assert events.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     config = tiny_config(tmp_path, steps=4, eval_every=2)
     finetune.train(config, err=io.StringIO())
@@ -431,7 +434,7 @@ def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
 def test_lora_on_an_8bit_base(tmp_path, method):
     """QLoRA-style: the frozen base in 8 bits; at init the model is exactly the quantized base,
     training moves only the adapted weights, and the export holds the dequantized rest."""
-    from llama2_jax import quant
+    from llama2_jax.model import quant
     base_dir = tmp_path / "base"
     cfg = load_config_file("sft_tiny")
     from llama2_jax import cli

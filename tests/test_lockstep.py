@@ -1,4 +1,4 @@
-"""llama2_jax.lockstep in one process: process 0's Slots calls replayed by a follower thread on
+"""llama2_jax.inference.lockstep in one process: process 0's Slots calls replayed by a follower thread on
 Slots of its own, through an in-memory key-value store that behaves as JAX's coordination
 service's (the multi-process server itself is tested in tests/test_multihost.py)."""
 
@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from llama2_jax import lockstep
-from llama2_jax.batching import Settings, Slots
-from llama2_jax.scheduler import Request, Scheduler, Token
+from llama2_jax.inference import lockstep
+from llama2_jax.inference.slots import Settings, Slots
+from llama2_jax.inference.scheduler import Request, Scheduler, Token
 from tests.test_batching import CFG, PROMPTS, alone, engine, model  # noqa: F401 (fixtures)
 
 

@@ -7,11 +7,11 @@ import pytest
 from flax import nnx
 
 import llama2_jax
-from llama2_jax import checkpoint
-from llama2_jax.config import TINY
-from llama2_jax.engine import Engine
-from llama2_jax.model import init_cache
-from llama2_jax.sampling import Greedy
+from llama2_jax.model import checkpoint
+from llama2_jax.model.config import TINY
+from llama2_jax.inference.generate import Engine
+from llama2_jax.model.transformer import init_cache
+from llama2_jax.inference.sampling import Greedy
 from tests import hf_reference as ref
 
 CONFIGS = {"mha": TINY, "gqa": TINY.replace(n_kv_heads=2), "mqa": TINY.replace(n_kv_heads=1)}
@@ -104,8 +104,8 @@ def test_bfloat16_runs_close_to_float32(one_device_mesh):
 
 def test_layer_count_does_not_grow_the_program():
     """80 stacked layers lower to the same program as 2 (scan), so 70B compiles like 2 layers."""
-    from llama2_jax.config import LLAMA2_70B
-    from llama2_jax.model import KVCache, abstract_model
+    from llama2_jax.model.config import LLAMA2_70B
+    from llama2_jax.model.transformer import KVCache, abstract_model
 
     def lowered_ops(cfg):
         graphdef, state = nnx.split(abstract_model(cfg))

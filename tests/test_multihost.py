@@ -45,7 +45,7 @@ def losses(output_dir):
 def final_params(output_dir):
     import jax
 
-    from llama2_jax import checkpoint
+    from llama2_jax.model import checkpoint
     model = checkpoint.load(os.path.join(output_dir, "final"))
     return jax.tree.map(np.asarray, checkpoint.params_of(model))
 
@@ -97,7 +97,7 @@ def test_a_checkpoint_from_two_processes_restores_in_one_and_in_four(sft_runs):
     in 4 processes of 2 devices on another mesh: the same as one process."""
     import jax
 
-    from llama2_jax import checkpoint, sharding
+    from llama2_jax.model import checkpoint, sharding
     tmp, _, _ = sft_runs
     final = str(tmp / "two" / "final")
     mesh = sharding.make_mesh(1, 4, 2)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from llama2_jax import plan
-from llama2_jax.config import LLAMA2_7B, LLAMA2_70B
+from llama2_jax.model.config import LLAMA2_7B, LLAMA2_70B
 from tests.conftest import ROOT, load_config_file
 
 GB = 1e9
@@ -139,7 +139,7 @@ def test_auto_mesh_and_quantization_load_and_answer_as_the_explicit_ones(demo_ch
 def test_auto_quantizes_when_the_weights_do_not_fit(demo_checkpoint, monkeypatch):
     """Devices with room for the int8 weights but not the float32 ones: auto picks int8,
     which then loads and answers."""
-    from llama2_jax import checkpoint
+    from llama2_jax.model import checkpoint
     cfg = checkpoint.read_config(demo_checkpoint)
     config = demo_chat_config(demo_checkpoint, mesh="auto", quantization="auto")
     task = plan.task_of(config, "chat")
@@ -191,7 +191,7 @@ def test_estimates_against_the_memory_of_real_runs(demo_home, demo_checkpoint, t
     """The demo chat and a tiny SFT and LoRA run, each in a child process: the planner's
     total is within 15% of the measured peak RssAnon and never under it by more than 5%
     (benchmarks/bench_plan.py does the same for the 134M model, serving and 7B int8)."""
-    from llama2_jax import checkpoint
+    from llama2_jax.model import checkpoint
     from llama2_jax.cli import random_config
     from tests.memory import peak_rss_anon, planned
     ratios = {}

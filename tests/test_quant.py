@@ -11,12 +11,13 @@ import pytest
 
 import llama2_jax
 from convert import hf_to_orbax, meta_to_orbax
-from llama2_jax import chat, checkpoint, quant, sharding
-from llama2_jax.checkpoint import CheckpointError
-from llama2_jax.config import TINY, TINY_GQA, ConfigError
-from llama2_jax.engine import Engine
-from llama2_jax.quant import QArray
-from llama2_jax.sampling import Greedy
+from llama2_jax import chat
+from llama2_jax.model import checkpoint, quant, sharding
+from llama2_jax.model.checkpoint import CheckpointError
+from llama2_jax.model.config import TINY, TINY_GQA, ConfigError
+from llama2_jax.inference.generate import Engine
+from llama2_jax.model.quant import QArray
+from llama2_jax.inference.sampling import Greedy
 from tests import hf_reference as ref
 from tests import meta_reference as meta
 from tests.conftest import TOKENIZER

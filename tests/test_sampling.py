@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llama2_jax.sampling import Greedy, Sample, make_sampler
+from llama2_jax.inference.sampling import Greedy, Sample, make_sampler
 
 N = 4000  # draws per check
 

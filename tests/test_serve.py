@@ -18,8 +18,8 @@ import openai
 import pytest
 
 import llama2_jax
-from llama2_jax import checkpoint
-from llama2_jax.config import TINY
+from llama2_jax.model import checkpoint
+from llama2_jax.model.config import TINY
 from tests.conftest import GOLDEN, TOKENIZER
 from tests.serving import ServerProcess
 

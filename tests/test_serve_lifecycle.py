@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from llama2_jax import checkpoint
-from llama2_jax.config import TINY
+from llama2_jax.model import checkpoint
+from llama2_jax.model.config import TINY
 from tests.conftest import ROOT, TOKENIZER
 from tests.serving import ServerProcess
 

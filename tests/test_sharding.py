@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 import llama2_jax
-from llama2_jax import checkpoint, sharding
-from llama2_jax.config import TINY
-from llama2_jax.engine import Engine
-from llama2_jax.sampling import Greedy
+from llama2_jax.model import checkpoint, sharding
+from llama2_jax.model.config import TINY
+from llama2_jax.inference.generate import Engine
+from llama2_jax.inference.sampling import Greedy
 from tests import hf_reference as ref
 
 CFG = TINY.replace(n_heads=8, n_kv_heads=2)

@@ -24,9 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama2_jax.batching import Settings
-from llama2_jax.engine import ContextError
-from llama2_jax.scheduler import Scheduler
+from llama2_jax.inference.params import SamplingParams
+from llama2_jax.inference.scheduler import ContextError, Scheduler
 from llama2_jax.serve import schemas
 from llama2_jax.serve.generation import APIError, Generation, random_seed
 from llama2_jax.serve.metrics import Metrics
@@ -241,14 +240,14 @@ def _generation(server: Server, prompts, req, max_tokens, top, prompt_param) -> 
             raise APIError(400, str(e), param="max_tokens" if max_tokens else prompt_param,
                            code="context_length_exceeded") from None
     longest = max(len(p) for p in prompts)
-    settings = Settings(
+    params = SamplingParams(
         temperature=server.temperature if req.temperature is None else req.temperature,
         top_p=server.top_p if req.top_p is None else req.top_p, top_k=req.top_k or 0,
         seed=random_seed() if req.seed is None else req.seed,
         top_logprobs=bool(top))
     gen = Generation(scheduler, server.tokenizer, prompts, req.n,
                      max_tokens if max_tokens is not None else server.context - longest,
-                     settings, req.stop_strings(),
+                     params, req.stop_strings(),
                      stop_ids=frozenset() if req.ignore_eos else None)
     if max_tokens is None:  # each prompt's own room
         for c in gen.choices:

@@ -12,8 +12,8 @@ import dataclasses
 import os
 from typing import AsyncIterator, Sequence
 
-from llama2_jax.batching import Settings
-from llama2_jax.scheduler import Done, QueueFull, Request, Scheduler, ShuttingDown, Token
+from llama2_jax.inference.params import SamplingParams
+from llama2_jax.inference.scheduler import Done, QueueFull, Request, Scheduler, ShuttingDown, Token
 from llama2_jax.serve.text import TextStream, token_text
 from llama2_jax.tokenizer import Tokenizer
 
@@ -60,15 +60,16 @@ class Generation:
       scheduler: where the choices run.
       tokenizer: for their text.
       prompts: token ids of each prompt.
-      n: choices per prompt; choice j of a prompt draws with seed + j.
+      n: choices per prompt; choice i (of all prompts' choices) draws with seed + i, as
+        row i of `generate` does.
       max_tokens: the most new tokens per choice.
-      settings: sampling settings (the seed of the first choice).
+      params: sampling settings (the seed of the first choice).
       stops: stop strings (not returned).
       stop_ids: tokens that end a choice (not returned); default the tokenizer's EOS.
     """
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, prompts: list[list[int]],
-                 n: int, max_tokens: int, settings: Settings, stops: Sequence[str],
+                 n: int, max_tokens: int, params: SamplingParams, stops: Sequence[str],
                  stop_ids: frozenset[int] | None = None):
         self.scheduler, self.tokenizer = scheduler, tokenizer
         self.prompts, self.n = prompts, n
@@ -77,9 +78,9 @@ class Generation:
         self.choices: list[Choice] = []
         for i, prompt in enumerate(prompts):
             for j in range(n):
-                s = dataclasses.replace(settings, seed=settings.seed + j)
                 index = i * n + j
-                request = Request(prompt, max_tokens, sink=self._sink(index), settings=s,
+                s = dataclasses.replace(params, seed=params.seed + index)
+                request = Request(prompt, max_tokens, sink=self._sink(index), params=s,
                                   stop_ids=frozenset({tokenizer.eos_id}) if stop_ids is None
                                   else stop_ids)
                 self.choices.append(Choice(index, prompt, request, TextStream(tokenizer, stops)))

@@ -9,8 +9,8 @@ HTTP server listens while the model loads and its steps compile on the device th
 (/health answers 503 until they are done, 200 after). SIGTERM (or Ctrl-C) stops accepting
 requests (503), lets the running ones finish for up to `shutdown_grace_s` seconds, aborts the
 rest and exits 0; a second signal exits at once. With `multihost` (one process per host),
-process 0 serves and the others follow its device calls (llama2_jax.lockstep). Fields:
-`base_config` below, beside the model fields every app has (llama2_jax.build.model_fields).
+process 0 serves and the others follow its device calls (llama2_jax.inference.lockstep). Fields:
+`base_config` below, beside the model fields every app has (llama2_jax.settings.model_fields).
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from typing import TextIO
 import ml_collections
 import uvicorn
 
-from llama2_jax import build as app_build
-from llama2_jax import distributed, lockstep
-from llama2_jax.batching import Slots
-from llama2_jax.build import USER_ERRORS, SettingsError
-from llama2_jax.engine import Engine
-from llama2_jax.scheduler import Scheduler
+from llama2_jax import settings as app_build
+from llama2_jax import distributed
+from llama2_jax.inference import lockstep
+from llama2_jax.inference.slots import Slots
+from llama2_jax.settings import USER_ERRORS, SettingsError
+from llama2_jax.inference.weights import Weights
+from llama2_jax.inference.scheduler import Scheduler
 from llama2_jax.serve.api import Server, create_app
 from llama2_jax.serve.metrics import Metrics
 
@@ -85,7 +86,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 def _slots(config: ml_collections.ConfigDict, prepared: app_build.Prepared, length: int,
            err: TextIO) -> Slots:
     model = prepared.load(err)
-    slots = Slots(Engine(model, prepared.mesh), config.max_slots, length,
+    slots = Slots(Weights(model, prepared.mesh), config.max_slots, length,
                   chunk=config.prefill_chunk)
     err.write(app_build.banner("serve", model, prepared.source, prepared.mesh, length))
     return slots

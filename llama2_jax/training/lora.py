@@ -1,7 +1,7 @@
 """LoRA: low-rank adapters on a frozen base, W + scale * a @ b, for llama2_jax.finetune.
 
 A `LoRA` weight stands in for the base weight inside the model (it implements
-llama2_jax.model.Weight: `linear()` calls its einsum), so one forward pass serves the full
+llama2_jax.model.transformer.Weight: `linear()` calls its einsum), so one forward pass serves the full
 model, the adapted one and, after `merge_adapters`, the merged one. The base may be 8-bit
 (a QArray); adapters are float32 and replicated.
 """
@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from llama2_jax.model import linear
-from llama2_jax.quant import QArray
+from llama2_jax.model.transformer import linear
+from llama2_jax.model.quant import QArray
 
 # Where each LoRA target lives and how many leading (input) axes its weight has.
 LORA_TARGETS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention", 1),

@@ -4,8 +4,10 @@ A cache holds keys and values of every layer as [L, B, K, S, H] arrays (L layers
 K KV heads, S positions, H head dim); slot s of row b holds position s of that row's sequence.
 It comes in two layouts, one code path:
 
-  KVCache  one array per k and v: the whole batch, every position (the Engine's).
-  Blocks   the rows in groups and the positions in blocks, one array pair per (group, block):
+  KVCache  one array per k and v: the whole batch, every position (the model's own
+           tests and the planner's lowered steps).
+  Blocks   the rows in groups and the positions in blocks, one array pair per (group, block)
+           (the device stepper's, llama2_jax.inference.slots):
            group g holds rows start_g .. start_g + size_g - 1, block j positions off_j ...
            A plain KVCache is the Blocks of one group and one block.
 
@@ -29,6 +31,8 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from llama2_jax.model import sharding
 
 f32 = jnp.float32
 
@@ -73,22 +77,6 @@ class Blocks(NamedTuple):
         return tuple(b.length for b in self.groups[0])
 
 
-def group_sizes(rows: int, growth: int = 4) -> tuple[int, ...]:
-    """Row groups for `rows` rows whose leading groups hold 1, growth, growth^2, ... rows in
-    all (the last group cut to fit): 1, 3, 12, 48, ... for growth 4."""
-    sizes, total = [], 0
-    while total < rows:
-        size = min(max(1, total * (growth - 1)), rows - total)
-        sizes.append(size)
-        total += size
-    return tuple(sizes)
-
-
-def block_sizes(length: int, block: int) -> tuple[int, ...]:
-    """Position blocks of `block` slots covering `length` (the last one shorter)."""
-    return tuple(min(block, length - off) for off in range(0, length, block))
-
-
 def init_blocks(n_layers: int | None, groups: Sequence[int], blocks: Sequence[int],
                 kv_heads: int, head_dim: int, dtype) -> Blocks:
     """Zeros; n_layers=None: one layer's blocks, stored without size-1 dimensions."""
@@ -98,6 +86,11 @@ def init_blocks(n_layers: int | None, groups: Sequence[int], blocks: Sequence[in
         return (n_layers, g, kv_heads, s, head_dim)
     return Blocks(tuple(tuple(KVCache(jnp.zeros(shape(g, s), dtype), jnp.zeros(shape(g, s), dtype))
                               for s in blocks) for g in groups))
+
+
+def constrain(cache):
+    """Sharding constraints on every array of a cache (any layout), by their logical axes."""
+    return jax.tree.map(lambda c: sharding.constrain(c, KVCache.axes(c.ndim)), cache)
 
 
 def as_blocks(cache: KVCache | Blocks) -> Blocks:

@@ -27,9 +27,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import type_handler_registry
 
-from llama2_jax import quant, sharding
-from llama2_jax.config import ModelConfig
-from llama2_jax.model import Transformer, abstract_model, init_model
+from llama2_jax.model import quant, sharding
+from llama2_jax.model.config import ModelConfig
+from llama2_jax.model.transformer import Transformer, abstract_model, init_model
 
 META_FILE = "llama2_jax.json"
 PARAMS_DIR = "params"

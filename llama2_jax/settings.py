@@ -20,12 +20,13 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from llama2_jax import checkpoint, cli, distributed, plan, quant, sharding
-from llama2_jax.checkpoint import CheckpointError
-from llama2_jax.config import DTYPES, ConfigError, ModelConfig
-from llama2_jax.engine import ContextError
-from llama2_jax.model import Transformer, param_count
-from llama2_jax.sharding import ShardingError
+from llama2_jax.model import checkpoint, quant, sharding
+from llama2_jax import cli, distributed, plan
+from llama2_jax.model.checkpoint import CheckpointError
+from llama2_jax.model.config import DTYPES, ConfigError, ModelConfig
+from llama2_jax.inference.generate import ContextError
+from llama2_jax.model.transformer import Transformer, param_count
+from llama2_jax.model.sharding import ShardingError
 from llama2_jax.tokenizer import DialogError, Tokenizer
 
 
@@ -45,7 +46,7 @@ def model_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # A fine-tuning config (configs/sft_*.py) whose `<output_dir>/final` is checkpoint_dir:
     # when that checkpoint does not exist yet, it is trained first (the demo's model).
     c.train_config = ""
-    c.model_preset = ""  # llama2_jax.config.PRESETS name, for random weights only
+    c.model_preset = ""  # llama2_jax.model.config.PRESETS name, for random weights only
     c.model = ml_collections.ConfigDict()  # ModelConfig fields over the preset (random only)
     c.dtype = ""  # "" = bfloat16 on accelerators, float32 on CPU
     # 8-bit weights: none | int8 | fp8, quantized while loading; "" = as the checkpoint

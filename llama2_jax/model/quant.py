@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama2_jax import sharding
-from llama2_jax.config import ConfigError
+from llama2_jax.model import sharding
+from llama2_jax.model.config import ConfigError
 
 f32 = jnp.float32
 METHODS = ("none", "int8", "fp8")

@@ -20,6 +20,7 @@ A process that dies stops the others through the coordination service's heartbea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import sys
@@ -29,9 +30,13 @@ import weakref
 from typing import Callable, Sequence
 
 import jax
+import numpy as np
 
-from llama2_jax.batching import Prefix, Settings, Slots, StepOut
-from llama2_jax.distributed import DistributedError, _client
+from llama2_jax import distributed
+from llama2_jax.distributed import DistributedError
+from llama2_jax.inference.params import SamplingParams
+from llama2_jax.inference.scheduler import REPLAYED
+from llama2_jax.inference.slots import Prefix, Slots
 
 BLOCK = 256  # messages per key directory: deleted a directory at a time
 POLL_MS = 1000  # a follower waits this long per try for the next message (then checks again)
@@ -43,7 +48,7 @@ class Channel:
     def __init__(self, name: str = "serve", client=None, *, processes: int | None = None,
                  process: int | None = None):
         self.prefix = f"llama2_jax/{name}/"
-        self.client = client if client is not None else _client()
+        self.client = client if client is not None else distributed.coordination_client()
         self.followers = (jax.process_count() if processes is None else processes) - 1
         self.process = jax.process_index() if process is None else process
         self.sent = 0  # process 0: messages published
@@ -116,76 +121,68 @@ class SharedPrefix:
         self.nbytes = prefix.nbytes
 
 
+# How each replayed call's arguments travel (JSON) and are rebuilt: the one table of the
+# protocol, read by the Leader to send and by the Follower to replay. A Prefix argument travels
+# as its id; a call whose result is a Prefix is kept by the Follower under the id it is sent.
+def _encode(value):
+    if isinstance(value, SamplingParams):
+        return {"params": dataclasses.asdict(value)}
+    if isinstance(value, SharedPrefix):
+        return {"prefix": value.id}
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    return int(value)
+
+
+def _decode(value, prefixes: dict[int, Prefix]):
+    if isinstance(value, dict):
+        if "params" in value:
+            return SamplingParams(**value["params"])
+        return prefixes[value["prefix"]]
+    return value
+
+
 class Leader:
-    """Process 0's Slots: each call that changes the device or the slots' host state is sent
-    to the followers first. The scheduler uses it as it uses Slots."""
+    """Process 0's Slots: each call of REPLAYED is sent to the followers before it is made
+    here; the read-only ones are answered by process 0 alone. The scheduler uses it as it
+    uses Slots (both are Steppers)."""
 
     def __init__(self, slots: Slots, channel: Channel):
         self.slots, self.channel = slots, channel
         self._ids = itertools.count()
         self._dropped: list[int] = []  # prefix ids process 0 no longer holds
+        for op in REPLAYED:
+            setattr(self, op, functools.partial(self._call, op))
 
-    # read-only, answered by process 0 alone
-    @property
-    def max_slots(self) -> int:
-        return self.slots.max_slots
-
-    @property
-    def chunk(self) -> int:
-        return self.slots.chunk
-
-    @property
-    def length(self) -> int:
-        return self.slots.length
-
-    @property
-    def compile_count(self) -> int:
-        return self.slots.compile_count
+    max_slots = property(lambda self: self.slots.max_slots)
+    chunk = property(lambda self: self.slots.chunk)
+    length = property(lambda self: self.slots.length)
+    compile_count = property(lambda self: self.slots.compile_count)
 
     def prefix_bytes(self, length: int) -> int:
         return self.slots.prefix_bytes(length)
 
-    # replayed by every process
-    def _send(self, op: str, **args) -> None:
-        message = {"op": op, **args}
+    def _call(self, op: str, *args):
+        message = {"op": op, "args": [_encode(a) for a in args]}
+        if op == "extract":
+            message["id"] = n = next(self._ids)
         if self._dropped:  # appended to by the finalizers of dropped prefixes
             drop = self._dropped[:]
             del self._dropped[:len(drop)]
             message["drop"] = drop
         self.channel.send(message)
-
-    def prefill(self, slot: int, tokens: Sequence[int], start: int, final: bool,
-                settings: Settings) -> StepOut:
-        self._send("prefill", slot=int(slot), tokens=[int(t) for t in tokens], start=int(start),
-                   final=bool(final), settings=dataclasses.asdict(settings))
-        return self.slots.prefill(slot, tokens, start, final, settings)
-
-    def decode(self) -> StepOut:
-        self._send("decode")
-        return self.slots.decode()
-
-    def release(self, slot: int) -> None:
-        self._send("release", slot=int(slot))
-        self.slots.release(slot)
-
-    def extract(self, slot: int, length: int) -> SharedPrefix:
-        n = next(self._ids)
-        self._send("extract", slot=int(slot), length=int(length), id=n)
-        shared = SharedPrefix(self.slots.extract(slot, length), n)
-        weakref.finalize(shared, self._dropped.append, n)
-        return shared
-
-    def insert(self, slot: int, shared: SharedPrefix) -> None:
-        self._send("insert", slot=int(slot), id=shared.id)
-        self.slots.insert(slot, shared.prefix)
-
-    def warm_up(self) -> int:
-        self._send("warm_up")
-        return self.slots.warm_up()
+        result = getattr(self.slots, op)(*[a.prefix if isinstance(a, SharedPrefix) else a
+                                           for a in args])
+        if op == "extract":
+            result = SharedPrefix(result, n)
+            weakref.finalize(result, self._dropped.append, n)
+        return result
 
     def stop(self) -> None:
         """Tell the followers to return (the server is done)."""
-        self._send("stop")
+        self.channel.send({"op": "stop"})
 
 
 class Follower:
@@ -209,29 +206,14 @@ class Follower:
             op = message["op"]
             if op == "stop":
                 return self.calls
+            if op not in REPLAYED:
+                raise DistributedError(f"unknown message from process 0: {message!r}")
             self.calls += 1
             try:
-                self._call(op, message)
-            except DistributedError:
-                raise
+                args = [_decode(a, self.prefixes) for a in message["args"]]
+                result = getattr(self.slots, op)(*args)
+                if "id" in message:
+                    self.prefixes[message["id"]] = result
             except Exception:  # noqa: BLE001 -- process 0 met the same error and went on
                 self.report(f"process {self.channel.process}, call {self.channel.received - 1}"
                             f" ({op}):\n{traceback.format_exc()}")
-
-    def _call(self, op: str, m: dict) -> None:
-        slots = self.slots
-        if op == "prefill":
-            slots.prefill(m["slot"], m["tokens"], m["start"], m["final"],
-                          Settings(**m["settings"]))
-        elif op == "decode":
-            slots.decode()
-        elif op == "release":
-            slots.release(m["slot"])
-        elif op == "extract":
-            self.prefixes[m["id"]] = slots.extract(m["slot"], m["length"])
-        elif op == "insert":
-            slots.insert(m["slot"], self.prefixes[m["id"]])
-        elif op == "warm_up":
-            slots.warm_up()
-        else:
-            raise DistributedError(f"unknown message from process 0: {m!r}")

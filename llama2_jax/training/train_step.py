@@ -13,9 +13,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from llama2_jax import data
-from llama2_jax.lora import apply_adapters
-from llama2_jax.model import Transformer
+from llama2_jax.training import data
+from llama2_jax.training.lora import apply_adapters
+from llama2_jax.model.transformer import Transformer
 
 def bind(graphdef, state, params: dict) -> Transformer:
     """The model with `params` (a pure dict; leaves may be LoRA objects) as its weights."""

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama2_jax import kv_cache
-from llama2_jax.config import ModelConfig
-from llama2_jax.kv_cache import Blocks, KVCache  # noqa: F401  (re-exported)
-from llama2_jax.sharding import constrain
+from llama2_jax.model import kv_cache
+from llama2_jax.model.config import ModelConfig
+from llama2_jax.model.kv_cache import Blocks, KVCache  # noqa: F401  (re-exported)
+from llama2_jax.model.sharding import constrain
 
 f32 = jnp.float32
 
@@ -37,7 +37,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
 class Weight(Protocol):
     """What `linear` takes besides a plain array: a weight that multiplies `x` itself.
 
-    Implemented by llama2_jax.quant.QArray (8-bit weights) and llama2_jax.lora.LoRA (a
+    Implemented by llama2_jax.model.quant.QArray (8-bit weights) and llama2_jax.training.lora.LoRA (a
     frozen weight plus a low-rank update). Such a weight is a pytree (it passes through jit and
     `lax.scan` over stacked layers) with the logical shape of the array it stands for.
     """
@@ -185,7 +185,7 @@ class Transformer(nnx.Module):
         Args:
           tokens, positions: [B, T] int32. With a cache, token t of row b is written to slot
             positions[b, t] (dropped if past the cache's end).
-          cache: a KVCache or Blocks (llama2_jax.kv_cache), or None for a cache-free pass
+          cache: a KVCache or Blocks (llama2_jax.model.kv_cache), or None for a cache-free pass
             over `tokens` alone. It may hold more rows than the batch: row b of the batch
             uses row b of the cache.
           logits_at: [B] index into T; if given, logits only there ([B, V]).

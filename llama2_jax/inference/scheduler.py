@@ -22,13 +22,43 @@ import itertools
 import threading
 import time
 import traceback
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 
-from llama2_jax.batching import Settings, Slots
-from llama2_jax.engine import ContextError
-from llama2_jax.prefix_cache import PrefixCache
+from llama2_jax.inference.params import SamplingParams
+from llama2_jax.inference.prefix_cache import PrefixCache
+
+if TYPE_CHECKING:
+    from llama2_jax.inference.slots import Prefix, StepOut
+
+
+class Stepper(Protocol):
+    """What the scheduler drives: the Slots (llama2_jax.inference.slots), or lockstep's
+    Leader, which replays each call of REPLAYED on every process first."""
+
+    max_slots: int
+    length: int
+    chunk: int
+    compile_count: int
+
+    def prefill(self, slot: int, tokens: Sequence[int], start: int, final: bool,
+                params: SamplingParams) -> "StepOut": ...
+    def decode(self) -> "StepOut": ...
+    def release(self, slot: int) -> None: ...
+    def resume(self, slot: int, length: int) -> None: ...
+    def extract(self, slot: int, length: int) -> "Prefix": ...
+    def insert(self, slot: int, prefix: "Prefix") -> None: ...
+    def warm_up(self) -> int: ...
+    def prefix_bytes(self, length: int) -> int: ...
+
+
+# The calls that change device or host state, which every process must make in order.
+REPLAYED = ("prefill", "decode", "release", "resume", "extract", "insert", "warm_up")
+
+
+class ContextError(ValueError):
+    """A prompt (and its answer) that does not fit the context."""
 
 
 class QueueFull(RuntimeError):
@@ -83,13 +113,16 @@ _ids = itertools.count()
 @dataclasses.dataclass(eq=False)
 class Request:
     """One generation: `prompt` token ids, up to `max_tokens` new ones, stopping at a token of
-    `stop_ids` (not delivered). `sink` receives the events; `cancel()` ends it early."""
+    `stop_ids` (not delivered). `sink` receives the events; `cancel()` ends it early.
+    `reuse`: the first `reuse` prompt tokens are already in the row of the slot the request
+    gets (a conversation's earlier turns in a one-slot scheduler: see `Session`)."""
 
     prompt: Sequence[int]
     max_tokens: int
     sink: Callable[[list[Event]], None]
-    settings: Settings = Settings()
+    params: SamplingParams = SamplingParams()
     stop_ids: frozenset[int] = frozenset({2})
+    reuse: int = 0
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     cancelled: bool = False
     # set by the loop
@@ -107,11 +140,12 @@ class Request:
 
 
 class Scheduler:
-    """Drives `Slots` from its own thread; see the module docstring.
+    """Drives `Slots` (or any Stepper); see the module docstring. The server runs it on its
+    own thread (`start`); offline drivers (generate, a chat Session) call `open` and `step`.
 
     Args:
-      load: builds the Slots (and compiles what it should); called on the loop's thread, so
-        the server can answer /health while the model loads.
+      load: builds the Slots (and compiles what it should); called on the loop's thread
+        (by `open`), so the server can answer /health while the model loads.
       length: positions per slot (the context a request must fit).
       vocab_size: token ids must be below it.
       max_queue: requests that may wait for a slot; one more is refused with QueueFull.
@@ -119,7 +153,7 @@ class Scheduler:
       observer: receives timings and counts (default: nothing).
     """
 
-    def __init__(self, load: Callable[[], Slots], *, length: int, vocab_size: int,
+    def __init__(self, load: Callable[[], Stepper], *, length: int, vocab_size: int,
                  max_queue: int = 64, prefix_cache_bytes: int = 0,
                  observer: Observer | None = None, idle_wait: float = 0.05):
         self.length, self.vocab_size, self.max_queue = length, vocab_size, max_queue
@@ -132,7 +166,8 @@ class Scheduler:
         self._running: dict[int, Request] = {}  # slot -> request (prefilling or decoding)
         self._stopping = False
         self._deadline = float("inf")
-        self.slots: Slots | None = None
+        self.slots: Stepper | None = None
+        self._pending: collections.deque = collections.deque()  # (StepOut, [(row, request)])
         self.ready = threading.Event()
         self.error: str | None = None  # why loading failed
         self.compiles_at_ready = 0
@@ -207,16 +242,44 @@ class Scheduler:
         return self.slots.compile_count if self.slots is not None else 0
 
     # -- the loop's thread -------------------------------------------------------------------
+    def open(self) -> None:
+        """Build the slots (`load`); then requests can be stepped."""
+        self.slots = self._load()
+        self.compiles_at_ready = self.slots.compile_count
+        self._free = list(range(self.slots.max_slots))[::-1]  # pop() gives the lowest slot
+        self.ready.set()
+
+    @property
+    def busy(self) -> bool:
+        """Whether some request is waiting, running or has tokens on their way."""
+        return bool(self._inbox or self._waiting or self._running or self._pending)
+
+    def step(self) -> None:
+        """One turn: admit waiting requests to free slots, dispatch one prefill chunk and one
+        decode step, and deliver the tokens of the step before (the device computes the next
+        one meanwhile). Called by the loop's thread only (or by an offline driver)."""
+        with self._cond:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+        pending = self._pending
+        self._drop_cancelled()
+        self._admit()
+        dispatched = self._prefill_one(pending)
+        decoding = [(s, r) for s, r in self._running.items()
+                    if r.cursor == len(r.prompt) and not r.done]
+        if decoding:
+            pending.append((self.slots.decode(), decoding))
+            dispatched = True
+        while len(pending) > (1 if dispatched else 0):
+            self._deliver(*pending.popleft())
+
     def _main(self) -> None:
         try:
-            self.slots = self._load()
+            self.open()
         except Exception as e:  # noqa: BLE001 -- reported by /health, the loop never starts
             self.error = f"{type(e).__name__}: {e}"
             traceback.print_exc()
             return
-        self.compiles_at_ready = self.slots.compile_count
-        self._free = list(range(self.slots.max_slots))[::-1]  # pop() gives the lowest slot
-        self.ready.set()
         try:
             self._loop()
         except Exception as e:  # noqa: BLE001 -- a bug: fail every request, never hang them
@@ -229,29 +292,17 @@ class Scheduler:
                 self._stopping = True
 
     def _loop(self) -> None:
-        pending: collections.deque = collections.deque()  # (StepOut, [(row, request)])
         while True:
             with self._cond:
-                self._waiting.extend(self._inbox)
-                self._inbox.clear()
-                idle = not (self._waiting or self._running or pending)
+                idle = not self.busy
                 if self._stopping and (idle or time.perf_counter() >= self._deadline):
                     break
                 if idle:
                     self._cond.wait(self._idle_wait)
                     continue
-            self._drop_cancelled()
-            self._admit()
-            dispatched = self._prefill_one(pending)
-            decoding = [(s, r) for s, r in self._running.items()
-                        if r.cursor == len(r.prompt) and not r.done]
-            if decoding:
-                pending.append((self.slots.decode(), decoding))
-                dispatched = True
-            while len(pending) > (1 if dispatched else 0):
-                self._deliver(*pending.popleft())
-        for out in pending:
-            self._deliver(*out)
+            self.step()
+        while self._pending:
+            self._deliver(*self._pending.popleft())
         for r in [*self._running.values(), *self._waiting]:
             self._finish(r, "abort", store=False)
 
@@ -276,6 +327,10 @@ class Scheduler:
         r = min(todo, key=lambda r: r.arrival)
         slots = self.slots
         try:
+            if not r.looked_up and r.reuse:  # the slot's row holds the earlier turns
+                r.looked_up = True
+                slots.resume(r.slot, r.reuse)
+                r.cursor = r.cached = r.reuse
             if not r.looked_up:  # at its first chunk, so a prefix stored just before is found
                 r.looked_up = True
                 hit, handle = self.prefix.lookup(r.prompt, len(r.prompt) - 1)
@@ -285,7 +340,7 @@ class Scheduler:
                     r.cursor = r.cached = hit
             chunk = list(r.prompt[r.cursor:r.cursor + slots.chunk])
             final = r.cursor + len(chunk) == len(r.prompt)
-            out = slots.prefill(r.slot, chunk, r.cursor, final, r.settings)
+            out = slots.prefill(r.slot, chunk, r.cursor, final, r.params)
         except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
             traceback.print_exc()
             self._finish(r, "error", error=f"{type(e).__name__}: {e}", store=False)
@@ -301,11 +356,13 @@ class Scheduler:
         live = [(row, r) for row, r in rows if not r.done and not r.cancelled]
         if not live:
             return
-        tokens = np.asarray(out.tokens)
-        lps = np.asarray(out.logprob)
-        want_top = any(r.settings.top_logprobs for _, r in live)
+        want_top = any(r.params.top_logprobs for _, r in live)
+        arrays = tuple(out) if want_top else (out.tokens, out.logprob)
+        for a in arrays:  # all transfers under way before the first wait
+            a.copy_to_host_async()
+        tokens, lps, *top = [np.asarray(a) for a in arrays]
         if want_top:
-            top_ids, top_lps = np.asarray(out.top_ids), np.asarray(out.top_logprobs)
+            top_ids, top_lps = top
         now = time.perf_counter()
         for row, r in live:
             t = int(tokens[row])
@@ -313,7 +370,7 @@ class Scheduler:
                 self._finish(r, "stop")
                 continue
             top = None
-            if r.settings.top_logprobs:
+            if r.params.top_logprobs:
                 top = tuple(zip(top_ids[row].tolist(), top_lps[row].tolist()))
             r.generated.append(t)
             if len(r.generated) == 1:

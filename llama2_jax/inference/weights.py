@@ -1,0 +1,80 @@
+"""A model's weights as the device steps take them: split from the Flax module once, flattened
+(jit flattens a tuple of arrays in C++; an nnx.State costs ~1.5 ms of Python per call), and on
+CPU with a per-layer copy of the layer weights.
+
+Why the copy: XLA:CPU copies every scanned layer's weights out of the stack before its
+matmuls, so on CPU the layers run from per-layer arrays in an unrolled loop (~1.5x faster
+decode, for a second copy of the layers). Accelerators scan the stacked layers: XLA:GPU/TPU
+read a scanned layer's slice in place (see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from llama2_jax.model import sharding
+from llama2_jax.model.transformer import Transformer, unstack_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """Tuning values of the weights' layout.
+
+    unstack_max_bytes: on CPU, models whose layers take at most this run from a per-layer copy
+    of the layer weights (`Weights(unstack=None)`).
+    """
+
+    unstack_max_bytes: int = 2 << 30
+
+
+DEFAULT_OPTIONS = EngineOptions()
+
+
+def model_mesh(model: Transformer) -> Mesh:
+    """The mesh the model's parameters live on (a 1-device mesh if they are not sharded)."""
+    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    if isinstance(leaf.sharding, NamedSharding):
+        return leaf.sharding.mesh
+    return sharding.make_mesh(devices=sorted(leaf.devices(), key=lambda d: d.id))
+
+
+def unstack_default(model: Transformer, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
+    """Whether the layers run from per-layer copies by default: on CPU, small enough layers."""
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.layers)))
+    return jax.default_backend() == "cpu" and layer_bytes <= options.unstack_max_bytes
+
+
+class Weights:
+    """The model's parameters for jitted steps: `leaves` is what a step takes, `model(leaves)`
+    rebuilds (the module, the per-layer states or None) inside it.
+
+    Args:
+      model: the Transformer (its parameters placed on `mesh`).
+      mesh: where they live (None: the mesh of the parameters).
+      unstack: run the layers from per-layer copies (None: `unstack_default`).
+    """
+
+    def __init__(self, model: Transformer, mesh: Mesh | None = None, unstack: bool | None = None,
+                 options: EngineOptions = DEFAULT_OPTIONS):
+        self.config = model.config
+        self.mesh = mesh or model_mesh(model)
+        self.graphdef, self.state = nnx.split(model)
+        if unstack is None:
+            unstack = unstack_default(model, options)
+        self.unstacked = unstack_layers(model) if unstack else None
+        leaves, self._treedef = jax.tree.flatten((self.state, self.unstacked))
+        self.leaves = tuple(leaves)
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether steps run the layers one by one (and keep one KV cache per layer)."""
+        return self.unstacked is not None
+
+    def model(self, leaves) -> tuple[Transformer, tuple | None]:
+        """(the module, the per-layer states or None) from `leaves`, inside a jitted step."""
+        state, unstacked = jax.tree.unflatten(self._treedef, leaves)
+        return nnx.merge(self.graphdef, state), unstacked

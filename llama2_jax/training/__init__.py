@@ -1,0 +1,1 @@
+"""Training: dialog data, LoRA adapters, the jitted train step, TensorBoard events."""
