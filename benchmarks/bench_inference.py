@@ -316,7 +316,7 @@ def decode_vs_chain(model, prompt, reps: int, steps: int) -> dict:
     times = {"server_step": [], "engine_step": [], "chain": []}
     for _ in range(reps):
         slots.release(0)
-        slots.prefill(0, prompt, 0, True, Settings())
+        slots.prefill(0, prompt, 0, True, GREEDY)
         for name in times:
             if name == "server_step":
                 jax.block_until_ready(slots.decode().tokens)

@@ -56,3 +56,13 @@ def demo_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_checkpoint(demo_home):
     return str(demo_home / ".cache" / "llama2_jax" / "demo-v1" / "final")
+
+
+def greedy_by_forward(engine, prompt, n):
+    """The n greedy tokens after `prompt` by the cache-free forward pass, one token at a time:
+    a reference independent of the KV cache, the slots and the sampler."""
+    import numpy as np
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(np.argmax(engine.forward(seq)[-1])))
+    return seq[len(prompt):]

@@ -1,7 +1,7 @@
 """The continuous-batching engine in-process: slots, per-row sampling, prefix cache, scheduler.
 
-References are independent of the pieces under test: `Engine.generate` on each prompt alone
-(static batch of one, its own compiled steps), and Meta's top-p masking written in torch.
+References are independent of the pieces under test: greedy decoding by the model's cache-free
+forward pass on each prompt alone, and Meta's top-p masking written in torch.
 """
 
 import queue
@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from llama2_jax.model import checkpoint, quant, sharding
-from llama2_jax.inference.slots import Settings, Slots
+from llama2_jax.inference.params import GREEDY, SamplingParams
+from llama2_jax.inference.slots import Slots
 from llama2_jax.model.config import TINY
-from llama2_jax.inference.generate import ContextError, Engine
+from llama2_jax.model.kv_cache import KVCache
+from llama2_jax.inference.generate import Engine
 from llama2_jax.inference.prefix_cache import PrefixCache
-from llama2_jax.inference.sampling import Greedy, RowSampling, sample_rows
-from llama2_jax.inference.scheduler import Done, QueueFull, Request, Scheduler, ShuttingDown, Token
-from tests.test_sampling import LOGITS, meta_nucleus
+from llama2_jax.inference.scheduler import ContextError, Done, QueueFull, Request, Scheduler, ShuttingDown, Token
+from tests.conftest import greedy_by_forward
 
 CFG = TINY.replace(n_kv_heads=2, max_seq_len=128)
 RNG = np.random.RandomState(0)
@@ -35,8 +36,8 @@ def engine(model):
     return Engine(model)
 
 
-def alone(engine, prompt, n=12, sampler=Greedy()):
-    return engine.generate([prompt], max_new_tokens=n, sampler=sampler, stop_ids=())[0]
+def alone(engine, prompt, n=12):
+    return greedy_by_forward(engine, prompt, n)
 
 
 def run_all(scheduler, requests, timeout=120):
@@ -44,7 +45,7 @@ def run_all(scheduler, requests, timeout=120):
     queues, out = [], []
     for prompt, n, settings in requests:
         q = queue.Queue()
-        scheduler.submit(Request(prompt, n, sink=q.put, settings=settings, stop_ids=frozenset()))
+        scheduler.submit(Request(prompt, n, sink=q.put, params=settings, stop_ids=frozenset()))
         queues.append(q)
     for q in queues:
         tokens, done = [], None
@@ -59,7 +60,7 @@ def run_all(scheduler, requests, timeout=120):
 
 
 def scheduler_for(engine, slots=3, length=128, chunk=16, prefix=1 << 20, **kw):
-    return Scheduler(lambda: Slots(engine, slots, length, chunk=chunk, kv_block=32), length=length,
+    return Scheduler(lambda: Slots(engine.weights, slots, length, chunk=chunk, kv_block=32), length=length,
                      vocab_size=CFG.vocab_size, prefix_cache_bytes=prefix, **kw).start()
 
 
@@ -67,12 +68,12 @@ def scheduler_for(engine, slots=3, length=128, chunk=16, prefix=1 << 20, **kw):
 @pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "scan"])
 def test_slots_chunked_prefill_and_decode_equal_generate_alone(model, unstack):
     engine = Engine(model, unstack=unstack)
-    slots = Slots(engine, 4, 128, chunk=16, kv_block=16)
+    slots = Slots(engine.weights, 4, 128, chunk=16, kv_block=16)
     prompts = PROMPTS[1:5]
     got = [[] for _ in prompts]
     for s, p in enumerate(prompts):
         for start in range(0, len(p), 16):
-            out = slots.prefill(s, p[start:start + 16], start, start + 16 >= len(p), Settings())
+            out = slots.prefill(s, p[start:start + 16], start, start + 16 >= len(p), GREEDY)
         got[s].append(int(out.tokens[0]))
     for _ in range(11):
         out = slots.decode()
@@ -82,14 +83,14 @@ def test_slots_chunked_prefill_and_decode_equal_generate_alone(model, unstack):
 
 
 def test_decode_attends_over_the_blocks_of_the_tokens_in_use(engine):
-    slots = Slots(engine, 2, 128, chunk=32, kv_block=16)
-    assert slots.blocks == (16,) * 8 and slots.buckets() == [16, 32, 64, 128]
-    slots.prefill(0, PROMPTS[2], 0, True, Settings())  # 17 tokens
+    slots = Slots(engine.weights, 2, 128, chunk=32, kv_block=16)
+    assert slots.shapes.blocks == (16,) * 8 and slots.shapes.attend_buckets() == [16, 32, 64, 128]
+    slots.prefill(0, PROMPTS[2], 0, True, GREEDY)  # 17 tokens
     before = slots.compile_count
     slots.decode()
     slots.decode()
     assert slots.compile_count == before + 1  # one decode compile for the 32-position bucket
-    slots.prefill(1, PROMPTS[5][:32], 0, True, Settings())  # the first prefill's shape
+    slots.prefill(1, PROMPTS[5][:32], 0, True, GREEDY)  # the first prefill's shape
     slots.decode()  # 32 + 1 positions in use: the next bucket (and two rows)
     assert slots.compile_count == before + 2
 
@@ -104,31 +105,33 @@ def _cache_slices(hlo: str, cache) -> list[str]:
 def test_decode_step_reads_whole_cache_arrays_only(engine):
     """No slice of a cache array is taken by a decode step: the rows and positions it reads
     are whole row groups and position blocks (XLA:CPU would copy a slice)."""
-    slots = Slots(engine, 8, 128, chunk=32, kv_block=16)
-    assert slots.groups == (1, 3, 4) and slots.row_buckets() == [1, 4, 8]
+    slots = Slots(engine.weights, 8, 128, chunk=32, kv_block=16)
+    assert slots.shapes.groups == (1, 3, 4) and slots.shapes.row_buckets() == [1, 4, 8]
+    active = np.ones(8, bool)
     with jax.set_mesh(engine.mesh):
-        hlo = slots._decode.lower(slots._weights, slots.cache, slots.state, rows=4,
-                                  attend=32).as_text()
+        hlo = slots._decode.lower(engine.weights.leaves, slots.cache, slots.state, active,
+                                  rows=4, attend=32).as_text()
         assert not _cache_slices(hlo, slots.cache)
         # the check sees slices where there are: one [8 rows, 128 positions] array per layer
-        plain = engine.new_cache(8, 128)
-        model = engine._model()
+        shape = (8, CFG.n_kv_heads, 128, CFG.head_dim)
+        plain = tuple(KVCache(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(CFG.n_layers))
+        model, unstacked = engine.weights.model(engine.weights.leaves)
         step = jax.jit(lambda c: model(jnp.zeros((4, 1), jnp.int32),
                                        jnp.zeros((4, 1), jnp.int32), c, attend=32,
-                                       unstacked=engine._unstacked)[1])
+                                       unstacked=unstacked)[1])
         assert _cache_slices(step.lower(plain).as_text(), plain)
 
 
 def test_decode_computes_only_the_rows_up_to_the_highest_slot_in_use(engine):
-    slots = Slots(engine, 8, 128, chunk=32, kv_block=16, row_growth=2)
-    assert slots.groups == (1, 1, 2, 4) and slots.row_buckets() == [1, 2, 4, 8]
+    slots = Slots(engine.weights, 8, 128, chunk=32, kv_block=16, row_growth=2)
+    assert slots.shapes.groups == (1, 1, 2, 4) and slots.shapes.row_buckets() == [1, 2, 4, 8]
     p, q = PROMPTS[2], PROMPTS[3]
-    first = slots.prefill(0, p, 0, True, Settings())
+    first = slots.prefill(0, p, 0, True, GREEDY)
     got_p = [int(first.tokens[0])]
     out = slots.decode()
     assert out.tokens.shape == (1,)  # one row computed, not eight
     got_p.append(int(out.tokens[0]))
-    first = slots.prefill(5, q, 0, True, Settings())  # slot 5 in use: rows 0..7
+    first = slots.prefill(5, q, 0, True, GREEDY)  # slot 5 in use: rows 0..7
     got_q = [int(first.tokens[0])]
     for _ in range(6):
         out = slots.decode()
@@ -144,17 +147,17 @@ def test_decode_computes_only_the_rows_up_to_the_highest_slot_in_use(engine):
 
 
 def test_decode_steps_between_chunks_leave_a_prompt_being_prefilled_intact(engine):
-    slots = Slots(engine, 4, 128, chunk=16, kv_block=16)
+    slots = Slots(engine.weights, 4, 128, chunk=16, kv_block=16)
     p, q = PROMPTS[4], PROMPTS[3]  # 33 and 31 tokens
-    got_q = [int(slots.prefill(1, q[:16], 0, False, Settings()).tokens[0])]
-    got_q = [int(slots.prefill(1, q[16:], 16, True, Settings()).tokens[0])]
-    slots.prefill(2, p[:16], 0, False, Settings())
+    got_q = [int(slots.prefill(1, q[:16], 0, False, GREEDY).tokens[0])]
+    got_q = [int(slots.prefill(1, q[16:], 16, True, GREEDY).tokens[0])]
+    slots.prefill(2, p[:16], 0, False, GREEDY)
     for _ in range(3):  # slot 1 decodes (rows 0..1); slot 2, mid-prefill, is outside them
         got_q.append(int(slots.decode().tokens[1]))
-    slots.prefill(2, p[16:32], 16, False, Settings())
+    slots.prefill(2, p[16:32], 16, False, GREEDY)
     for _ in range(2):  # now rows 0..3, slot 2 among them, idle
         got_q.append(int(slots.decode().tokens[1]))
-    got_p = [int(slots.prefill(2, p[32:], 32, True, Settings()).tokens[0])]
+    got_p = [int(slots.prefill(2, p[32:], 32, True, GREEDY).tokens[0])]
     for _ in range(6):
         out = slots.decode()
         got_p.append(int(out.tokens[2]))
@@ -163,82 +166,40 @@ def test_decode_steps_between_chunks_leave_a_prompt_being_prefilled_intact(engin
 
 
 def test_chunks_out_of_order_are_refused(engine):
-    slots = Slots(engine, 2, 128, chunk=16, kv_block=16)
+    slots = Slots(engine.weights, 2, 128, chunk=16, kv_block=16)
     p = PROMPTS[4]
-    slots.prefill(0, p[:16], 0, False, Settings())
+    slots.prefill(0, p[:16], 0, False, GREEDY)
     with pytest.raises(ValueError, match="no prompt prefilled up to position 16"):
-        slots.prefill(1, p[16:32], 16, False, Settings())  # another slot's continuation
+        slots.prefill(1, p[16:32], 16, False, GREEDY)  # another slot's continuation
     with pytest.raises(ValueError, match="in order"):
-        slots.prefill(0, p[20:32], 20, False, Settings())  # a gap
-    slots.prefill(0, p[16:32], 16, False, Settings())  # the right continuation
+        slots.prefill(0, p[20:32], 20, False, GREEDY)  # a gap
+    slots.prefill(0, p[16:32], 16, False, GREEDY)  # the right continuation
 
 
 def test_prefix_extract_and_insert_reuse_keys_and_values(engine):
-    slots = Slots(engine, 2, 128, chunk=128, kv_block=16)
+    slots = Slots(engine.weights, 2, 128, chunk=128, kv_block=16)
     p = PROMPTS[5]  # 70 tokens
-    slots.prefill(0, p, 0, True, Settings())
+    slots.prefill(0, p, 0, True, GREEDY)
     prefix = slots.extract(0, 60)
     assert prefix.length == 60 and prefix.nbytes == slots.prefix_bytes(60)
     slots.insert(1, prefix)
-    out = slots.prefill(1, p[60:], 60, True, Settings())
+    out = slots.prefill(1, p[60:], 60, True, GREEDY)
     got = [int(out.tokens[1 - 1])] + [int(slots.decode().tokens[1]) for _ in range(7)]
     assert got == alone(engine, p, 8)
 
 
 def test_warm_up_compiles_every_shape(engine):
-    slots = Slots(engine, 3, 64, chunk=32, kv_block=16)
+    slots = Slots(engine.weights, 3, 64, chunk=32, kv_block=16)
     compiled = slots.warm_up()
-    assert compiled == slots.compile_count > 0
+    assert compiled == slots.compile_count == slots.shapes.compiled_steps()  # the planner's count
     for p in PROMPTS[:6]:  # any prompt, chunk and decode length: nothing new
         p = p[:60]
         for start in range(0, len(p), 32):
-            slots.prefill(2, p[start:start + 32], start, start + 32 >= len(p), Settings(0.7))
+            slots.prefill(2, p[start:start + 32], start, start + 32 >= len(p), SamplingParams(0.7, 1.0))
         for _ in range(3):
             slots.decode()
     slots.insert(0, slots.extract(2, 40))
     assert slots.compile_count == compiled
-
-
-# -- per-row sampling ------------------------------------------------------------------------
-def rows(temperature, top_p, top_k, seeds, count=0):
-    b = len(temperature)
-    return RowSampling(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
-                       jnp.asarray(top_k, jnp.int32),
-                       jnp.asarray([Settings(seed=s).key() for s in seeds]),
-                       jnp.full(b, count, jnp.int32))
-
-
-def test_rows_sample_their_own_way_in_one_batch():
-    logits = np.random.RandomState(1).randn(4, 50).astype(np.float32)
-    draw = jax.jit(sample_rows)
-    mixed = np.asarray(draw(logits, rows([0, 1.0, 0, 0.7], [1, 0.9, 1, 1], [0, 0, 0, 3],
-                                         [5, 6, 7, 8])))
-    np.testing.assert_array_equal(mixed[[0, 2]], np.argmax(logits, -1)[[0, 2]])
-    # a row's draw depends on its own logits, settings and key, not on the other rows
-    for b, (t, p, k, s) in enumerate([(0, 1, 0, 5), (1.0, 0.9, 0, 6), (0, 1, 0, 7),
-                                      (0.7, 1, 3, 8)]):
-        single = draw(logits[b:b + 1], rows([t], [p], [k], [s]))
-        assert int(single[0]) == int(mixed[b])
-    assert mixed[3] in np.argsort(-logits[3])[:3]  # top_k=3
-
-
-@pytest.mark.parametrize("top_p", [0.5, 0.9])
-def test_row_top_p_stays_in_metas_nucleus(top_p):
-    n = 3000
-    logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, len(LOGITS)))
-    got = np.asarray(jax.jit(sample_rows)(logits, rows([1.0] * n, [top_p] * n, [0] * n,
-                                                       range(n))))
-    assert set(got.tolist()) == meta_nucleus(np.exp(LOGITS)[None], top_p)
-    top_k = np.asarray(jax.jit(sample_rows)(logits, rows([1.0] * n, [1.0] * n, [2] * n,
-                                                         range(n))))
-    assert set(top_k.tolist()) == {0, 1}
-
-
-def test_row_sampling_counts_advance_the_key():
-    logits = jnp.zeros((1, 1000), jnp.float32)
-    draws = {int(sample_rows(logits, rows([1.0], [1.0], [0], [3], count=c))[0])
-             for c in range(20)}
-    assert len(draws) > 15  # each token of a request gets a fresh draw
 
 
 # -- prefix cache bookkeeping ------------------------------------------------------------------
@@ -266,8 +227,8 @@ def test_scheduler_joins_and_leaves_with_greedy_and_sampled_rows(engine):
     sched = scheduler_for(engine, slots=3)
     try:
         sched.ready.wait(60)
-        sampled = Settings(temperature=0.9, top_p=0.9, seed=11)
-        requests = [(p, 6 + i % 5, sampled if i % 3 == 1 else Settings())
+        sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=11)
+        requests = [(p, 6 + i % 5, sampled if i % 3 == 1 else GREEDY)
                     for i, p in enumerate(PROMPTS)]  # 8 requests through 3 slots
         batched = run_all(sched, requests)
         for (prompt, n, s), (tokens, done) in zip(requests, batched):
@@ -289,11 +250,11 @@ def test_scheduler_prefix_hits_give_the_tokens_of_misses(engine):
     try:
         sched.ready.wait(60)
         p = PROMPTS[5]  # 70 tokens
-        [(first, miss)] = run_all(sched, [(p, 8, Settings())])
-        [(again, hit)] = run_all(sched, [(p, 8, Settings())])
+        [(first, miss)] = run_all(sched, [(p, 8, GREEDY)])
+        [(again, hit)] = run_all(sched, [(p, 8, GREEDY)])
         assert miss.cached_tokens == 0 and hit.cached_tokens == len(p) - 1 and again == first
         turn2 = p + first + PROMPTS[3]  # a conversation resent with its answer (109 tokens)
-        [(tokens, done)] = run_all(sched, [(turn2, 8, Settings())])
+        [(tokens, done)] = run_all(sched, [(turn2, 8, GREEDY)])
         assert done.cached_tokens >= len(p) and tokens == alone(engine, turn2, 8)
     finally:
         sched.shutdown(0)
@@ -347,7 +308,7 @@ def test_eight_devices_and_int8_serve_the_tokens_of_one(model, engine):
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
     params = jax.tree.map(np.asarray, checkpoint.params_of(model))
     sharded = checkpoint.from_params(CFG, params, mesh)
-    requests = [(p, 7, Settings(temperature=0.8 if i % 2 else 0, seed=i))
+    requests = [(p, 7, SamplingParams(temperature=0.8 if i % 2 else 0, top_p=1.0, seed=i))
                 for i, p in enumerate(PROMPTS[:5])]
     results = {}
     for name, m in (("one", model), ("eight", sharded)):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from llama2_jax.inference import lockstep
-from llama2_jax.inference.slots import Settings, Slots
+from llama2_jax.inference.params import GREEDY
+from llama2_jax.inference.slots import Slots
 from llama2_jax.inference.scheduler import Request, Scheduler, Token
 from tests.test_batching import CFG, PROMPTS, alone, engine, model  # noqa: F401 (fixtures)
 
@@ -102,7 +103,7 @@ def test_a_follower_replays_the_scheduler_exactly(engine):  # noqa: F811
     same live prefixes."""
     store = Store()
     to_followers, from_leader = pair(store)
-    make = lambda: Slots(engine, 2, 128, chunk=16, kv_block=32)  # noqa: E731
+    make = lambda: Slots(engine.weights, 2, 128, chunk=16, kv_block=32)  # noqa: E731
     mine, theirs = make(), make()
     leader = lockstep.Leader(mine, to_followers)
     follower = lockstep.Follower(theirs, from_leader, on_error=lambda text: errors.append(text))
@@ -118,7 +119,7 @@ def test_a_follower_replays_the_scheduler_exactly(engine):  # noqa: F811
         queues = []
         for p in prompts:
             q = queue.Queue()
-            sched.submit(Request(p, 6, sink=q.put, settings=Settings(), stop_ids=frozenset()))
+            sched.submit(Request(p, 6, sink=q.put, params=GREEDY, stop_ids=frozenset()))
             queues.append(q)
         cached = []
         for p, q in zip(prompts, queues):

@@ -1,4 +1,5 @@
-"""Samplers against Meta's `sample_top_p` (PyTorch, as in llama/generation.py)."""
+"""The one sampler (`sample_rows`, per-row settings) against Meta's `sample_top_p` (PyTorch, as in
+llama/generation.py), and the settings type every door uses."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from llama2_jax.inference.sampling import Greedy, Sample, make_sampler
+from llama2_jax.inference.params import GREEDY, SamplingParams, sampling_params
+from llama2_jax.inference.sampling import RowSampling, sample_rows
 
 N = 4000  # draws per check
 
@@ -21,9 +23,20 @@ def meta_nucleus(probs: np.ndarray, p: float) -> set:
     return set(probs_idx[probs_sort > 0].tolist())
 
 
-def draws(sampler, logits, seed=0):
+def rows(temperature, top_p, top_k, seeds, count=0):
+    b = len(temperature)
+    return RowSampling(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
+                       jnp.asarray(top_k, jnp.int32),
+                       jnp.asarray([SamplingParams(seed=s).key() for s in seeds]),
+                       jnp.full(b, count, jnp.int32))
+
+
+def draws(params: SamplingParams, logits, seed=0):
+    """N rows of the same logits and settings, row i seeded seed + i."""
     batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (N, len(logits)))
-    return np.asarray(jax.jit(sampler)(batch, jax.random.PRNGKey(seed)))
+    s = rows([params.temperature] * N, [params.top_p] * N, [params.top_k] * N,
+             range(seed, seed + N))
+    return np.asarray(jax.jit(sample_rows)(batch, s))
 
 
 LOGITS = np.log(np.array([0.30, 0.25, 0.20, 0.10, 0.06, 0.04, 0.03, 0.02]))
@@ -33,7 +46,7 @@ LOGITS = np.log(np.array([0.30, 0.25, 0.20, 0.10, 0.06, 0.04, 0.03, 0.02]))
 def test_top_p_stays_in_metas_nucleus_with_renormalised_mass(top_p):
     probs = np.exp(LOGITS)
     nucleus = meta_nucleus(probs[None], top_p)
-    got = draws(Sample(temperature=1.0, top_p=top_p), LOGITS)
+    got = draws(SamplingParams(temperature=1.0, top_p=top_p), LOGITS)
     assert set(got.tolist()) == nucleus  # never outside, and every member reachable
     idx = sorted(nucleus)
     want = probs[idx] / probs[idx].sum()
@@ -42,29 +55,65 @@ def test_top_p_stays_in_metas_nucleus_with_renormalised_mass(top_p):
 
 
 def test_top_k_stays_in_top_k():
-    got = draws(Sample(temperature=1.0, top_p=1.0, top_k=3), LOGITS)
+    got = draws(SamplingParams(temperature=1.0, top_p=1.0, top_k=3), LOGITS)
     assert set(got.tolist()) == {0, 1, 2}
-    got = draws(Sample(temperature=5.0, top_p=1.0, top_k=1), LOGITS)
+    got = draws(SamplingParams(temperature=5.0, top_p=1.0, top_k=1), LOGITS)
     assert set(got.tolist()) == {0}
 
 
 def test_temperature_sharpens():
-    hot = draws(Sample(temperature=2.0, top_p=1.0), LOGITS)
-    cold = draws(Sample(temperature=0.2, top_p=1.0), LOGITS)
+    hot = draws(SamplingParams(temperature=2.0, top_p=1.0), LOGITS)
+    cold = draws(SamplingParams(temperature=0.2, top_p=1.0), LOGITS)
     assert (cold == 0).mean() > 0.6 > (hot == 0).mean()
 
 
 def test_same_seed_same_tokens_and_greedy():
-    s = Sample(temperature=1.0, top_p=0.9)
+    s = SamplingParams(temperature=1.0, top_p=0.9)
     np.testing.assert_array_equal(draws(s, LOGITS, 7), draws(s, LOGITS, 7))
     assert (draws(s, LOGITS, 7) != draws(s, LOGITS, 8)).any()
-    assert set(draws(Greedy(), LOGITS).tolist()) == {0}
+    assert set(draws(GREEDY, LOGITS).tolist()) == {0}
 
 
-def test_make_sampler_defaults_and_errors():
-    assert make_sampler(0) == Greedy()
-    assert make_sampler() == Sample(0.6, 0.9, None)  # Meta's chat defaults
+def test_params_defaults_and_errors():
+    assert SamplingParams() == sampling_params() == SamplingParams(0.6, 0.9, 0, 0)  # Meta's
+    assert GREEDY.greedy and not SamplingParams().greedy
+    assert sampling_params(0.7, 0.8, None, 3) == SamplingParams(0.7, 0.8, 0, 3)
     with pytest.raises(ValueError, match="top_p"):
-        make_sampler(0.6, 1.5)
+        SamplingParams(0.6, 1.5)
     with pytest.raises(ValueError, match="temperature"):
-        make_sampler(-1)
+        SamplingParams(-1)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-2)
+
+
+def test_rows_sample_their_own_way_in_one_batch():
+    logits = np.random.RandomState(1).randn(4, 50).astype(np.float32)
+    draw = jax.jit(sample_rows)
+    mixed = np.asarray(draw(logits, rows([0, 1.0, 0, 0.7], [1, 0.9, 1, 1], [0, 0, 0, 3],
+                                         [5, 6, 7, 8])))
+    np.testing.assert_array_equal(mixed[[0, 2]], np.argmax(logits, -1)[[0, 2]])
+    # a row's draw depends on its own logits, settings and key, not on the other rows
+    for b, (t, p, k, s) in enumerate([(0, 1, 0, 5), (1.0, 0.9, 0, 6), (0, 1, 0, 7),
+                                      (0.7, 1, 3, 8)]):
+        single = draw(logits[b:b + 1], rows([t], [p], [k], [s]))
+        assert int(single[0]) == int(mixed[b])
+    assert mixed[3] in np.argsort(-logits[3])[:3]  # top_k=3
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9])
+def test_row_top_p_stays_in_metas_nucleus(top_p):
+    n = 3000
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, len(LOGITS)))
+    got = np.asarray(jax.jit(sample_rows)(logits, rows([1.0] * n, [top_p] * n, [0] * n,
+                                                       range(n))))
+    assert set(got.tolist()) == meta_nucleus(np.exp(LOGITS)[None], top_p)
+    top_k = np.asarray(jax.jit(sample_rows)(logits, rows([1.0] * n, [1.0] * n, [2] * n,
+                                                         range(n))))
+    assert set(top_k.tolist()) == {0, 1}
+
+
+def test_row_sampling_counts_advance_the_key():
+    logits = jnp.zeros((1, 1000), jnp.float32)
+    draws = {int(sample_rows(logits, rows([1.0], [1.0], [0], [3], count=c))[0])
+             for c in range(20)}
+    assert len(draws) > 15  # each token of a request gets a fresh draw

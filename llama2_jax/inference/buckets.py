@@ -6,7 +6,7 @@ planner, so the two cannot disagree.
   prefill  one compile per (chunk bucket, attend bucket) over the one-row staging cache;
   decode   one per (row bucket, attend bucket): the rows are the leading row groups up to the
            highest slot in use, the attend length that of the longest sequence in use;
-  commit / extract   one per number of position blocks; insert one.
+  commit / extract / insert   one per number of position blocks.
 """
 
 from __future__ import annotations
@@ -152,7 +152,8 @@ class Shapes:
         return [(r, a) for r in self.row_buckets() for a in self.attend_buckets()]
 
     def compiled_steps(self, shared_stage: bool = False) -> int:
-        """How many steps a warm-up compiles: prefills, commits and extracts per block count,
-        one insert, the decodes (no commits where the staging row is the slot's own)."""
-        per_block = (1 if shared_stage else 2) * len(self.blocks)
-        return len(self.prefill_shapes()) + per_block + 1 + len(self.decode_shapes())
+        """How many steps a warm-up compiles: the prefills, a commit, an extract and an insert
+        per number of position blocks (no commit where the staging row is the slot's own),
+        the decodes."""
+        per_block = (2 if shared_stage else 3) * len(self.blocks)
+        return len(self.prefill_shapes()) + per_block + len(self.decode_shapes())

@@ -190,6 +190,7 @@ class Session:
         self.length = length or engine.config.max_seq_len
         self.slots: Slots | None = None
         self.cached: list[int] = []  # tokens whose keys/values are valid in the slot's row
+        self.reused = 0  # of the last turn's prompt, tokens the slot already held
 
     @property
     def compile_count(self) -> int:
@@ -214,6 +215,7 @@ class Session:
                 break
             keep += 1
         self.cached = tokens[:keep]  # valid until the new tokens overwrite the rest
+        self.reused = keep
         events: collections.deque = collections.deque()
         request = Request(tokens, min(max_new_tokens, self.length - len(tokens)), events.extend,
                           params, frozenset(int(s) for s in stop_ids), reuse=keep)
