@@ -7,7 +7,7 @@ Writes `consolidated.NN.pth` shards of random bf16 weights with Meta's exact par
 tokenizer.model one level up, with vocab_size -1, as in Meta's download), evicts them from the
 page cache, then runs the unmodified command line
 
-  python convert/meta_to_orbax.py --input_dir=... --output_dir=... --progress=false
+  python -m convert.meta_to_orbax --input_dir=... --output_dir=... --progress=false
 
 in a child process, and spot-checks the result against the source tensors.
 
@@ -188,7 +188,7 @@ def main(argv):
         size = write_random_meta(model_dir, params, n_shards)
         print(f"wrote random {FLAGS.preset} Meta checkpoint: {size / 1e9:.2f} GB in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
-        cmd = [sys.executable, "convert/meta_to_orbax.py", f"--input_dir={model_dir}",
+        cmd = [sys.executable, "-m", "convert.meta_to_orbax", f"--input_dir={model_dir}",
                f"--output_dir={output_dir}", "--progress=false"]
         reports = []
         for extra in ([], ["--skip_checksum"]):  # the default command, then without the md5s

@@ -12,13 +12,14 @@ each repetition so that drift of a shared machine hits both alike; medians over 
 What is measured, for both sides the same way:
   prefill   one forward over the 128-token prompt that fills the KV cache and picks the next
             token (HF: `model(ids, use_cache=True, logits_to_keep=1)`, the call `generate`
-            makes; ours: `Engine.prefill`). tok/s = prompt tokens / seconds.
+            makes; ours: `Slots.prefill` of the one slot `Engine.stream` uses).
+            tok/s = prompt tokens / seconds.
   decode    greedy generation of `--new_tokens` tokens through each side's public API, no EOS
             stop (ours: `Engine.stream`; HF: `model.generate(do_sample=False, min_new_tokens=
             max_new_tokens, eos_token_id=None)` with KV cache, timed by a streamer that stamps
             every token). tok/s = (n - 1) / (time of token n - time of token 1): the decode
             steps only, prefill excluded. Host-side overheads of each API are included.
-  step      one decode step in isolation (ours: `Engine.decode` + block_until_ready; HF: a
+  step      one decode step in isolation (ours: `Slots.decode` + block_until_ready; HF: a
             forward of one token with `past_key_values`), median over `--steps`.
   TTFT      call to first new token. Warm: compiled engine, used HF model. Cold, ours: a fresh
             `Engine` (traces and compiles the cache maker, prefill and decode: `stream`
@@ -62,12 +63,12 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks.common import pin_threads, hf_model_from, median  # noqa: E402
 from llama2_jax.model.checkpoint import params_of, random_model  # noqa: E402
-from llama2_jax.inference.generate import cache_length  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from llama2_jax.model.config import BENCH_134M, LLAMA2_7B  # noqa: E402
 from llama2_jax.inference.generate import Engine  # noqa: E402
 from llama2_jax.model.transformer import param_count  # noqa: E402
-from llama2_jax.inference.sampling import Greedy  # noqa: E402
+from llama2_jax.inference.params import GREEDY  # noqa: E402
+from llama2_jax.inference.buckets import pow2_at_least  # noqa: E402
+from llama2_jax.inference.generate import MIN_LENGTH  # noqa: E402
 from flax import nnx  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -132,19 +133,6 @@ def copy_bandwidth(nbytes: int, reps: int = 5) -> float:
     return 2 * a.nbytes / best
 
 
-def _last_cache():
-    """([cache], callback for `Engine.stream(on_cache=)` keeping the newest cache in the list).
-
-    `stream` returns as soon as the last token is known, with one more decode step in flight;
-    blocking on the newest cache waits for it, so it is not billed to the next measurement.
-    """
-    last = [None]
-
-    def keep(cache):
-        last[0] = cache
-    return last, keep
-
-
 # -- llama2_jax ----------------------------------------------------------------------------------
 class Ours:
     name = "llama2_jax"
@@ -156,15 +144,14 @@ class Ours:
 
     def _stream(self, engine):
         """(tokens, seconds to token 1, stamp of every token) of one greedy generation."""
-        last, keep = _last_cache()
         tokens, stamps = [], []
         t0 = time.perf_counter()
-        for step in engine.stream([self.prompt], max_new_tokens=self.n, sampler=Greedy(),
-                                  stop_ids=(), on_cache=keep):
+        for step in engine.stream([self.prompt], max_new_tokens=self.n, params=GREEDY,
+                                  stop_ids=()):
             stamps.append(time.perf_counter())
             tokens.append(step.tokens[0])
-        jax.block_until_ready(last)  # the step dispatched after the last token is still running
-        self.cache_len = cache_length(last[0])
+        self.cache_len = min(pow2_at_least(len(self.prompt) + self.n, MIN_LENGTH),
+                             engine.config.max_seq_len)  # the slot length `stream` chose
         return tokens, stamps[0] - t0, stamps
 
     def warm_up(self) -> None:
@@ -174,44 +161,40 @@ class Ours:
     def cold_ttft(self) -> float:
         """Seconds to the first token of a fresh Engine, compilation included."""
         engine = Engine(self.model)
-        last, keep = _last_cache()
         t0 = time.perf_counter()
-        steps = engine.stream([self.prompt], max_new_tokens=self.n, sampler=Greedy(),
-                              stop_ids=(), on_cache=keep)
+        steps = engine.stream([self.prompt], max_new_tokens=self.n, params=GREEDY, stop_ids=())
         next(steps)
         ttft = time.perf_counter() - t0
         steps.close()
-        jax.block_until_ready(last)
         return ttft
 
+    def _slot(self, length: int | None = None):
+        """The engine's one-slot Slots of `length` (what `stream` steps), the slot free."""
+        slots = self.engine.slots(1, length or self.cache_len or MIN_LENGTH)
+        slots.release(0)
+        return slots
+
     def prefill(self) -> float:
-        cache = self.engine.new_cache(1, self.cache_len or 256)
-        rng = jax.random.PRNGKey(0)
-        jax.block_until_ready((cache, rng))
+        slots = self._slot()
         t0 = time.perf_counter()
-        tok, logits, cache = self.engine.prefill([self.prompt], [0], cache, rng, Greedy())
-        jax.block_until_ready(tok)
+        jax.block_until_ready(slots.prefill(0, self.prompt, 0, True, GREEDY).tokens)
         dt = time.perf_counter() - t0
-        self.last_logits = np.asarray(logits[0])
+        slots.release(0)
+        self.last_logits = self.engine.forward(self.prompt)[-1]
         return dt
 
     def generate(self):
         return self._stream(self.engine)
 
     def step_times(self, n: int, length: int | None = None) -> list[float]:
-        rng = jax.random.PRNGKey(0)
-        cache = self.engine.new_cache(1, length or self.cache_len or 256)
-        tok, _, cache = self.engine.prefill([self.prompt], [0], cache, rng, Greedy())
-        jax.block_until_ready(tok)
+        slots = self._slot(length)
+        jax.block_until_ready(slots.prefill(0, self.prompt, 0, True, GREEDY).tokens)
         times = []
-        # placed as the decode step returns positions, so this loop does not compile again
-        pos = jax.device_put(np.asarray([len(self.prompt)], np.int32),
-                             NamedSharding(self.engine.mesh, PartitionSpec()))
-        for i in range(n):
+        for _ in range(n):
             t0 = time.perf_counter()
-            tok, pos, cache = self.engine.decode(tok, pos, cache, rng, i + 1, Greedy())
-            jax.block_until_ready(tok)
+            jax.block_until_ready(slots.decode().tokens)
             times.append(time.perf_counter() - t0)
+        slots.release(0)
         return times
 
 
@@ -284,8 +267,8 @@ def matmul_chain(engine: Engine):
     """A jitted chain of the model's own weight matmuls at batch 1, in the decode step's order,
     and nothing else (no attention, norms, RoPE, sampling): what a decode step cannot beat."""
     cfg = engine.config
-    layers = [jax.tree.map(lambda a: a, nnx.to_pure_dict(s)) for s in engine._unstacked]
-    params = nnx.to_pure_dict(engine._state)
+    layers = [jax.tree.map(lambda a: a, nnx.to_pure_dict(s)) for s in engine.weights.unstacked]
+    params = nnx.to_pure_dict(engine.weights.state)
     d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def chain(x, layers, embed_out):
@@ -304,37 +287,28 @@ def matmul_chain(engine: Engine):
 
 
 def decode_vs_chain(model, prompt, reps: int, steps: int) -> dict:
-    """Batch-1 decode step of the server (Slots, one slot of prompt + new tokens) and of the
-    Engine, next to the bare matmul chain; alternating, best and median step of each."""
-    from llama2_jax.inference.slots import Settings, Slots
+    """Batch-1 decode step of the one stepper (Slots, one slot of prompt + new tokens: what
+    `generate`, the chat and the server run) next to the bare matmul chain; alternating, best
+    and median step of each."""
+    from llama2_jax.inference.slots import Slots
     engine = Engine(model)
     length = bucket_up(len(prompt) + FLAGS.new_tokens)
-    slots = Slots(engine, 1, length)
+    slots = Slots(engine.weights, 1, length)
     chain = matmul_chain(engine)
-    ours = Ours(model, prompt, FLAGS.new_tokens)
-    ours.engine = engine
-    times = {"server_step": [], "engine_step": [], "chain": []}
+    times = {"slots_step": [], "chain": []}
     for _ in range(reps):
         slots.release(0)
         slots.prefill(0, prompt, 0, True, GREEDY)
         for name in times:
-            if name == "server_step":
-                jax.block_until_ready(slots.decode().tokens)
-                for _ in range(steps):
-                    t = time.perf_counter()
-                    jax.block_until_ready(slots.decode().tokens)
-                    times[name].append(time.perf_counter() - t)
-            elif name == "engine_step":
-                times[name] += ours.step_times(steps)
-            else:
-                jax.block_until_ready(chain())
-                for _ in range(steps):
-                    t = time.perf_counter()
-                    jax.block_until_ready(chain())
-                    times[name].append(time.perf_counter() - t)
+            run = (lambda: slots.decode().tokens) if name == "slots_step" else chain
+            jax.block_until_ready(run())
+            for _ in range(steps):
+                t = time.perf_counter()
+                jax.block_until_ready(run())
+                times[name].append(time.perf_counter() - t)
     out = {f"{k}_ms": 1e3 * median(v) for k, v in times.items()}
     out.update({f"{k}_best_ms": 1e3 * min(v) for k, v in times.items()})
-    out["slot_length"], out["kv_block"] = length, slots.kv_block
+    out["slot_length"], out["kv_block"] = length, slots.shapes.kv_block
     return out
 
 
@@ -474,9 +448,9 @@ def cpu_table(out: dict) -> str:
               "chain / step |", "|---|---:|---:|"]
     for key, label in (("chain", "bare jitted chain of the model's matmuls (no attention, "
                                  "norms, sampling)"),
-                       ("server_step", f"server decode step (Slots, 1 slot of "
-                                       f"{c['slot_length']}, blocks of {c['kv_block']})"),
-                       ("engine_step", "Engine decode step (generate / chat)")):
+                       ("slots_step", f"decode step (Slots, 1 slot of "
+                                      f"{c['slot_length']}, blocks of {c['kv_block']}: "
+                                      "generate, chat and server)")):
         lines.append(f"| {label} | {c[key + '_ms']:.1f} / {c[key + '_best_ms']:.1f} | "
                      f"{c['chain_ms'] / c[key + '_ms']:.0%} |")
     dec = o["decode_tok_s"]
@@ -530,12 +504,10 @@ def run_gpu() -> dict:
         prompts = rng.integers(3, cfg.vocab_size, (batch, FLAGS.prompt_len)).tolist()
         rates = []
         for rep in range(FLAGS.reps + 1):  # the first run compiles for this batch size
-            last, keep = _last_cache()
             stamps = []
-            for _ in engine.stream(prompts, max_new_tokens=FLAGS.new_tokens, sampler=Greedy(),
-                                   stop_ids=(), on_cache=keep):
+            for _ in engine.stream(prompts, max_new_tokens=FLAGS.new_tokens, params=GREEDY,
+                                   stop_ids=()):
                 stamps.append(time.perf_counter())
-            jax.block_until_ready(last)
             if rep:
                 rates.append(batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
         results[batch] = median(rates)

@@ -35,7 +35,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
 
-from tests.memory import PeakSampler, peak_rss_anon, planned  # noqa: E402
+from benchmarks.memory import PeakSampler, peak_rss_anon, planned  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("with_7b", False, "Also the 7B-shaped int8 case (writes 10.5 GB to --tmp).")
@@ -96,7 +96,7 @@ def finetune_case(name, config_path, model_cfg):
 def serve_case(name, config_path, model_cfg, prompts):
     import httpx
 
-    from tests.serving import ServerProcess
+    from benchmarks.serving import ServerProcess
     config = load(config_path)
     server = ServerProcess(os.path.relpath(config_path, os.path.join(ROOT, "configs"))
                            .removesuffix(".py"))
@@ -117,7 +117,7 @@ def serve_case(name, config_path, model_cfg, prompts):
 def run() -> dict:
     import numpy as np
 
-    from llama2_jax import settings as build
+    from llama2_jax import demo as demo_app
     from llama2_jax.model import checkpoint
     from llama2_jax.model.config import BENCH_134M
     tmp = FLAGS.tmp or tempfile.mkdtemp(prefix="bench_plan.")
@@ -127,7 +127,7 @@ def run() -> dict:
 
     if want("demo chat"):
         demo = os.path.expanduser("~/.cache/llama2_jax/demo-v1/final")
-        build.train_first(os.path.join(ROOT, "configs", "sft_demo.py"), demo, sys.stderr)
+        demo_app.train_first(os.path.join(ROOT, "configs", "sft_demo.py"), demo, sys.stderr)
         rows.append(chat_case("demo chat", os.path.join(ROOT, "configs", "demo.py"),
                               checkpoint.read_config(demo)))
 

@@ -70,7 +70,7 @@ def main() -> None:
         sys.exit("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
     devices = plan.parse_devices(args.devices)
     serve = plan.Task("serve", context=args.context)
-    print(f"| model | mesh | dtype | step | XLA temp MiB | planned MiB | planned / XLA |")
+    print("| model | mesh | dtype | step | XLA temp MiB | planned MiB | planned / XLA |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         base = configs.preset(name)

@@ -218,7 +218,7 @@ def run_memory() -> dict:
         except (FileNotFoundError, KeyError, ProcessLookupError):
             pass
         time.sleep(FLAGS.interval_ms / 1e3)
-    lines = [l for l in child.stdout.read().splitlines() if l.startswith("{")]
+    lines = [line for line in child.stdout.read().splitlines() if line.startswith("{")]
     if child.returncode or not lines:
         raise SystemExit(f"child failed with code {child.returncode}")
     res = json.loads(lines[-1])

@@ -59,7 +59,7 @@ from llama2_jax.model import checkpoint  # noqa: E402
 from llama2_jax import generate  # noqa: E402
 from llama2_jax.model.config import BENCH_134M  # noqa: E402
 from llama2_jax.inference.generate import bucket  # noqa: E402
-from tests.serving import ServerProcess  # noqa: E402
+from benchmarks.serving import ServerProcess  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("concurrency", ["1", "4", "16", "64"], "Concurrent clients, one run each.")

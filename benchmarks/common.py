@@ -21,7 +21,7 @@ def pin_threads(n: int) -> None:
 def hf_model_from(params: dict, cfg):
     """A `LlamaForCausalLM` (fp32, default attention) holding llama2_jax's `params`."""
     import torch
-    from tests.hf_reference import hf_config
+    from transformers import LlamaConfig
     from transformers import LlamaForCausalLM
 
     from convert import mapping
@@ -32,6 +32,6 @@ def hf_model_from(params: dict, cfg):
             w = w[key]
         w = np.asarray(w if layer is None else w[layer])
         state[name] = torch.from_numpy(np.ascontiguousarray(mapping.jax_to_hf(path, w, cfg)))
-    model = LlamaForCausalLM(hf_config(cfg))
+    model = LlamaForCausalLM(LlamaConfig(**mapping.hf_config_dict(cfg, "float32")))
     model.load_state_dict(state, strict=True)
     return model.eval()

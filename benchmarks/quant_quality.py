@@ -15,7 +15,8 @@ per-output-channel absmax (int8: round(w / s) with s = max|w| / 127; fp8: cast o
 torch.float8_e4m3fn with s = max|w| / 448), compared with the fp32 HF model's own logits.
 "fp8-native" is the FP8 x FP8 path of GPUs with FP8 matmuls (`native_fp8=True`: the
 activations cast to e4m3 too, a scale per token), emulated here on CPU, against the same
-weight-only floor. The script also counts the 8-bit codes that differ between the two sides (the scales may
+weight-only floor. The script also counts the 8-bit codes that differ between the two sides
+(the scales may
 differ in their last bit: XLA:CPU's float division is not always correctly rounded).
 
 Without --checkpoint_dir it trains a tiny Llama (vocab 32000, dim 128, 2 layers) for --steps
@@ -150,8 +151,8 @@ def hf_logits_of(state: dict, cfg, prompts) -> np.ndarray:
     import torch
     from transformers import LlamaForCausalLM
 
-    from tests.hf_reference import hf_config
-    model = LlamaForCausalLM(hf_config(cfg)).eval()
+    from transformers import LlamaConfig
+    model = LlamaForCausalLM(LlamaConfig(**mapping.hf_config_dict(cfg, "float32"))).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     with torch.no_grad():
         return np.concatenate([model(torch.as_tensor([p])).logits[0].numpy() for p in prompts])
@@ -183,7 +184,8 @@ def main(argv):
         if FLAGS.save_trained:
             checkpoint.save(FLAGS.save_trained, model, tokenizer_path=FLAGS.tokenizer,
                             overwrite=True)
-        source = f"self-trained tiny Llama, {FLAGS.steps} AdamW steps on README.md ({n_train} tokens)"
+        source = (f"self-trained tiny Llama, {FLAGS.steps} AdamW steps on README.md "
+                  f"({n_train} tokens)")
     cfg = model.config
     prompts = [tok.encode(p, bos=True, eos=False) for p in PROMPTS]
     n_pos = sum(len(p) for p in prompts)

@@ -1,6 +1,6 @@
 """Convert a Hugging Face Llama 2 model directory into a llama2_jax checkpoint.
 
-  python convert/hf_to_orbax.py --input_dir=Llama-2-7b-hf --output_dir=ckpt/llama2-7b
+  python -m convert.hf_to_orbax --input_dir=Llama-2-7b-hf --output_dir=ckpt/llama2-7b
 
 Reads config.json and the safetensors (lazily, `safe_open`) or .bin (`torch.load(mmap=True,
 weights_only=True)`) shards tensor by tensor, un-permutes q/k from HF's rotate-half RoPE layout
@@ -9,12 +9,9 @@ back to Meta's interleaved one, and handles tied or untied output embeddings.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: make `convert` and `llama2_jax` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 

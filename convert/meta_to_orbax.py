@@ -1,6 +1,6 @@
 """Convert Meta's Llama 2 download (consolidated.NN.pth + params.json) into a llama2_jax checkpoint.
 
-  python convert/meta_to_orbax.py --input_dir=llama-2-7b --output_dir=ckpt/llama2-7b
+  python -m convert.meta_to_orbax --input_dir=llama-2-7b --output_dir=ckpt/llama2-7b
 
 Shards (1 for 7B, 2 for 13B, 8 for 70B) are merged tensor by tensor from memory-mapped files, so
 memory stays around one layer's weights whatever the model size. The output loads onto any mesh
@@ -9,12 +9,9 @@ with `llama2_jax.load(output_dir)`.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: make `convert` and `llama2_jax` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 

@@ -1,7 +1,8 @@
 """Orbax parameter trees written and read a layer at a time.
 
 The checkpoint is orbax's own (PyTreeCheckpointHandler: OCDBT + zarr, the layout
-`llama2_jax.model.checkpoint.load` restores onto any mesh), but the arrays never sit whole in memory:
+`llama2_jax.model.checkpoint.load` restores onto any mesh), but the arrays never sit whole in
+memory:
 each leaf is a `Streamed` parameter that the type handler below pulls one layer at a time and
 writes into its slice of the tensorstore array. Stacked parameters are chunked with a leading
 layer axis of 1, so a layer's write fills whole chunks and is flushed on its own.

@@ -1,6 +1,6 @@
 """Export a llama2_jax checkpoint to a Hugging Face LlamaForCausalLM directory.
 
-  python convert/orbax_to_hf.py --checkpoint_dir=ckpt/llama2-7b-sft --output_dir=Llama-2-7b-sft-hf
+  python -m convert.orbax_to_hf --checkpoint_dir=ckpt/llama2-7b-sft --output_dir=Llama-2-7b-sft-hf
 
 Writes sharded safetensors (model-0000N-of-0000M.safetensors + model.safetensors.index.json, or
 one model.safetensors), config.json and the tokenizer. Streaming: the safetensors files are laid
@@ -19,8 +19,6 @@ import shutil
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: make `convert` and `llama2_jax` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 from absl import app, flags

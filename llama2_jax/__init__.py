@@ -1,77 +1,68 @@
-"""llama2_jax: Meta's Llama 2 in JAX/Flax, sharded over whatever devices are present."""
+"""llama2_jax: Meta's Llama 2 in JAX/Flax, sharded over whatever devices are present.
+
+The public API (`load`, `generate`, `forward`, `stream_text`, `Engine`, `Session`, ...) is
+imported on first use, so parts that need no JAX (the tokenizer, the request settings, the
+HTTP layer) import without it.
+"""
 
 from __future__ import annotations
 
-import weakref
-from typing import Iterator, Sequence
+import importlib
+from typing import TYPE_CHECKING
 
-import numpy as np
+# name -> module that defines it
+_EXPORTS = {
+    "CheckpointError": "llama2_jax.model.checkpoint",
+    "load": "llama2_jax.model.checkpoint",
+    "save": "llama2_jax.model.checkpoint",
+    "ConfigError": "llama2_jax.model.config",
+    "ModelConfig": "llama2_jax.model.config",
+    "from_hf_config": "llama2_jax.model.config",
+    "from_meta_params": "llama2_jax.model.config",
+    "preset": "llama2_jax.model.config",
+    "Transformer": "llama2_jax.model.transformer",
+    "QArray": "llama2_jax.model.quant",
+    "quantize_model": "llama2_jax.model.quant",
+    "make_mesh": "llama2_jax.model.sharding",
+    "ContextError": "llama2_jax.inference.generate",
+    "Engine": "llama2_jax.inference.generate",
+    "Session": "llama2_jax.inference.generate",
+    "engine_for": "llama2_jax.inference.api",
+    "forward": "llama2_jax.inference.api",
+    "generate": "llama2_jax.inference.api",
+    "stream_text": "llama2_jax.inference.api",
+    "GREEDY": "llama2_jax.inference.params",
+    "SamplingParams": "llama2_jax.inference.params",
+    "DialogError": "llama2_jax.tokenizer",
+    "StreamDecoder": "llama2_jax.tokenizer",
+    "Tokenizer": "llama2_jax.tokenizer",
+    "encode_dialog": "llama2_jax.tokenizer",
+}
 
-from llama2_jax.model.checkpoint import CheckpointError, load, save
-from llama2_jax.model.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, preset
-from llama2_jax.inference.generate import ContextError, Engine, Session
-from llama2_jax.model.transformer import Transformer
-from llama2_jax.model.quant import QArray, quantize_model
-from llama2_jax.inference.params import (DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GREEDY,
-                                         SamplingParams, sampling_params)
-from llama2_jax.model.sharding import make_mesh
-from llama2_jax.tokenizer import DialogError, StreamDecoder, Tokenizer, encode_dialog
-
-__all__ = [
-    "CheckpointError", "ConfigError", "ContextError", "DialogError", "Engine", "ModelConfig",
-    "GREEDY", "QArray", "SamplingParams", "Session", "StreamDecoder", "Tokenizer", "Transformer", "encode_dialog",
-    "engine_for", "forward", "from_hf_config", "from_meta_params", "generate", "load",
-    "make_mesh", "preset", "quantize_model", "save", "stream_text",
-]
-
-_ENGINES: "weakref.WeakKeyDictionary[Transformer, Engine]" = weakref.WeakKeyDictionary()
-
-
-def engine_for(model: Transformer) -> Engine:
-    """The model's Engine, created once so repeated calls reuse its compiled steps."""
-    engine = _ENGINES.get(model)
-    if engine is None:
-        engine = _ENGINES[model] = Engine(model)
-    return engine
-
-
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
-             top_k: int | None = None, seed: int = 0,
-             stop_ids: Sequence[int] | None = None) -> list[list[int]]:
-    """New token ids of each prompt (a list of token-id lists), stop token excluded.
-
-    Stops a row at EOS (`stop_ids`, default Llama 2's EOS id 2), after `max_new_tokens`, or
-    at the context limit. temperature=0 is greedy; row b draws with seed + b.
-    """
-    return engine_for(model).generate(
-        prompts, max_new_tokens=max_new_tokens,
-        params=sampling_params(temperature, top_p, top_k, seed),
-        stop_ids=(2,) if stop_ids is None else stop_ids)
+__all__ = sorted(_EXPORTS)
 
 
-def forward(model: Transformer, token_ids: Sequence[int]) -> np.ndarray:
-    """Float32 logits [T, vocab] of one token sequence."""
-    return engine_for(model).forward(token_ids)
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llama2_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
-def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], *,
-                max_new_tokens: int, temperature: float = DEFAULT_TEMPERATURE,
-                top_p: float = DEFAULT_TOP_P, top_k: int | None = None,
-                seed: int = 0) -> Iterator[str]:
-    """Text of the answer to one token-id prompt, piece by piece as it is decoded.
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
-    Pieces never split a multi-byte character; generation stops at the tokenizer's EOS.
-    """
-    decoder = StreamDecoder(tokenizer)
-    steps = engine_for(model).stream(
-        [prompt], max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,),
-        params=sampling_params(temperature, top_p, top_k, seed))
-    for step in steps:
-        if step.tokens[0] is not None:
-            piece = decoder.push(step.tokens[:1])
-            if piece:
-                yield piece
-    tail = decoder.flush()
-    if tail:
-        yield tail
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from llama2_jax.inference.api import engine_for, forward, generate, stream_text  # noqa: F401
+    from llama2_jax.inference.generate import ContextError, Engine, Session  # noqa: F401
+    from llama2_jax.inference.params import GREEDY, SamplingParams  # noqa: F401
+    from llama2_jax.model.checkpoint import CheckpointError, load, save  # noqa: F401
+    from llama2_jax.model.config import (ConfigError, ModelConfig, from_hf_config,  # noqa: F401
+                                         from_meta_params, preset)
+    from llama2_jax.model.quant import QArray, quantize_model  # noqa: F401
+    from llama2_jax.model.sharding import make_mesh  # noqa: F401
+    from llama2_jax.model.transformer import Transformer  # noqa: F401
+    from llama2_jax.tokenizer import DialogError, StreamDecoder, Tokenizer, encode_dialog  # noqa: F401

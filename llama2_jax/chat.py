@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from absl import app, logging
 
+from llama2_jax import demo
 from llama2_jax import settings as app_build
 from llama2_jax import cli, distributed
 from llama2_jax.model import sharding
@@ -53,7 +54,7 @@ ChatError = SettingsError
 
 def base_config() -> ml_collections.ConfigDict:
     """Every chat setting with its default; configs/*.py start from this and change a few."""
-    c = app_build.model_fields(ml_collections.ConfigDict())
+    c = app_build.inference_fields(ml_collections.ConfigDict())
     c.system_prompt = ""
     c.temperature = 0.6  # Meta's chat defaults; 0 = greedy
     c.top_p = 0.9
@@ -148,6 +149,7 @@ def build(config: ml_collections.ConfigDict, err: TextIO) -> Chat:
 
     Prints what is loaded and a banner to `err`. Raises one of USER_ERRORS for bad settings.
     """
+    demo.ensure_trained(config, err)
     prepared = app_build.prepare(config, err, "chat")
     length = context_size(prepared.model_config, config.context_length, config.max_new_tokens)
     try:

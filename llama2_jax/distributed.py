@@ -107,10 +107,14 @@ def _wait_for(address: str, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
+_OWN_STDOUT = None  # the stdout `_stdout_for_python_only` made
+
+
 def _stdout_for_python_only() -> None:
     """Native code's prints (gloo's "[Gloo] Rank 0 is connected ..." lines) go to stderr;
     sys.stdout keeps the process's real stdout, which holds the app's output alone."""
-    if getattr(sys.stdout, "_llama2_jax_own", False):
+    global _OWN_STDOUT
+    if sys.stdout is _OWN_STDOUT:
         return
     sys.stdout.flush()
     try:
@@ -120,8 +124,7 @@ def _stdout_for_python_only() -> None:
         return
     stream = os.fdopen(saved, "w", buffering=1, encoding=sys.stdout.encoding or "utf-8",
                        errors="replace")
-    stream._llama2_jax_own = True
-    sys.stdout = stream
+    sys.stdout = _OWN_STDOUT = stream
 
 
 def coordination_client():

@@ -12,7 +12,6 @@ start from them.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
 from typing import TextIO
 
@@ -24,36 +23,37 @@ from llama2_jax.model import checkpoint, quant, sharding
 from llama2_jax import cli, distributed, plan
 from llama2_jax.model.checkpoint import CheckpointError
 from llama2_jax.model.config import DTYPES, ConfigError, ModelConfig
-from llama2_jax.inference.generate import ContextError
+from llama2_jax.distributed import DistributedError
+from llama2_jax.inference.scheduler import ContextError
 from llama2_jax.model.transformer import Transformer, param_count
 from llama2_jax.model.sharding import ShardingError
 from llama2_jax.tokenizer import DialogError, Tokenizer
+from llama2_jax.training.data import DataError
+from llama2_jax.training.trainer import FinetuneError
 
 
 class SettingsError(ValueError):
     """An app setting that cannot work; the message says which and why."""
 
 
-# Errors caused by the user's settings or input: reported as one line, never a traceback.
+# Errors caused by the user's settings or input, in every app: reported as one line, never a
+# traceback.
 USER_ERRORS = (SettingsError, CheckpointError, ConfigError, ContextError, DialogError,
-               ShardingError, FileNotFoundError)
+               ShardingError, DistributedError, DataError, FinetuneError, FileNotFoundError)
 
 
 def model_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Add the model settings every app has to `c` (with their defaults); returns `c`."""
+    """Add the model settings every app has (chat, serve, finetune) to `c`, with their
+    defaults; returns `c`. The apps' base configs start from these."""
     c.checkpoint_dir = ""  # converted checkpoint; "" = random weights (model_preset + model)
     c.tokenizer_path = ""  # "" = <checkpoint_dir>/tokenizer.model
-    # A fine-tuning config (configs/sft_*.py) whose `<output_dir>/final` is checkpoint_dir:
-    # when that checkpoint does not exist yet, it is trained first (the demo's model).
-    c.train_config = ""
     c.model_preset = ""  # llama2_jax.model.config.PRESETS name, for random weights only
     c.model = ml_collections.ConfigDict()  # ModelConfig fields over the preset (random only)
     c.dtype = ""  # "" = bfloat16 on accelerators, float32 on CPU
-    # 8-bit weights: none | int8 | fp8, quantized while loading; "" = as the checkpoint
-    # stores them (a converter's --quantization), so a quantized checkpoint stays quantized.
-    c.quantization = ""
-    # FP8 weights multiply FP8 activations (FP8 matmul hardware: Hopper, Ada); off: weight-only.
-    c.native_fp8 = False
+    # Weight format: none | int8 | fp8 (quantized while loading); "" = as the checkpoint
+    # stores them (a converter's --quantization), so a quantized checkpoint stays quantized;
+    # "auto" = as stored if quantized, else the planner's choice for the devices present.
+    c.quantization = checkpoint.AS_STORED
     # Mesh sizes, -1 = the devices left. Tensor parallelism is the fastest for one
     # conversation but must divide the heads; FSDP works with any device count.
     c.data = 1
@@ -64,11 +64,38 @@ def model_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.mesh = ""
     distributed.fields(c)  # multihost, coordinator_address, num_processes, process_id, ...
     c.seed = 0  # also the seed of random weights
-    c.context_length = 0  # 0 = the model's max_seq_len
     # Compiled steps persist here, so the next start skips XLA compilation (minutes for 70B
     # on some backends). "" = off.
     c.compilation_cache_dir = "~/.cache/llama2_jax/xla"
     return c
+
+
+def inference_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`model_fields` and what the inference apps (chat, serve) add to them; returns `c`."""
+    model_fields(c)
+    # A fine-tuning config (configs/sft_*.py) whose `<output_dir>/final` is checkpoint_dir:
+    # when that checkpoint does not exist yet, it is trained first (the demo's model, see
+    # llama2_jax.demo).
+    c.train_config = ""
+    # FP8 weights multiply FP8 activations (FP8 matmul hardware: Hopper, Ada); off: weight-only.
+    c.native_fp8 = False
+    c.context_length = 0  # 0 = the model's max_seq_len
+    return c
+
+
+def task_of(config: ml_collections.ConfigDict, app: str) -> plan.Task:
+    """The planner's Task for an app's config (configs/*.py): app chat, serve or finetune."""
+    if app == "serve":
+        return plan.Task("serve", context=config.context_length, slots=config.max_slots,
+                         prefill_chunk=config.prefill_chunk,
+                         prefix_cache_mb=config.prefix_cache_mb)
+    if app == "finetune":
+        lora = config.lora.rank > 0
+        return plan.Task("lora" if lora else "sft", batch=config.batch_size // config.grad_accum,
+                         seq_len=config.seq_len, lora_rank=config.lora.rank,
+                         lora_targets=tuple(config.lora.targets), remat=config.remat,
+                         param_dtype=config.param_dtype, grad_accum=config.grad_accum)
+    return plan.Task("chat", context=config.context_length)
 
 
 @dataclasses.dataclass
@@ -79,7 +106,7 @@ class Prepared:
     tokenizer: Tokenizer
     mesh: Mesh
     dtype: str
-    quantization: str  # "" = as stored
+    quantization: str  # none | int8 | fp8, resolved (never "as stored" or "auto")
     checkpoint_dir: str  # "" = random weights
     seed: int
     native_fp8: bool = False
@@ -95,11 +122,11 @@ class Prepared:
                 err.write(f"loading {self.checkpoint_dir} ...\n")
                 err.flush()
             model = checkpoint.load(self.checkpoint_dir, mesh=self.mesh, dtype=self.dtype,
-                                    quantization=self.quantization or None)
+                                    quantization=self.quantization)
         else:
             model = quant.quantize_model(
                 checkpoint.random_model(self.model_config.with_dtype(self.dtype), self.mesh,
-                                        seed=self.seed), self.quantization or "none")
+                                        seed=self.seed), self.quantization)
         return quant.use_native_fp8(model, True) if self.native_fp8 else model
 
 
@@ -113,25 +140,22 @@ def context_length(model_cfg: ModelConfig, requested: int) -> int:
 
 
 def prepare(config: ml_collections.ConfigDict, err: TextIO, app: str = "chat") -> Prepared:
-    """Check the model settings of `config` (see `model_fields`; a fine-tuning config has
-    them too) for `app` (chat, serve or finetune); nothing is loaded. The one way every app,
-    and the notebook, turns a config into a model config, tokenizer, mesh and weight format.
+    """Check the model settings of `config` (see `model_fields`) for `app` (chat, serve or
+    finetune); nothing is loaded. The one way every app, and the notebook, turns a config into
+    a model config, tokenizer, mesh, dtype and weight format.
 
-    Trains the demo's model first when `train_config` says so. The mesh and quantization are
-    the planner's (llama2_jax.plan) where they are "auto", and the ones given otherwise, which
-    must fit the devices present. Raises one of USER_ERRORS.
+    The dtype, mesh and quantization are resolved once, by llama2_jax.plan.make_plan, against
+    the devices present: "auto" settings are the planner's choice, explicit ones must fit.
+    A demo config's model is trained before this (llama2_jax.demo). Raises one of
+    USER_ERRORS.
     """
-    dtype = config.dtype or checkpoint.default_dtype()
-    if dtype not in DTYPES:
+    if config.dtype and config.dtype not in DTYPES:
         raise SettingsError(f"dtype={config.dtype!r}: expected one of {', '.join(DTYPES)} or "
                             "'' (bfloat16 on accelerators, float32 on CPU)")
-    if config.quantization not in ("", "auto"):
+    if config.quantization not in (checkpoint.AS_STORED, "auto"):
         quant.check_method(config.quantization)
     mesh = explicit_mesh(config)
     checkpoint_dir = os.path.expanduser(config.checkpoint_dir)
-    train_config = config.get("train_config", "")  # the demo's (chat and serve configs)
-    if checkpoint_dir and train_config and not os.path.isdir(checkpoint_dir):
-        train_first(train_config, checkpoint_dir, err)
     stored = "none"
     if checkpoint_dir:
         if not os.path.isdir(checkpoint_dir):
@@ -151,8 +175,10 @@ def prepare(config: ml_collections.ConfigDict, err: TextIO, app: str = "chat") -
     check_vocab(tokenizer, model_cfg)
     if mesh is not None:
         sharding.check_mesh(mesh, model_cfg.n_heads, model_cfg.n_kv_heads)
-    mesh, quantization = fit_devices(config, model_cfg, app, dtype, stored, mesh, err)
-    return Prepared(model_cfg, tokenizer, mesh, dtype, quantization, checkpoint_dir,
+    p = fit_devices(config, model_cfg, app, stored, mesh, err)
+    if mesh is None:
+        mesh = sharding.make_mesh(p.mesh["data"], p.mesh["fsdp"], p.mesh["tensor"])
+    return Prepared(model_cfg, tokenizer, mesh, p.dtype, p.quantization, checkpoint_dir,
                     config.seed, bool(config.get("native_fp8", False)))
 
 
@@ -167,21 +193,11 @@ def explicit_mesh(config: ml_collections.ConfigDict) -> Mesh | None:
 
 
 def fit_devices(config: ml_collections.ConfigDict, model_cfg: ModelConfig, app: str,
-                dtype: str, stored: str, mesh: Mesh | None,
-                err: TextIO) -> tuple[Mesh, str]:
-    """The mesh and quantization `app` runs with: `mesh` (None = the planner's) and
-    `config.quantization` ("auto" = the planner's; "" = as `stored`), checked against the
-    devices present by llama2_jax.plan. Raises SettingsError, with the planner's numbers,
-    when they do not fit."""
-    wanted = config.quantization
-    if wanted == "auto":
-        # A quantized checkpoint stays so; full fine-tuning trains unquantized weights.
-        quantization = stored if stored != "none" else "auto"
-    else:
-        quantization = wanted or stored
-    task = plan.task_of(config, app)
-    if task.name == "sft" and wanted == "auto":
-        quantization = "none"
+                stored: str, mesh: Mesh | None, err: TextIO) -> plan.Plan:
+    """The plan `app` runs with (dtype, mesh, quantization), resolved by plan.make_plan
+    from `config` and the checkpoint's `stored` format for the devices present (`mesh`, if
+    given, fixes the mesh). Raises SettingsError, with the planner's numbers, when it does not
+    fit."""
     devices = plan.present_devices()
     fixed = None
     if mesh is not None:
@@ -190,19 +206,18 @@ def fit_devices(config: ml_collections.ConfigDict, model_cfg: ModelConfig, app: 
     name = os.path.basename(os.path.normpath(config.checkpoint_dir)) if config.checkpoint_dir \
         else (config.model_preset or "random model")
     try:
-        p = plan.make_plan(model_cfg, task, devices, model=name, quantization=quantization,
-                           mesh=fixed, dtype=dtype)
+        p = plan.make_plan(model_cfg, task_of(config, app), devices, stored=stored,
+                         quantization=config.quantization, dtype=config.dtype, mesh=fixed,
+                         model=name)
     except plan.PlanError as e:
         raise SettingsError(str(e)) from None
     if not p.fits:
         raise SettingsError(f"{p.notes[-1]} (python -m llama2_jax.plan prints the table)")
-    if mesh is None:
-        mesh = sharding.make_mesh(p.mesh["data"], p.mesh["fsdp"], p.mesh["tensor"])
-    if fixed is None or wanted == "auto":
+    if fixed is None or config.quantization == "auto":
         err.write(f"plan: mesh {', '.join(f'{k}={v}' for k, v in p.mesh.items())}, "
                   f"quantization {p.quantization}: {plan.gb(p.total)} of "
                   f"{plan.gb(p.usable)} per device ({devices.kind})\n")
-    return mesh, p.quantization if wanted == "auto" else wanted
+    return p
 
 
 def check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
@@ -219,33 +234,6 @@ def load_tokenizer(path: str) -> Tokenizer:
                                 "tokenizer.model") from None
     except ValueError as e:  # not a SentencePiece model
         raise SettingsError(str(e)) from None
-
-
-def train_first(train_config: str, checkpoint_dir: str, err: TextIO) -> None:
-    """Fine-tune `checkpoint_dir` with the SFT config file `train_config`, once.
-
-    Several apps started at once wait for one training run (a lock beside the run's
-    directory); an interrupted training resumes at the next start.
-    """
-    from llama2_jax import finetune  # the demo's model is made by the fine-tuning app
-
-    sft = cli.load_config_file(train_config)
-    final = os.path.join(os.path.expanduser(sft.output_dir), finetune.FINAL_DIR)
-    if os.path.abspath(final) != os.path.abspath(checkpoint_dir):
-        return  # another checkpoint was asked for: it must exist (reported by the caller)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    with open(os.path.dirname(final) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isdir(final):
-            return  # trained by an app that held the lock before us
-        err.write(f"{checkpoint_dir} does not exist yet: training it with {train_config} "
-                  f"(once; about 1.5 minutes on a 2-core CPU) ...\n")
-        err.flush()
-        try:
-            finetune.train(sft, err)
-        except finetune.USER_ERRORS as e:
-            raise SettingsError(f"training {checkpoint_dir} with {train_config} failed: "
-                                f"{e}") from None
 
 
 def banner(app: str, model: Transformer, source: str, mesh: Mesh, length: int) -> str:

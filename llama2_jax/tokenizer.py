@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer and Meta's Llama 2 chat format (`llama/generation.py` chat_completion)."""
+"""SentencePiece tokenizer and Meta's Llama 2 chat format (`llama/generation.py`
+chat_completion)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 from tests.conftest import ROOT
-from tests.serving import free_port
+from benchmarks.serving import free_port
 
 
 class Processes:

@@ -18,7 +18,8 @@ from llama2_jax.model.config import TINY
 from llama2_jax.model.kv_cache import KVCache
 from llama2_jax.inference.generate import Engine
 from llama2_jax.inference.prefix_cache import PrefixCache
-from llama2_jax.inference.scheduler import ContextError, Done, QueueFull, Request, Scheduler, ShuttingDown, Token
+from llama2_jax.inference.scheduler import (ContextError, Done, QueueFull, Request, Scheduler,
+                                            ShuttingDown, Token)
 from tests.conftest import greedy_by_forward
 
 CFG = TINY.replace(n_kv_heads=2, max_seq_len=128)
@@ -60,7 +61,8 @@ def run_all(scheduler, requests, timeout=120):
 
 
 def scheduler_for(engine, slots=3, length=128, chunk=16, prefix=1 << 20, **kw):
-    return Scheduler(lambda: Slots(engine.weights, slots, length, chunk=chunk, kv_block=32), length=length,
+    return Scheduler(lambda: Slots(engine.weights, slots, length, chunk=chunk, kv_block=32),
+                     length=length,
                      vocab_size=CFG.vocab_size, prefix_cache_bytes=prefix, **kw).start()
 
 
@@ -195,7 +197,8 @@ def test_warm_up_compiles_every_shape(engine):
     for p in PROMPTS[:6]:  # any prompt, chunk and decode length: nothing new
         p = p[:60]
         for start in range(0, len(p), 32):
-            slots.prefill(2, p[start:start + 32], start, start + 32 >= len(p), SamplingParams(0.7, 1.0))
+            slots.prefill(2, p[start:start + 32], start, start + 32 >= len(p),
+                          SamplingParams(0.7, 1.0))
         for _ in range(3):
             slots.decode()
     slots.insert(0, slots.extract(2, 40))

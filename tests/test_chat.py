@@ -14,7 +14,8 @@ from llama2_jax import chat as chat_app
 from llama2_jax.model import checkpoint
 from llama2_jax import cli as app_cli
 from llama2_jax.inference.generate import Engine
-from llama2_jax.inference.sampling import Greedy
+from llama2_jax.inference.params import GREEDY
+from llama2_jax.inference.slots import Slots
 from llama2_jax.tokenizer import encode_dialog
 
 CONFIGS = os.path.join(ROOT, "configs")
@@ -147,7 +148,7 @@ def new_chat(demo_model, tokenizer):
     engine = Engine(demo_model)
 
     def new(**kwargs):
-        return chat_app.Chat(engine, tokenizer, **{"sampler": Greedy(), "max_new_tokens": 8,
+        return chat_app.Chat(engine, tokenizer, **{"params": GREEDY, "max_new_tokens": 8,
                                                    **kwargs})
     return new
 
@@ -166,15 +167,15 @@ class Lines:
 
 
 def spy_prefill(monkeypatch, chat):
-    """Record (start, number of tokens) of every prefill."""
+    """Record (start, number of tokens) of every prefill call (of any Slots)."""
     calls = []
-    real = chat.engine.prefill
+    real = Slots.prefill
 
-    def prefill(rows, starts, *args, **kwargs):
-        calls.append((starts[0], len(rows[0])))
-        return real(rows, starts, *args, **kwargs)
+    def prefill(self, slot, tokens, start, *args, **kwargs):
+        calls.append((start, len(tokens)))
+        return real(self, slot, tokens, start, *args, **kwargs)
 
-    monkeypatch.setattr(chat.engine, "prefill", prefill)
+    monkeypatch.setattr(Slots, "prefill", prefill)
     return calls
 
 
@@ -249,10 +250,11 @@ def test_ctrl_c_during_an_answer_keeps_what_was_said(new_chat):
 
 
 def test_ctrl_c_inside_a_decode_step_recreates_the_cache(new_chat, monkeypatch):
-    """An interrupt that loses the step's output leaves Session a donated cache to replace."""
+    """An interrupt that loses the step's output leaves the Session donated slots to replace."""
     chat = new_chat()
     calls = spy_prefill(monkeypatch, chat)
-    real = chat.engine.decode
+    slots = chat.session.slots = Slots(chat.engine.weights, 1, chat.session.length)
+    real = slots._decode
     steps = []
 
     def decode(*args, **kwargs):
@@ -262,11 +264,10 @@ def test_ctrl_c_inside_a_decode_step_recreates_the_cache(new_chat, monkeypatch):
             raise KeyboardInterrupt  # after dispatch: the input cache is donated, the new one lost
         return result
 
-    monkeypatch.setattr(chat.engine, "decode", decode)
+    monkeypatch.setattr(slots, "_decode", decode)
     first = chat.reply("Hello", lambda piece: None, print)
     assert first.interrupted and first.text.strip()
-    assert jax.tree.leaves(chat.session.cache)[0].is_deleted()
-    monkeypatch.setattr(chat.engine, "decode", real)
+    assert jax.tree.leaves(slots.cache)[0].is_deleted()
     second = chat.reply("Go on", lambda piece: None, print)
     # Same answer as a chat that never saw the interrupt and prefills the whole dialog.
     fresh = new_chat()

@@ -443,8 +443,8 @@ def test_cli_killed_midway_leaves_nothing_and_rerun_succeeds(tmp_path):
     hf = ref.hf_model(cfg, seed=3)
     src, out = str(tmp_path / "hf"), str(tmp_path / "out")
     hf.save_pretrained(src, max_shard_size="20MB")
-    cmd = [sys.executable, "convert/hf_to_orbax.py", f"--input_dir={src}", f"--output_dir={out}",
-           "--dtype=float32"]
+    cmd = [sys.executable, "-m", "convert.hf_to_orbax", f"--input_dir={src}",
+           f"--output_dir={out}", "--dtype=float32"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

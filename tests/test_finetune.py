@@ -17,10 +17,11 @@ from flax import nnx
 
 from tests.conftest import ROOT, load_config_file
 from llama2_jax.model import checkpoint
-from llama2_jax.training import data
+from llama2_jax.training import data, lora, train_step
 from llama2_jax import finetune
 from llama2_jax.training.data import DataError
 from llama2_jax.finetune import FinetuneError
+from llama2_jax.settings import SettingsError
 from llama2_jax.model.transformer import abstract_model
 
 TASK = [("What is the password for the red door?", "The password is apple."),
@@ -100,8 +101,8 @@ def test_packed_and_unpacked_rows_give_each_example_the_same_loss(tiny):
 def _step_fn(model, config, lora_scale=None):
     graphdef, state = nnx.split(abstract_model(model.config))
     params = checkpoint.params_of(model)
-    tx, _ = finetune.make_optimizer(config, params)
-    step = finetune.make_train_step(graphdef, state, tx, lora_scale_=lora_scale, remat=False)
+    tx, _ = train_step.make_optimizer(config, params)
+    step = train_step.make_train_step(graphdef, state, tx, lora_scale_=lora_scale, remat=False)
     return jax.jit(step), params, tx.init(params)
 
 
@@ -118,7 +119,7 @@ def test_gradient_accumulation_changes_nothing_but_memory(tiny, tmp_path):
 
 
 def test_no_weight_decay_on_norms_and_embeddings(tiny):
-    mask = finetune.decay_mask(checkpoint.params_of(tiny[0]))
+    mask = train_step.decay_mask(checkpoint.params_of(tiny[0]))
     assert not mask["tok_embeddings"] and not mask["norm"]["weight"]
     assert not mask["layers"]["attention_norm"]["weight"]
     assert mask["output"] and mask["layers"]["attention"]["wq"]
@@ -131,15 +132,15 @@ def test_lora_at_init_is_exactly_the_base_model_and_merges_into_it(tiny):
     graphdef, state = nnx.split(abstract_model(model.config))
     tokens = jnp.asarray([[1, 518, 25580, 29962, 15043, 29991, 2, 0]])
     positions = jnp.arange(8)[None]
-    run = jax.jit(lambda p: finetune.bind(graphdef, state, p)(tokens, positions)[0])
+    run = jax.jit(lambda p: train_step.bind(graphdef, state, p)(tokens, positions)[0])
     targets = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-    adapters = finetune.init_adapters(params, targets, rank=4, seed=0)
+    adapters = lora.init_adapters(params, targets, rank=4, seed=0)
     base = run(params)
-    np.testing.assert_array_equal(run(finetune.apply_adapters(params, adapters, 2.0)), base)
+    np.testing.assert_array_equal(run(lora.apply_adapters(params, adapters, 2.0)), base)
     trained = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
                            adapters)
-    with_lora = run(finetune.apply_adapters(params, trained, 2.0))
-    merged = run(finetune.merge_adapters(params, trained, 2.0))
+    with_lora = run(lora.apply_adapters(params, trained, 2.0))
+    merged = run(lora.merge_adapters(params, trained, 2.0))
     assert float(jnp.abs(with_lora - base).max()) > 1e-2
     np.testing.assert_allclose(merged, with_lora, atol=2e-5)
 
@@ -171,8 +172,9 @@ def test_lora_run_trains_adapters_only_and_never_writes_the_base(tmp_path):
     changed = {"/".join(p) for p, a, b in _pairs(old, new) if not np.array_equal(a, b)}
     assert changed == {"layers/attention/wq", "layers/feed_forward/w2"}
     with pytest.raises(FinetuneError, match="overlap"):
-        finetune.Trainer(tiny_config(tmp_path, checkpoint_dir=str(base_dir),
-                                     output_dir=str(base_dir / "out"), model_preset=""))
+        finetune.train(tiny_config(tmp_path, checkpoint_dir=str(base_dir),
+                                   output_dir=str(base_dir / "out"), model_preset=""),
+                       err=io.StringIO())
 
 
 def _pairs(a, b, path=()):
@@ -186,6 +188,7 @@ def _pairs(a, b, path=()):
 # -- a whole run ------------------------------------------------------------------------------
 def test_a_tiny_model_learns_the_task_exactly(tmp_path, tokenizer):
     from llama2_jax.inference import generate as engine
+    from llama2_jax.inference.params import GREEDY
     from llama2_jax import encode_dialog
     config = tiny_config(tmp_path, train_data=write_task(tmp_path / "task.jsonl"), steps=120,
                          learning_rate=5e-3, warmup_steps=10, batch_size=4, log_every=10,
@@ -196,7 +199,8 @@ def test_a_tiny_model_learns_the_task_exactly(tmp_path, tokenizer):
     assert losses[0] > 4 and losses[-1] < 0.3, losses
     model = checkpoint.load(summary["final"])
     prompts = [encode_dialog(tokenizer, [{"role": "user", "content": q}]) for q, _ in TASK]
-    answers = engine.Engine(model).generate(prompts, max_new_tokens=12, stop_ids=(2,))
+    answers = engine.Engine(model).generate(prompts, max_new_tokens=12, stop_ids=(2,),
+                                            params=GREEDY)
     assert [tokenizer.decode(a).strip() for a in answers] == [a for _, a in TASK]
 
 
@@ -257,7 +261,7 @@ def test_empty_data_and_foreign_output_dir_are_refused(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(DataError, match="no usable examples"):
-        finetune.Trainer(tiny_config(tmp_path, train_data=str(empty)))
+        finetune.train(tiny_config(tmp_path, train_data=str(empty)), err=io.StringIO())
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -328,8 +332,8 @@ def test_remat_gives_the_same_step(tiny, tmp_path):
     rows = {k: v[None] for k, v in data.pack(examples, seq_len=64).items()}
     graphdef, state = nnx.split(abstract_model(model.config))
     params = checkpoint.params_of(model)
-    tx, _ = finetune.make_optimizer(tiny_config(tmp_path), params)
-    results = [jax.jit(finetune.make_train_step(graphdef, state, tx, lora_scale_=None,
+    tx, _ = train_step.make_optimizer(tiny_config(tmp_path), params)
+    results = [jax.jit(train_step.make_train_step(graphdef, state, tx, lora_scale_=None,
                                                 remat=remat))(params, {}, tx.init(params), rows)
                for remat in (False, True)]
     np.testing.assert_allclose(results[0][2]["grad_norm"], results[1][2]["grad_norm"],
@@ -348,16 +352,16 @@ def test_7b_configs_trace_at_full_size(name):
     graphdef, state = nnx.split(abstract_model(cfg))
     params = nnx.to_pure_dict(state)
     lora = c.lora.rank > 0
-    scale = finetune.lora_scale(c) if lora else None
-    trainable = (jax.eval_shape(lambda p: finetune.init_adapters(p, tuple(c.lora.targets),
+    scale = lora.lora_scale(c) if lora else None
+    trainable = (jax.eval_shape(lambda p: lora.init_adapters(p, tuple(c.lora.targets),
                                                                  c.lora.rank, 0), params)
                  if lora else params)
-    tx, _ = finetune.make_optimizer(c, trainable)
+    tx, _ = train_step.make_optimizer(c, trainable)
     micro = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len)
     batch = {k: jax.ShapeDtypeStruct(micro, jnp.int32)
              for k in ("inputs", "targets", "segments", "positions")}
     batch["weights"] = jax.ShapeDtypeStruct(micro, jnp.float32)
-    step = finetune.make_train_step(graphdef, state, tx, lora_scale_=scale, remat=c.remat)
+    step = train_step.make_train_step(graphdef, state, tx, lora_scale_=scale, remat=c.remat)
     new, _, metrics = jax.eval_shape(step, trainable, params if lora else {},
                                      jax.eval_shape(tx.init, trainable), batch)
     n = sum(x.size for x in jax.tree.leaves(new))
@@ -444,9 +448,9 @@ def test_lora_on_an_8bit_base(tmp_path, method):
     qparams = checkpoint.params_of(checkpoint.load(base_dir, quantization=method))
     graphdef, state = nnx.split(abstract_model(mcfg))
     tokens = jnp.asarray([[1, 518, 25580, 29962, 15043]])
-    run = jax.jit(lambda p: finetune.bind(graphdef, state, p)(tokens, jnp.arange(5)[None])[0])
-    adapters = finetune.init_adapters(qparams, ("wq", "w1"), rank=4, seed=0)
-    np.testing.assert_array_equal(run(finetune.apply_adapters(qparams, adapters, 4.0)),
+    run = jax.jit(lambda p: train_step.bind(graphdef, state, p)(tokens, jnp.arange(5)[None])[0])
+    adapters = lora.init_adapters(qparams, ("wq", "w1"), rank=4, seed=0)
+    np.testing.assert_array_equal(run(lora.apply_adapters(qparams, adapters, 4.0)),
                                   run(qparams))
     config = tiny_config(tmp_path, checkpoint_dir=str(base_dir), tokenizer_path="",
                          model_preset="", steps=4, learning_rate=1e-2, warmup_steps=0,
@@ -456,19 +460,19 @@ def test_lora_on_an_8bit_base(tmp_path, method):
     final = read_params(summary["final"])
     changed = {"/".join(p) for p, a, b in _pairs(dequantized, final) if not np.array_equal(a, b)}
     assert changed == {"layers/attention/wq", "layers/feed_forward/w1"}
-    with pytest.raises(FinetuneError, match="needs LoRA"):
-        finetune.check_settings(tiny_config(tmp_path, quantization=method))
+    with pytest.raises(SettingsError, match="needs LoRA"):
+        finetune.train(tiny_config(tmp_path, quantization=method), err=io.StringIO())
 
 
 def test_bf16_compute_with_fp32_master_weights(tiny, tmp_path):
     model, examples = tiny
     rows = {k: v[None] for k, v in data.pack(examples, seq_len=64).items()}
     params = checkpoint.params_of(model)  # fp32 master weights
-    tx, _ = finetune.make_optimizer(tiny_config(tmp_path), params)
+    tx, _ = train_step.make_optimizer(tiny_config(tmp_path), params)
     losses = []
     for dtype in ("float32", "bfloat16"):
         graphdef, state = nnx.split(abstract_model(model.config.replace(dtype=dtype)))
-        step = jax.jit(finetune.make_train_step(graphdef, state, tx, lora_scale_=None,
+        step = jax.jit(train_step.make_train_step(graphdef, state, tx, lora_scale_=None,
                                                 remat=False))
         new, _, metrics = step(params, {}, tx.init(params), rows)
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new))

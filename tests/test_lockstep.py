@@ -1,5 +1,5 @@
-"""llama2_jax.inference.lockstep in one process: process 0's Slots calls replayed by a follower thread on
-Slots of its own, through an in-memory key-value store that behaves as JAX's coordination
+"""llama2_jax.inference.lockstep in one process: process 0's Slots calls replayed by a follower
+thread on Slots of its own, through an in-memory key-value store that behaves as JAX's coordination
 service's (the multi-process server itself is tested in tests/test_multihost.py)."""
 
 import queue

@@ -11,7 +11,7 @@ from llama2_jax.model import checkpoint
 from llama2_jax.model.config import TINY
 from llama2_jax.inference.generate import Engine
 from llama2_jax.model.transformer import init_cache
-from llama2_jax.inference.sampling import Greedy
+from llama2_jax.inference.params import GREEDY
 from tests import hf_reference as ref
 
 CONFIGS = {"mha": TINY, "gqa": TINY.replace(n_kv_heads=2), "mqa": TINY.replace(n_kv_heads=1)}
@@ -76,8 +76,8 @@ def test_rows_of_different_lengths_match_each_alone(gqa):
     rs = np.random.RandomState(3)
     prompts = [rs.randint(3, cfg.vocab_size, n).tolist() for n in (3, 17, 9)]
     engine = Engine(ours)
-    together = engine.generate(prompts, max_new_tokens=12, sampler=Greedy())
-    alone = [engine.generate([p], max_new_tokens=12, sampler=Greedy())[0] for p in prompts]
+    together = engine.generate(prompts, max_new_tokens=12, params=GREEDY)
+    alone = [engine.generate([p], max_new_tokens=12, params=GREEDY)[0] for p in prompts]
     assert together == alone
     # and each equals greedy decoding by repeated full forward passes (no cache at all)
     for p, out in zip(prompts, together):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests import multihost
-from tests.serving import free_port
+from benchmarks.serving import free_port
 
 pytestmark = pytest.mark.multihost
 TIMEOUT = 300
@@ -135,7 +135,8 @@ def test_a_killed_process_stops_the_other_and_a_rerun_resumes(tmp_path):
         procs.procs[0].wait(timeout=120)
     except Exception:
         procs.kill()
-        raise AssertionError("process 0 still running 120 s after process 1 was killed")
+        raise AssertionError("process 0 still running 120 s after process 1 was killed") \
+            from None
     assert procs.procs[0].returncode != 0
     assert time.monotonic() - killed_at < 120
     assert not (out / "final").exists()
@@ -229,7 +230,7 @@ def test_server_in_two_processes_answers_as_one(demo_checkpoint):
     0 with the same number of device calls made."""
     import httpx
 
-    from tests.serving import ServerProcess
+    from benchmarks.serving import ServerProcess
     # (compiling as requests come, not all at start: the answers are the same)
     one = ServerProcess(devices=8, warmup=False, **serve_settings(demo_checkpoint))
     try:
@@ -279,7 +280,7 @@ def test_server_in_two_processes_answers_as_one(demo_checkpoint):
 def test_server_stops_when_any_process_is_told_to_or_dies(demo_checkpoint):
     """SIGTERM to process 1 drains the server (process 0 hears of it) and both exit 0; SIGKILL
     of process 1 ends process 0 with an error within the heartbeat timeout, not a hang."""
-    from tests.serving import ServerProcess
+    from benchmarks.serving import ServerProcess
     body = {"model": SERVED, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
     for how in ("SIGTERM", "SIGKILL"):
         s = ServerProcess(devices=4, processes=2, warmup=False,
@@ -298,7 +299,7 @@ def test_server_stops_when_any_process_is_told_to_or_dies(demo_checkpoint):
                 s.procs[0].wait(120)
             except Exception:
                 raise AssertionError("process 0 still running 120 s after process 1 was "
-                                     f"killed:\n{s.output(0)}")
+                                     f"killed:\n{s.output(0)}") from None
             assert s.procs[0].returncode != 0
             assert time.monotonic() - killed < 120
         finally:

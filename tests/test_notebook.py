@@ -6,7 +6,7 @@ import os
 import nbformat
 
 from tests.conftest import ROOT
-from tests.serving import free_port
+from benchmarks.serving import free_port
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 

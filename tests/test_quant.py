@@ -17,7 +17,7 @@ from llama2_jax.model.checkpoint import CheckpointError
 from llama2_jax.model.config import TINY, TINY_GQA, ConfigError
 from llama2_jax.inference.generate import Engine
 from llama2_jax.model.quant import QArray
-from llama2_jax.inference.sampling import Greedy
+from llama2_jax.inference.params import GREEDY
 from tests import hf_reference as ref
 from tests import meta_reference as meta
 from tests.conftest import TOKENIZER
@@ -133,11 +133,11 @@ def test_engine_generates_with_int8_weights(models, unstack):
     qmodel = quant.quantize_model(model, "int8")
     deq = plain_with(model, quant.dequantize_params(checkpoint.params_of(qmodel), jnp.float32))
     prompts = [TOKENS[:5], TOKENS[:9]]
-    got = Engine(qmodel, unstack=unstack).generate(prompts, max_new_tokens=8, sampler=Greedy())
-    want = Engine(deq, unstack=unstack).generate(prompts, max_new_tokens=8, sampler=Greedy())
+    got = Engine(qmodel, unstack=unstack).generate(prompts, max_new_tokens=8, params=GREEDY)
+    want = Engine(deq, unstack=unstack).generate(prompts, max_new_tokens=8, params=GREEDY)
     assert got == want and all(len(g) == 8 for g in got)
     # The engine's per-layer copy holds 8-bit weights too.
-    layers = Engine(qmodel, unstack=True)._unstacked[0]
+    layers = Engine(qmodel, unstack=True).weights.unstacked[0]
     weights = [x for x in jax.tree.leaves(layers, is_leaf=lambda x: isinstance(x, QArray))
                if isinstance(x, QArray)]
     assert len(weights) == 7 and {w.q.dtype for w in weights} == {jnp.dtype(jnp.int8)}
@@ -250,7 +250,7 @@ def test_bad_quantization_values_list_the_valid_ones(saved, models):
 
 def nnx_params(engine):
     from flax import nnx
-    return nnx.to_pure_dict(engine._state)
+    return nnx.to_pure_dict(engine.weights.state)
 
 
 def test_native_fp8_path_multiplies_e4m3_activations(models):

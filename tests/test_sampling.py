@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llama2_jax.inference.params import GREEDY, SamplingParams, sampling_params
+from llama2_jax.inference import sampling
 from llama2_jax.inference.sampling import RowSampling, sample_rows
 
 N = 4000  # draws per check
@@ -117,3 +118,51 @@ def test_row_sampling_counts_advance_the_key():
     draws = {int(sample_rows(logits, rows([1.0], [1.0], [0], [3], count=c))[0])
              for c in range(20)}
     assert len(draws) > 15  # each token of a request gets a fresh draw
+
+
+def reference_token(logits, temperature, top_p, top_k, u):
+    """Meta's masking (torch.sort, as `meta_nucleus`) after top-k, then the inverse CDF in
+    vocabulary order at u, in float64: the token `sample_rows` must draw."""
+    x = np.asarray(logits, np.float64) / temperature
+    V = x.size
+    k = min(top_k, V) if top_k else V
+    kth = np.sort(x)[::-1][k - 1]
+    probs = np.where(x >= kth, np.exp(x - x.max()), 0.0)
+    probs /= probs.sum()
+    if top_p < 1:
+        keep = np.zeros(V, bool)
+        keep[list(meta_nucleus(probs[None], top_p))] = True
+        probs = np.where(keep, probs, 0.0)
+    c = np.cumsum(probs)
+    return int(np.searchsorted(c, u * c[-1], side="right"))
+
+
+@pytest.mark.parametrize("vocab", [8, 300, 32000])
+def test_draws_equal_metas_nucleus_and_the_inverse_cdf_on_both_paths(vocab):
+    """Same logits and key: the same token as the float64 reference, whether the row's floor
+    comes from the top-k candidates or from the bisection (flat logits, big nuclei)."""
+    rs = np.random.RandomState(vocab)
+    settings = [(0.6, 0.9, 0), (1.0, 0.5, 0), (0.7, 0.95, 40), (1.0, 1.0, 3), (0.8, 1.0, 0),
+                (1.3, 0.9, 1000)]
+    for scale in (0.05, 1.0, 8.0):  # flat (nucleus of thousands) to peaked (a few tokens)
+        logits = (rs.randn(len(settings), vocab) * scale).astype(np.float32)
+        t, p, k = (np.array(c) for c in zip(*settings))
+        s = rows(t, p, k, range(len(settings)), count=5)
+        got = np.asarray(jax.jit(sample_rows)(jnp.asarray(logits), s))
+        u = np.asarray(sampling.uniforms(s.key, s.count))
+        want = [reference_token(logits[b], t[b], p[b], k[b], u[b]) for b in range(len(t))]
+        assert got.tolist() == want, (scale, got, want)
+
+
+def test_floor_is_the_same_on_both_paths():
+    rs = np.random.RandomState(0)
+    x = (rs.randn(64, 3000) * rs.choice([0.05, 1.0, 6.0], (64, 1))).astype(np.float32)
+    top_k = jnp.asarray(rs.choice([0, 0, 1, 7, 40, 64], 64), jnp.int32)
+    top_p = jnp.asarray(rs.choice([0.2, 0.9, 0.99, 1.0], 64), jnp.float32)
+    k = jnp.where(top_k > 0, top_k, x.shape[-1])
+    cand, resolved = sampling._candidate_floor(jnp.asarray(x), k, top_p)
+    bisected = sampling._bisect_floor(jnp.asarray(x), k, top_p)
+    assert 0 < int(resolved.sum()) < 64  # both kinds of rows are in the test
+    kept = lambda floor: x >= np.asarray(floor)  # noqa: E731
+    r = np.asarray(resolved)
+    np.testing.assert_array_equal(kept(cand)[r], kept(bisected)[r])

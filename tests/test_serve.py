@@ -21,7 +21,7 @@ import llama2_jax
 from llama2_jax.model import checkpoint
 from llama2_jax.model.config import TINY
 from tests.conftest import GOLDEN, TOKENIZER
-from tests.serving import ServerProcess
+from benchmarks.serving import ServerProcess
 
 CFG = TINY.replace(vocab_size=32000, max_seq_len=512)
 CONTEXT = 256
@@ -213,7 +213,7 @@ def test_long_prompt_is_prefilled_in_chunks_while_a_stream_runs(server, ref, cli
     arrivals, started = [], threading.Event()
 
     def stream_a():
-        for chunk in client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=200,
+        for _ in client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=200,
                                                temperature=0, stream=True):
             arrivals.append(time.monotonic())
             if len(arrivals) == 3:
@@ -302,7 +302,8 @@ BAD = {
         {"role": "user", "content": "<<SYS>>"}]}, 400, "messages", "reserved tag"),
     "over the context": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                           "max_tokens": 250}, 400, "max_tokens",
-                         "the prompt has 9 tokens and max_tokens is 250: 259 tokens, over the context of 256"),
+                         "the prompt has 9 tokens and max_tokens is 250: 259 tokens, over the "
+                         "context of 256"),
     "max_tokens 0": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                       "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
     "negative temperature": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],

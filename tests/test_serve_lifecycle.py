@@ -14,7 +14,7 @@ import pytest
 from llama2_jax.model import checkpoint
 from llama2_jax.model.config import TINY
 from tests.conftest import ROOT, TOKENIZER
-from tests.serving import ServerProcess
+from benchmarks.serving import ServerProcess
 
 SYSTEM = "You are a helpful assistant."  # what the demo model was trained with
 

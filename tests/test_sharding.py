@@ -8,7 +8,7 @@ import llama2_jax
 from llama2_jax.model import checkpoint, sharding
 from llama2_jax.model.config import TINY
 from llama2_jax.inference.generate import Engine
-from llama2_jax.inference.sampling import Greedy
+from llama2_jax.inference.params import GREEDY
 from tests import hf_reference as ref
 
 CFG = TINY.replace(n_heads=8, n_kv_heads=2)
@@ -41,10 +41,10 @@ def test_mesh_gives_single_device_results(params, single, data, fsdp, tensor):
     np.testing.assert_allclose(llama2_jax.forward(model, tokens),
                                llama2_jax.forward(single, tokens), atol=2e-5, rtol=0)
     prompts = [tokens[:5], tokens[:19], tokens[:11], tokens]
-    want = Engine(single).generate(prompts, max_new_tokens=6, sampler=Greedy())
+    want = Engine(single).generate(prompts, max_new_tokens=6, params=GREEDY)
     for unstack in (True, False):
         got = Engine(model, unstack=unstack).generate(prompts, max_new_tokens=6,
-                                                      sampler=Greedy())
+                                                      params=GREEDY)
         assert got == want
 
 

@@ -27,7 +27,7 @@ import sys
 import threading
 import traceback
 import weakref
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import numpy as np

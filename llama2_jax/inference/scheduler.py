@@ -194,7 +194,8 @@ class Scheduler:
         self.check(len(request.prompt), request.max_tokens)
         bad = [t for t in request.prompt if not 0 <= int(t) < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary 0..{self.vocab_size - 1}")
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary "
+                             f"0..{self.vocab_size - 1}")
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")

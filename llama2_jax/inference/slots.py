@@ -210,7 +210,8 @@ class Slots:
             inside = (slot >= start) & (slot < start + size)
             row = jnp.where(inside, slot - start, size)
 
-            def put(c, src):  # src: the staging row, [L, 1, K, S, H] or [K, S, H]
+            def put(c, src, row=row, inside=inside):  # src: the staging row, [L, 1, K, S, H]
+                # or [K, S, H]
                 if c.ndim == 5:
                     return c.at[:, row].set(src[:, 0], mode="drop")
                 if c.ndim == 4:

@@ -44,6 +44,11 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or does not fit the model."""
 
 
+# `quantization` of a load: keep the weight format the checkpoint stores (the one spelling;
+# configs write it too).
+AS_STORED = ""
+
+
 def default_dtype() -> str:
     """bfloat16 on accelerators, float32 on CPU."""
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -65,7 +70,7 @@ def param_shardings(model: Transformer, mesh: Mesh) -> dict:
         is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def _abstract_target(cfg: ModelConfig, mesh: Mesh, quantization: str = "none"):
+def abstract_target(cfg: ModelConfig, mesh: Mesh, quantization: str = "none"):
     """(graphdef, state, target): target is the pure dict of sharded ShapeDtypeStructs of the
     parameters, with QArrays of them for weights stored `quantization`."""
     abstract = abstract_model(cfg)
@@ -86,7 +91,7 @@ def from_params(cfg: ModelConfig, params: dict, mesh: Mesh | None = None) -> Tra
     """Model from a nested dict of arrays (numpy or jax) laid out as llama2_jax's parameters."""
     mesh = mesh or default_mesh(cfg)
     sharding.check_mesh(mesh, cfg.n_heads, cfg.n_kv_heads)
-    graphdef, state, target = _abstract_target(cfg, mesh)
+    graphdef, state, target = abstract_target(cfg, mesh)
     _check_tree(target, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
                                      params), "params")
     placed = jax.tree.map(lambda x, t: jax.device_put(np.asarray(x).astype(t.dtype), t.sharding),
@@ -98,7 +103,7 @@ def random_model(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> T
     """Randomly initialised model created directly in its shards (no full copy on one device)."""
     mesh = mesh or default_mesh(cfg)
     sharding.check_mesh(mesh, cfg.n_heads, cfg.n_kv_heads)
-    graphdef, state, target = _abstract_target(cfg, mesh)
+    graphdef, state, target = abstract_target(cfg, mesh)
     out_shardings = jax.tree.map(lambda t: t.sharding, target)
 
     def init():
@@ -220,7 +225,7 @@ def tokenizer_path(directory: str | os.PathLike) -> str | None:
 
 
 def load(directory: str | os.PathLike, *, mesh: Mesh | None = None,
-         dtype: str | None = None, quantization: str | None = None) -> Transformer:
+         dtype: str = "", quantization: str = AS_STORED) -> Transformer:
     """Restore a checkpoint onto `mesh`, each device reading only its own shards.
 
     Args:
@@ -228,21 +233,21 @@ def load(directory: str | os.PathLike, *, mesh: Mesh | None = None,
       mesh: target mesh (default: `default_mesh`).
       dtype: compute and parameter dtype; weights are cast while loading
         (default: bfloat16 on accelerators, float32 on CPU).
-      quantization: None (as stored), "none", "int8" or "fp8". Weights of an unquantized
+      quantization: AS_STORED ("", as stored), "none", "int8" or "fp8". Weights of an unquantized
         checkpoint are quantized while they are read, one layer of one weight at a time, so
         memory stays near the quantized model's size. "none" dequantizes a quantized
         checkpoint into `dtype`; a checkpoint stored in the other 8-bit format is refused.
     """
     directory = os.path.abspath(os.fspath(directory))
     cfg, stored = read_meta(directory)
-    want = stored if quantization is None else quant.check_method(quantization)
+    want = stored if quantization == AS_STORED else quant.check_method(quantization)
     if "none" not in (stored, want) and want != stored:
         raise CheckpointError(f"{directory} holds {stored} weights: load it with quantization="
                               f"{stored!r} (or 'none' to dequantize), not {want!r}")
     cfg = cfg.with_dtype(dtype or default_dtype())
     mesh = mesh or default_mesh(cfg)
     sharding.check_mesh(mesh, cfg.n_heads, cfg.n_kv_heads)
-    graphdef, state, target = _abstract_target(cfg, mesh, stored)
+    graphdef, state, target = abstract_target(cfg, mesh, stored)
     params_dir = os.path.join(directory, PARAMS_DIR)
     ckptr = ocp.StandardCheckpointer()
     try:
@@ -251,18 +256,18 @@ def load(directory: str | os.PathLike, *, mesh: Mesh | None = None,
         raise CheckpointError(f"{params_dir}: cannot read orbax metadata ({e})") from None
     _check_tree(quant.to_tree(target), found, params_dir)
     if want != stored and stored == "none":
-        params = _restore_quantizing(params_dir, _abstract_target(cfg, mesh, want)[2], want)
+        params = _restore_quantizing(params_dir, abstract_target(cfg, mesh, want)[2], want)
     else:
         params = quant.from_tree(ckptr.restore(params_dir, quant.to_tree(target)))
         if want != stored:  # quantized on disk, "none" asked
-            plain = _abstract_target(cfg, mesh)[2]
+            plain = abstract_target(cfg, mesh)[2]
             params = quant.dequantize_params(params, cfg.weight_dtype,
                                              jax.tree.map(lambda t: t.sharding, plain))
     return _merge(graphdef, state, params)
 
 
 def _restore_quantizing(params_dir: str, target: dict, method: str) -> dict:
-    """Restore an unquantized checkpoint into `target` (from `_abstract_target(..., method)`),
+    """Restore an unquantized checkpoint into `target` (from `abstract_target(..., method)`),
     quantizing on device as it reads.
 
     Each device reads its own part of one layer of one weight (through the checkpoint's

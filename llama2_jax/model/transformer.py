@@ -37,7 +37,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
 class Weight(Protocol):
     """What `linear` takes besides a plain array: a weight that multiplies `x` itself.
 
-    Implemented by llama2_jax.model.quant.QArray (8-bit weights) and llama2_jax.training.lora.LoRA (a
+    Implemented by llama2_jax.model.quant.QArray (8-bit weights) and
+    llama2_jax.training.lora.LoRA (a
     frozen weight plus a low-rank update). Such a weight is a pytree (it passes through jit and
     `lax.scan` over stacked layers) with the logical shape of the array it stands for.
     """

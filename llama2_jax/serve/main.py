@@ -26,6 +26,7 @@ from typing import TextIO
 import ml_collections
 import uvicorn
 
+from llama2_jax import demo
 from llama2_jax import settings as app_build
 from llama2_jax import distributed
 from llama2_jax.inference import lockstep
@@ -41,7 +42,7 @@ API_KEY_ENV = "LLAMA2_JAX_API_KEY"
 
 def base_config() -> ml_collections.ConfigDict:
     """Every server setting with its default; configs/serve_*.py start from this."""
-    c = app_build.model_fields(ml_collections.ConfigDict())
+    c = app_build.inference_fields(ml_collections.ConfigDict())
     c.host = "127.0.0.1"  # "0.0.0.0" to accept connections from other machines
     c.port = 8000
     c.model_name = ""  # the name clients send as `model`; "" = the checkpoint directory's
@@ -97,6 +98,7 @@ def make_server(config: ml_collections.ConfigDict, err: TextIO,
     """The Server `config` describes; its model loads when the scheduler starts. With
     `channel` (process 0 of several), its device calls are replayed by the other processes."""
     check(config)
+    demo.ensure_trained(config, err)
     prepared = app_build.prepare(config, err, "serve")
     length = app_build.context_length(prepared.model_config, config.context_length)
     name = model_name(config)
@@ -227,6 +229,7 @@ def follow(config: ml_collections.ConfigDict, channel: lockstep.Channel, err: Te
     """A process other than 0 of a multi-process server: load the model and make process 0's
     device calls until it stops. SIGTERM asks process 0 to drain (a second one exits)."""
     check(config)
+    demo.ensure_trained(config, err)
     prepared = app_build.prepare(config, err, "serve")
     length = app_build.context_length(prepared.model_config, config.context_length)
     slots = _slots(config, prepared, length, err)

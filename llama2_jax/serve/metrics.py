@@ -38,6 +38,7 @@ class Metrics:
         self.prefix_query_tokens = Counter(p + "prefix_cache_query_tokens", "Prompt tokens "
                                            "looked up in the prefix cache", registry=r)
         self._gauges: dict[str, Gauge] = {}
+        self._looked_up = self._reused = 0  # prompt tokens (the hit-rate gauge's terms)
 
     def watch(self, scheduler: Scheduler) -> None:
         """Gauges read from the scheduler at scrape time (host values only, no JAX)."""
@@ -59,7 +60,7 @@ class Metrics:
                                                 - scheduler.compiles_at_ready)
               if scheduler.ready.is_set() else 0)
         gauge("prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache",
-              lambda: _ratio(self.prefix_hit_tokens, self.prefix_query_tokens))
+              lambda: self._reused / self._looked_up if self._looked_up else 0.0)
         gauge("prefix_cache_entries", "Prefixes held", lambda: len(scheduler.prefix))
         gauge("prefix_cache_bytes", "Device bytes the prefix cache holds",
               lambda: scheduler.prefix.nbytes)
@@ -85,11 +86,9 @@ class Metrics:
     def prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
         self.prefix_queries.inc()
         self.prefix_query_tokens.inc(prompt_tokens)
+        self._looked_up += prompt_tokens
+        self._reused += hit_tokens
         if hit_tokens:
             self.prefix_hits.inc()
             self.prefix_hit_tokens.inc(hit_tokens)
 
-
-def _ratio(a: Counter, b: Counter) -> float:
-    total = b._value.get()
-    return a._value.get() / total if total else 0.0

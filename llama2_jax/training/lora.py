@@ -1,7 +1,8 @@
 """LoRA: low-rank adapters on a frozen base, W + scale * a @ b, for llama2_jax.finetune.
 
 A `LoRA` weight stands in for the base weight inside the model (it implements
-llama2_jax.model.transformer.Weight: `linear()` calls its einsum), so one forward pass serves the full
+llama2_jax.model.transformer.Weight: `linear()` calls its einsum), so one forward pass serves the
+full
 model, the adapted one and, after `merge_adapters`, the merged one. The base may be 8-bit
 (a QArray); adapters are float32 and replicated.
 """

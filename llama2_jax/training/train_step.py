@@ -69,9 +69,9 @@ def make_train_step(graphdef, state, tx, *, lora_scale_: float | None, remat: bo
             grads, loss, weight = carry
             def f(p):
                 return loss_sums(bind(graphdef, state, params_for(p, frozen)), mb, remat)
-            (l, w), g = jax.value_and_grad(f, has_aux=True)(trainable)
+            (lsum, w), g = jax.value_and_grad(f, has_aux=True)(trainable)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-            return (grads, loss + l, weight + w), None
+            return (grads, loss + lsum, weight + w), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
         (grads, loss, weight), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
@@ -94,7 +94,7 @@ def make_eval_step(graphdef, state, *, lora_scale_: float | None):
     return step
 
 
-def _shardings_like(tree, reference: dict, mesh: Mesh):
+def shardings_like(tree, reference: dict, mesh: Mesh):
     """A sharding for each leaf of `tree` (e.g. optimizer state): the one of the parameter at
     the same dict path in `reference`, else replicated (step counts, scalars)."""
     by_path = {tuple(str(k.key) for k in path): s

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from tests.conftest import ROOT
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rss_anon(pid: int | str = "self") -> int:
@@ -73,8 +73,8 @@ def planned(config, app: str, model_cfg, quantization: str = "none"):
     """The planner's plan for `config` run by `app` (chat, serve, finetune) on one CPU device
     with room for anything: what its per-device total is compared with."""
     from llama2_jax.model import checkpoint
-    from llama2_jax import plan
+    from llama2_jax import plan, settings
     dtype = config.dtype or checkpoint.default_dtype()
     devices = plan.Devices(1, "cpu", 1 << 50, "cpu", "measurement")
-    return plan.make_plan(model_cfg, plan.task_of(config, app), devices, dtype=dtype,
+    return plan.make_plan(model_cfg, settings.task_of(config, app), devices, dtype=dtype,
                           quantization=quantization, mesh={"data": 1, "fsdp": 1, "tensor": 1})

@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
-from tests.conftest import ROOT
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 START_TIMEOUT = 300  # seconds: JAX start-up, loading and compiling on a busy 2-core machine
 
