@@ -18,7 +18,7 @@ rows and positions it reads (`scanned_layer_bytes`; checked against XLA's memory
 by benchmarks/bench_plan_xla.py). On the CPU the process's own memory counts too: Python,
 jaxlib and the tokenizer (`CPU_RUNTIME_BYTES`), the compiled steps' code (`CPU_CODE_BYTES`
 per layer a step runs unrolled, times the steps: the chat's prefill and decode, the server's
-every bucket, see `serve_steps`), the per-layer copy of the layer weights
+every bucket, see `serve_steps`; and the sampler's, `CPU_SAMPLER_BYTES`), the per-layer copy of the layer weights
 (llama2_jax.inference.weights, `unstack`), and, when fine-tuning, orbax's host copy of the
 trained weights and optimizer state while a checkpoint is saved. Constants measured with
 benchmarks/bench_plan.py (benchmarks/RESULTS.md).
@@ -45,6 +45,12 @@ CPU_RUNTIME_BYTES = 150 * MiB
 # XLA:CPU's compiled code per layer of a step's unrolled program (measured: the 134M server's
 # 36 steps of 12 layers held 1.6 GB more than its arrays).
 CPU_CODE_BYTES = 3_600_000
+# What compiling the sampler (llama2_jax.inference.sampling: top-k candidates, the bisection
+# branch, the draw) adds to an inference process on the CPU: its code in every step and the
+# memory XLA:CPU's compiler keeps afterwards (measured with benchmarks/bench_plan.py: the demo
+# chat held 126 MB more than with an argmax; fitted over the demo chat, the 134M chat and the
+# 134M server).
+CPU_SAMPLER_BYTES = 200 * MiB
 CHAT_CHUNK = 256  # the chat Session's prefill chunk (Slots' default)
 
 TASKS = ("chat", "serve", "sft", "lora")
@@ -170,7 +176,8 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
         unrolled = cfg.n_layers if "per-layer weight copy" in out else 1
         steps = serve_steps(task.slots, context, task.prefill_chunk) if task.name == "serve" \
             else 4  # a chat compiles as it goes: a few prefill and decode shapes
-        out["compiled code"] = steps * unrolled * CPU_CODE_BYTES // devices.count
+        out["compiled code"] = (steps * unrolled * CPU_CODE_BYTES
+                                + CPU_SAMPLER_BYTES) // devices.count
     return out
 
 

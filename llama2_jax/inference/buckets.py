@@ -44,7 +44,7 @@ def default_kv_block(length: int, groups: int = 1, backend: str = "cpu") -> int:
     most = max(1, min(MAX_PIECES // max(groups, 1), 4 if groups > 1 else MAX_PIECES))
     while length > most * block:
         block *= 2
-    return min(block, length)
+    return min(block, pow2_at_least(length, 1))
 
 
 def pow2_at_least(n: int, low: int) -> int:
@@ -86,8 +86,9 @@ class Shapes:
         if kv_block is None:
             kv_block = default_kv_block(length, len(group_sizes(max_slots, row_growth)),
                                         backend)
-        return cls(max_slots, length, min(chunk, length), min_bucket, min(kv_block, length),
-                   row_growth)
+        # kv_block stays a power of two (the last block of a length that is not one is shorter)
+        return cls(max_slots, length, min(chunk, length), min_bucket,
+                   min(kv_block, pow2_at_least(length, 1)), row_growth)
 
     # -- the cache's pieces ------------------------------------------------------------------
     @property

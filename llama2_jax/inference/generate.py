@@ -96,7 +96,7 @@ class Engine:
         if not healthy(slots):
             if slots is not None:
                 self._retired_compiles += slots.compile_count
-            slots = Slots(self.weights, max_slots, length)
+            slots = Slots(self.weights, max_slots, length, logprobs=False)
         self._slots[key] = slots
         while len(self._slots) > 2:
             self._retired_compiles += self._slots.popitem(last=False)[1].compile_count
@@ -208,7 +208,7 @@ class Session:
             raise ContextError(f"{len(tokens)} tokens leave no room to answer in a context of "
                                f"{self.length}")
         if not healthy(self.slots):
-            self.slots, self.cached = Slots(self.engine.weights, 1, self.length), []
+            self.slots, self.cached = Slots(self.engine.weights, 1, self.length, logprobs=False), []
         keep = 0
         for a, b in zip(self.cached, tokens[:-1]):  # at least one token must be prefilled
             if a != b:

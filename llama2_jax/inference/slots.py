@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama2_jax.inference.buckets import Shapes
-from llama2_jax.inference.params import SamplingParams
+from llama2_jax.inference.params import TOP_LOGPROBS, SamplingParams
 from llama2_jax.inference.sampling import RowSampling, logprobs, sample_rows
 from llama2_jax.inference.weights import Weights
 from llama2_jax.model import kv_cache, sharding
@@ -86,10 +86,13 @@ class Slots:
       length: positions per slot: a row's prompt plus answer must fit.
       chunk, min_bucket, kv_block, row_growth: the bucket arithmetic's settings
         (llama2_jax.inference.buckets.Shapes; kv_block None: its default for this backend).
+      logprobs: steps compute log-probabilities (StepOut.logprob, top_*); off, they are zeros
+        (the offline doors, which never report them).
     """
 
     def __init__(self, weights: Weights, max_slots: int, length: int, *, chunk: int = 256,
-                 min_bucket: int = 16, kv_block: int | None = None, row_growth: int = 4):
+                 min_bucket: int = 16, kv_block: int | None = None, row_growth: int = 4,
+                 logprobs: bool = True):
         cfg = weights.config
         if not 0 < length <= cfg.max_seq_len:
             raise ValueError(f"slot length {length} must be in 1..{cfg.max_seq_len}")
@@ -99,6 +102,7 @@ class Slots:
         self.weights, self.config = weights, cfg
         self.max_slots, self.length, self.chunk = max_slots, length, self.shapes.chunk
         self.shared_stage = max_slots == 1  # the staging row is the slot's own row
+        self.logprobs = logprobs
         self.compile_count = 0  # traces of every step below
         self._replicated = NamedSharding(weights.mesh, PartitionSpec())
         self._decode = jax.jit(self._decode_fn, static_argnames=("rows", "attend"),
@@ -145,6 +149,11 @@ class Slots:
         return jax.tree.map(lambda x: sharding.constrain(x, (None,) * x.ndim), tree)
 
     def _out(self, logits, tokens, want_top) -> StepOut:
+        if not self.logprobs:  # nothing asks: no log-softmax (nor its compiled code)
+            n = min(TOP_LOGPROBS, logits.shape[-1])
+            zeros = jnp.zeros(tokens.shape, jnp.float32)
+            return self._replicate(StepOut(tokens, zeros, jnp.zeros((*tokens.shape, n), i32),
+                                           jnp.zeros((*tokens.shape, n), jnp.float32)))
         return self._replicate(StepOut(tokens, *logprobs(logits, tokens, want_top)))
 
     # -- the jitted steps --------------------------------------------------------------------
