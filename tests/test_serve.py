@@ -272,18 +272,17 @@ def test_prefix_cache_hits_give_the_tokens_of_misses(server, client, ref, tokeni
 def test_disconnect_mid_stream_frees_the_slot(server):
     finished = "llama2_jax_generations_finished_total"
     cancelled = server.metric(finished, '{reason="cancelled"}', default=0)
-    body = {"model": MODEL, "prompt": [9, 8, 7], "max_tokens": 240, "temperature": 0,
-            "stream": True}
+    # Four choices of 250 tokens: the client leaves at the first chunk, long before they end
+    # (each a cancelled generation, however fast this machine decodes).
+    body = {"model": MODEL, "prompt": [9, 8, 7], "max_tokens": 250, "temperature": 0,
+            "stream": True, "n": 4, "logprobs": 5}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        got = [next(lines) for _ in range(6)]
-        assert any(line.startswith("data: {") for line in got)
-        assert server.metric("llama2_jax_active_slots") >= 1
+        assert next(r.iter_lines()).startswith("data: {")
     deadline = time.monotonic() + 20
     while server.metric("llama2_jax_active_slots") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.metric("llama2_jax_active_slots") == 0
-    assert server.metric(finished, '{reason="cancelled"}') == cancelled + 1
+    assert server.metric(finished, '{reason="cancelled"}') == cancelled + 4
 
 
 # -- bad input -------------------------------------------------------------------------------
