@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from llama2_jax.model import checkpoint, config as configs, sharding  # noqa: E402
-from llama2_jax import plan  # noqa: E402
+from llama2_jax import footprint, plan  # noqa: E402
 from llama2_jax.model.kv_cache import KVCache  # noqa: E402
 from llama2_jax.inference.sampling import logprobs  # noqa: E402
 
@@ -39,7 +39,7 @@ def xla_temp_bytes(cfg, mesh_sizes: dict, rows: int, tokens: int, attend: int) -
     """temp_size_in_bytes of one step (`rows` x `tokens` over a cache of `attend` positions)."""
     mesh = sharding.make_mesh(mesh_sizes["data"], mesh_sizes["fsdp"], mesh_sizes["tensor"],
                               devices=jax.devices()[:8])
-    graphdef, state, target = checkpoint._abstract_target(cfg, mesh)
+    graphdef, state, target = checkpoint.abstract_target(cfg, mesh)
     shape = (cfg.n_layers, rows, cfg.n_kv_heads, attend, cfg.head_dim)
     kv = jax.ShapeDtypeStruct(shape, cfg.compute_dtype,
                               sharding=sharding.named_sharding(mesh, KVCache.axes(), shape))
@@ -86,7 +86,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 xla = xla_temp_bytes(cfg, mesh, rows, tokens, args.context)
                 planned = plan.step_temporaries(cfg, mesh, rows, tokens, args.context) + \
-                    plan.scanned_layer_bytes(cfg, mesh, "none", rows, args.context)
+                    footprint.scanned_layer_bytes(cfg, mesh, "none", rows, args.context)
                 print(f"| {name} | {plan.mesh_text(mesh)} | {dtype} | {label} | "
                       f"{xla / MiB:,.0f} | {planned / MiB:,.0f} | {planned / xla:.2f} |"
                       f"  <!-- {time.perf_counter() - t0:.0f} s -->", flush=True)

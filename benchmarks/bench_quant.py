@@ -54,19 +54,11 @@ METHODS = ("none", "int8", "fp8")
 
 # -- speed ---------------------------------------------------------------------------------------
 def decode_tok_s(engine, prompt, n):
-    import jax
-
-    from llama2_jax.inference.sampling import Greedy
-    last = [None]
+    from llama2_jax.inference.params import GREEDY
     stamps, tokens = [], []
-
-    def keep(cache):
-        last[0] = cache
-    for step in engine.stream([prompt], max_new_tokens=n, sampler=Greedy(), stop_ids=(),
-                              on_cache=keep):
+    for step in engine.stream([prompt], max_new_tokens=n, params=GREEDY, stop_ids=()):
         stamps.append(time.perf_counter())
         tokens.append(step.tokens[0])
-    jax.block_until_ready(last)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
 
 
@@ -89,7 +81,7 @@ def run_speed() -> dict:
                   "layer_weight_bytes": sum(x.nbytes for x in jax.tree.leaves(
                       checkpoint.params_of(qmodel)["layers"])),
                   "warmup_s": time.perf_counter() - t, "tokens": tokens, "tok_s": [],
-                  "unstacked": engines[m]._unstacked is not None}
+                  "unstacked": engines[m].weights.per_layer}
     for rep in range(FLAGS.reps):
         order = METHODS[rep % 3:] + METHODS[:rep % 3]
         for m in order:

@@ -7,7 +7,7 @@
 CPU mode builds one random BENCH_134M model (dim 768, 12 layers, vocab 32000, fp32), copies its
 weights into a `LlamaForCausalLM` and times, in this one process and alternating which side goes
 first in each repetition, a full fine-tuning step on the same batch:
-  ours   `finetune.make_train_step` jitted as the app runs it: forward with segment masks,
+  ours   `train_step.make_train_step` jitted as the app runs it: forward with segment masks,
          cross-entropy on weighted targets, backward, global-norm clipping, AdamW (optax),
          parameters and optimizer state donated.
   torch  `model(inputs).logits`, the same cross-entropy, `backward()`, `clip_grad_norm_`,
@@ -48,6 +48,7 @@ from flax import nnx  # noqa: E402
 from benchmarks.common import pin_threads, hf_model_from, median  # noqa: E402
 from llama2_jax.model import checkpoint  # noqa: E402
 from llama2_jax import finetune  # noqa: E402
+from llama2_jax.training import lora, train_step  # noqa: E402
 from llama2_jax.model.config import BENCH_134M, LLAMA2_7B  # noqa: E402
 from llama2_jax.model.transformer import abstract_model, param_count  # noqa: E402
 
@@ -85,9 +86,9 @@ class Ours:
         hp = _hparams()
         graphdef, state = nnx.split(abstract_model(model.config))
         self.params = jax.tree.map(jnp.copy, checkpoint.params_of(model))
-        self.tx, _ = finetune.make_optimizer(hp, self.params)
+        self.tx, _ = train_step.make_optimizer(hp, self.params)
         self.opt = self.tx.init(self.params)
-        step = finetune.make_train_step(graphdef, state, self.tx, lora_scale_=None, remat=False)
+        step = train_step.make_train_step(graphdef, state, self.tx, lora_scale_=None, remat=False)
         self.step_fn = jax.jit(step, donate_argnums=(0, 2))
         self.batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}
 
@@ -159,16 +160,16 @@ def lora_7b_step(config_overrides=None, dtype="bfloat16"):
     cfg = LLAMA2_7B.replace(dtype=dtype, param_dtype=dtype)
     graphdef, state = nnx.split(abstract_model(cfg))
     frozen = nnx.to_pure_dict(state)
-    scale = finetune.lora_scale(c)
-    trainable = jax.eval_shape(lambda p: finetune.init_adapters(p, tuple(c.lora.targets),
+    scale = lora.lora_scale(c)
+    trainable = jax.eval_shape(lambda p: lora.init_adapters(p, tuple(c.lora.targets),
                                                                 c.lora.rank, 0), frozen)
-    tx, _ = finetune.make_optimizer(c, trainable)
+    tx, _ = train_step.make_optimizer(c, trainable)
     opt = jax.eval_shape(tx.init, trainable)
     micro = c.batch_size // c.grad_accum
     spec = jax.ShapeDtypeStruct((c.grad_accum, micro, c.seq_len), jnp.int32)
     batch = {k: spec for k in ("inputs", "targets", "segments", "positions")}
     batch["weights"] = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
-    step = jax.jit(finetune.make_train_step(graphdef, state, tx, lora_scale_=scale,
+    step = jax.jit(train_step.make_train_step(graphdef, state, tx, lora_scale_=scale,
                                             remat=c.remat), donate_argnums=(0, 2))
     return step, (trainable, frozen, opt, batch), c
 
@@ -211,8 +212,8 @@ def run_gpu() -> dict:
     model = checkpoint.random_model(cfg, checkpoint.default_mesh(cfg))
     frozen = checkpoint.params_of(model)
     del model
-    trainable = finetune.init_adapters(frozen, tuple(c.lora.targets), c.lora.rank, 0)
-    tx, _ = finetune.make_optimizer(c, trainable)
+    trainable = lora.init_adapters(frozen, tuple(c.lora.targets), c.lora.rank, 0)
+    tx, _ = train_step.make_optimizer(c, trainable)
     opt = tx.init(trainable)
     host = _batch(cfg, c.batch_size, c.seq_len)
     batch = {k: jnp.asarray(v.reshape(c.grad_accum, -1, c.seq_len)) for k, v in host.items()}

@@ -18,10 +18,10 @@ rows and positions it reads (`scanned_layer_bytes`; checked against XLA's memory
 by benchmarks/bench_plan_xla.py). On the CPU the process's own memory counts too: Python,
 jaxlib and the tokenizer (`CPU_RUNTIME_BYTES`), the compiled steps' code (`CPU_CODE_BYTES`
 per layer a step runs unrolled, times the steps: the chat's prefill and decode, the server's
-every bucket, see `serve_steps`; and the sampler's, `CPU_SAMPLER_BYTES`), the per-layer copy of the layer weights
-(llama2_jax.inference.weights, `unstack`), and, when fine-tuning, orbax's host copy of the
-trained weights and optimizer state while a checkpoint is saved. Constants measured with
-benchmarks/bench_plan.py (benchmarks/RESULTS.md).
+every bucket, see `serve_steps`; and the sampler's, `CPU_SAMPLER_BYTES`), the per-layer copy
+of the layer weights (llama2_jax.inference.weights, `unstack`), and, when fine-tuning,
+orbax's host copy of the trained weights and optimizer state while a checkpoint is saved.
+Constants measured with benchmarks/bench_plan.py (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def tiny(tokenizer):
 
 
 def _loss(model, rows):
-    total, weight = jax.jit(finetune.loss_sums)(model, rows)
+    total, weight = jax.jit(train_step.loss_sums)(model, rows)
     return float(total), float(weight)
 
 
