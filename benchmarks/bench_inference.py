@@ -312,6 +312,38 @@ def decode_vs_chain(model, prompt, reps: int, steps: int) -> dict:
     return out
 
 
+def sampled_vs_greedy(model, reps: int, steps: int) -> dict:
+    """The decode step of 1 and 16 rows (a 16-slot Slots, prompts of 64 tokens) with greedy
+    rows, Meta's sampling (0.6 / 0.9) and top-k 40 on top; the settings alternate per
+    repetition. Median ms per step and the ratio to greedy."""
+    from llama2_jax.inference.slots import Slots
+    from llama2_jax.inference.params import SamplingParams
+    engine = Engine(model)
+    slots = Slots(engine.weights, 16, 512)
+    rng = np.random.default_rng(1)
+    prompts = rng.integers(3, model.config.vocab_size, (16, 64)).tolist()
+    settings = {"greedy": GREEDY, "top_p 0.9": SamplingParams(0.6, 0.9, 0, seed=1),
+                "top_p 0.9, top_k 40": SamplingParams(0.6, 0.9, 40, seed=1)}
+    out = {}
+    for rows in (1, 16):
+        times = {name: [] for name in settings}
+        for _ in range(reps):
+            for name, params in settings.items():
+                for slot in range(16):
+                    slots.release(slot)
+                for slot in range(rows):
+                    slots.prefill(slot, prompts[slot], 0, True, params)
+                jax.block_until_ready(slots.decode().tokens)
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    jax.block_until_ready(slots.decode().tokens)
+                    times[name].append(time.perf_counter() - t)
+        greedy = median(times["greedy"])
+        out[rows] = {name: {"step_ms": 1e3 * median(v), "vs_greedy": median(v) / greedy}
+                     for name, v in times.items()}
+    return out
+
+
 def bucket_up(n: int) -> int:
     size = 16
     while size < n:
@@ -386,6 +418,7 @@ def run_cpu() -> dict:
     summary[Ours.name]["compile_count"] = compiles
     summary[Ours.name]["step_ms_by_cache_length"] = by_length
     summary["decode_vs_chain"] = decode_vs_chain(model, prompt, FLAGS.reps, FLAGS.steps)
+    summary["sampled_vs_greedy"] = sampled_vs_greedy(model, FLAGS.reps, FLAGS.steps)
     return {
         "mode": "cpu",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -453,6 +486,13 @@ def cpu_table(out: dict) -> str:
                                       "generate, chat and server)")):
         lines.append(f"| {label} | {c[key + '_ms']:.1f} / {c[key + '_best_ms']:.1f} | "
                      f"{c['chain_ms'] / c[key + '_ms']:.0%} |")
+    sv = out["summary"]["sampled_vs_greedy"]
+    lines += ["", "| decode step, 16-slot Slots (median ms; x greedy) | 1 row | 16 rows |",
+              "|---|---:|---:|"]
+    for name in sv["1"] if "1" in sv else sv[1]:
+        one, many = (sv.get(str(r)) or sv[r] for r in (1, 16))
+        lines.append(f"| {name} | {one[name]['step_ms']:.1f} ({one[name]['vs_greedy']:.2f}x) | "
+                     f"{many[name]['step_ms']:.1f} ({many[name]['vs_greedy']:.2f}x) |")
     dec = o["decode_tok_s"]
     mem = out["memory"]
     busy = [b for r in out["raw"].values() for b in r["others_busy"]]

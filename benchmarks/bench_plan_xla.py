@@ -29,7 +29,7 @@ from flax import nnx  # noqa: E402
 
 from llama2_jax.model import checkpoint, config as configs, sharding  # noqa: E402
 from llama2_jax import footprint, plan  # noqa: E402
-from llama2_jax.model.kv_cache import KVCache  # noqa: E402
+from llama2_jax.model.kv_cache import Blocks, KVCache  # noqa: E402
 from llama2_jax.inference.sampling import logprobs  # noqa: E402
 
 MiB = 1 << 20
@@ -55,7 +55,7 @@ def xla_temp_bytes(cfg, mesh_sizes: dict, rows: int, tokens: int, attend: int) -
     ids = jax.ShapeDtypeStruct((rows, tokens), jnp.int32)
     with jax.set_mesh(mesh):
         compiled = jax.jit(step, donate_argnums=(1,)).lower(
-            target, KVCache(kv, kv), ids, ids).compile()
+            target, Blocks(((KVCache(kv, kv),),)), ids, ids).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 

@@ -10,7 +10,7 @@ same weights go into a transformers `LlamaForCausalLM` in this process. The side
 after the other on the same prompts, so each has the machine to itself:
 
   ours      `concurrency` closed-loop clients (asyncio + httpx, in this process), each sending
-            its next streaming `/v1/completions` request (token-id prompt, greedy, exactly
+            its next streaming `/v1/completions` request (token-id prompt, `--sampling`, exactly
             `new_tokens` tokens: `ignore_eos`, `return_token_ids`) when its previous one ends.
             Every token is stamped when its SSE chunk arrives.
   hf        transformers' own continuous batching (`init_continuous_batching`, paged cache,
@@ -62,6 +62,8 @@ from llama2_jax.inference.generate import bucket  # noqa: E402
 from benchmarks.serving import ServerProcess  # noqa: E402
 
 FLAGS = flags.FLAGS
+SAMPLING = {"greedy": dict(temperature=0), "top_p": dict(temperature=0.6, top_p=0.9),
+            "top_p_top_k": dict(temperature=0.6, top_p=0.9, top_k=40)}
 flags.DEFINE_list("concurrency", ["1", "4", "16", "64"], "Concurrent clients, one run each.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens generated per request (greedy, EOS ignored).")
 flags.DEFINE_integer("min_prompt", 16, "Shortest prompt, tokens.")
@@ -71,6 +73,9 @@ flags.DEFINE_integer("min_requests", 8, "... but at least this many.")
 flags.DEFINE_integer("mixed_requests", 200, "Requests of the mixed phase (0 = skip it).")
 flags.DEFINE_integer("prefill_chunk", 256, "The server's prefill_chunk.")
 flags.DEFINE_list("sides", ["ours", "hf", "generate"], "What to run.")
+flags.DEFINE_enum("sampling", "greedy", list(SAMPLING),
+                  "Our requests' settings: greedy, Meta's chat defaults (temperature 0.6, top_p "
+                  "0.9), or those and top_k 40 (each request seeded by its index).")
 flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads (torch; XLA via affinity).")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and prompts.")
 flags.DEFINE_string("json", "", "Also write every number to this JSON file.")
@@ -120,8 +125,9 @@ async def _closed_loop(url: str, prompts, new_tokens: int, concurrency: int) -> 
     async def client_loop(client):
         while todo:
             i, p = todo.pop()
-            body = dict(model=MODEL, prompt=p, max_tokens=new_tokens, temperature=0,
-                        stream=True, ignore_eos=True, return_token_ids=True)
+            body = dict(model=MODEL, prompt=p, max_tokens=new_tokens, stream=True,
+                        ignore_eos=True, return_token_ids=True, seed=i,
+                        **SAMPLING[FLAGS.sampling])
             results[i] = await _stream_one(client, url, body)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -211,6 +217,7 @@ def run() -> dict:
         model="BENCH_134M fp32 (random weights)", new_tokens=new, context=context,
         prompts=f"{FLAGS.min_prompt}-{FLAGS.max_prompt} tokens, uniform",
         max_slots=max(levels), prefill_chunk=FLAGS.prefill_chunk, threads=FLAGS.threads,
+        sampling=FLAGS.sampling,
         jax=jax.__version__, python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")))
     for c in levels:
@@ -280,8 +287,8 @@ def run() -> dict:
             print(f"hf         {c:3d} clients: {r['tok_s']:7.1f} tok/s", flush=True)
         del hf
 
-    # token agreement
-    for c in levels:
+    # token agreement (greedy requests only: sampled ones draw from other generators)
+    for c in levels if FLAGS.sampling == "greedy" else []:
         lv = out["levels"][c]
         if "ours_tokens" in lv and "hf_tokens" in lv:
             pairs = list(zip(lv["ours_tokens"], lv["hf_tokens"]))

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax.model import checkpoint, quant, sharding
+from llama2_jax.model import checkpoint
 from llama2_jax.inference.params import GREEDY, SamplingParams
 from llama2_jax.inference.slots import Slots
 from llama2_jax.model.config import TINY
-from llama2_jax.model.kv_cache import KVCache
+from llama2_jax.model.kv_cache import Blocks, KVCache
 from llama2_jax.inference.generate import Engine
 from llama2_jax.inference.prefix_cache import PrefixCache
 from llama2_jax.inference.scheduler import (ContextError, Done, QueueFull, Request, Scheduler,
@@ -116,7 +116,8 @@ def test_decode_step_reads_whole_cache_arrays_only(engine):
         assert not _cache_slices(hlo, slots.cache)
         # the check sees slices where there are: one [8 rows, 128 positions] array per layer
         shape = (8, CFG.n_kv_heads, 128, CFG.head_dim)
-        plain = tuple(KVCache(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(CFG.n_layers))
+        plain = tuple(Blocks(((KVCache(jnp.zeros(shape), jnp.zeros(shape)),),))
+                      for _ in range(CFG.n_layers))
         model, unstacked = engine.weights.model(engine.weights.leaves)
         step = jax.jit(lambda c: model(jnp.zeros((4, 1), jnp.int32),
                                        jnp.zeros((4, 1), jnp.int32), c, attend=32,
@@ -274,10 +275,11 @@ def test_scheduler_bounded_queue_cancel_and_shutdown(engine):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             sched.submit(Request([5, CFG.vocab_size], 2, sink=lambda e: None))
         events = [queue.Queue() for _ in range(3)]
-        running = Request(PROMPTS[3], 90, sink=events[0].put)
+        never = frozenset()  # no stop token: the reasons below are the scheduler's
+        running = Request(PROMPTS[3], 90, sink=events[0].put, stop_ids=never)
         sched.submit(running)
         assert isinstance(events[0].get(timeout=60)[0], Token)  # it holds the one slot
-        waiting = [Request(PROMPTS[1], 5, sink=q.put) for q in events[1:]]
+        waiting = [Request(PROMPTS[1], 5, sink=q.put, stop_ids=never) for q in events[1:]]
         for r in waiting:
             sched.submit(r)
         with pytest.raises(QueueFull):
@@ -288,7 +290,7 @@ def test_scheduler_bounded_queue_cancel_and_shutdown(engine):
         assert done.reason == "cancelled" and done.completion_tokens < 90
         assert drain(events[1]).reason == "cancelled"
         assert drain(events[2]).reason == "length"
-        long = Request(PROMPTS[3], 90, sink=events[0].put)
+        long = Request(PROMPTS[3], 90, sink=events[0].put, stop_ids=never)
         sched.submit(long)
         events[0].get(timeout=60)
         sched.shutdown(grace=60)
@@ -305,30 +307,3 @@ def drain(q) -> Done:
         for e in q.get(timeout=60):
             if isinstance(e, Done):
                 return e
-
-
-def test_eight_devices_and_int8_serve_the_tokens_of_one(model, engine):
-    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
-    params = jax.tree.map(np.asarray, checkpoint.params_of(model))
-    sharded = checkpoint.from_params(CFG, params, mesh)
-    requests = [(p, 7, SamplingParams(temperature=0.8 if i % 2 else 0, top_p=1.0, seed=i))
-                for i, p in enumerate(PROMPTS[:5])]
-    results = {}
-    for name, m in (("one", model), ("eight", sharded)):
-        sched = scheduler_for(Engine(m, mesh=None if name == "one" else mesh), slots=2)
-        try:
-            sched.ready.wait(120)
-            results[name] = [t for t, _ in run_all(sched, requests)]
-        finally:
-            sched.shutdown(0)
-            sched.join(30)
-    assert results["eight"] == results["one"]
-    q8 = quant.quantize_model(sharded, "int8")
-    sched = scheduler_for(Engine(q8, mesh=mesh), slots=2)
-    try:
-        sched.ready.wait(120)
-        got = [t for t, _ in run_all(sched, requests[:2])]
-    finally:
-        sched.shutdown(0)
-        sched.join(30)
-    assert got[0] == alone(Engine(quant.quantize_model(model, "int8")), requests[0][0], 7)

@@ -351,21 +351,21 @@ def test_7b_configs_trace_at_full_size(name):
     cfg = LLAMA2_7B.replace(dtype="bfloat16", param_dtype=c.param_dtype)
     graphdef, state = nnx.split(abstract_model(cfg))
     params = nnx.to_pure_dict(state)
-    lora = c.lora.rank > 0
-    scale = lora.lora_scale(c) if lora else None
+    adapted = c.lora.rank > 0
+    scale = lora.lora_scale(c) if adapted else None
     trainable = (jax.eval_shape(lambda p: lora.init_adapters(p, tuple(c.lora.targets),
-                                                                 c.lora.rank, 0), params)
-                 if lora else params)
+                                                             c.lora.rank, 0), params)
+                 if adapted else params)
     tx, _ = train_step.make_optimizer(c, trainable)
     micro = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len)
     batch = {k: jax.ShapeDtypeStruct(micro, jnp.int32)
              for k in ("inputs", "targets", "segments", "positions")}
     batch["weights"] = jax.ShapeDtypeStruct(micro, jnp.float32)
     step = train_step.make_train_step(graphdef, state, tx, lora_scale_=scale, remat=c.remat)
-    new, _, metrics = jax.eval_shape(step, trainable, params if lora else {},
+    new, _, metrics = jax.eval_shape(step, trainable, params if adapted else {},
                                      jax.eval_shape(tx.init, trainable), batch)
     n = sum(x.size for x in jax.tree.leaves(new))
-    if lora:  # rank 16 on all seven projections: r * (in + out) per layer
+    if adapted:  # rank 16 on all seven projections: r * (in + out) per layer
         d, f, r = 4096, 11008, 16
         assert n == 32 * r * (4 * (d + d) + 3 * (d + f)) == 39_976_960
     else:

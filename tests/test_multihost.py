@@ -117,7 +117,7 @@ def test_a_killed_process_stops_the_other_and_a_rerun_resumes(tmp_path):
     """SIGKILL of process 1 after the first checkpoint: process 0 exits with an error within
     the heartbeat timeout (no hang); the same command again resumes and ends with the weights
     of an uninterrupted 2-process run."""
-    settings = ["--config.steps=60", "--config.save_every=10", "--config.eval_every=1000",
+    settings = ["--config.steps=30", "--config.save_every=10", "--config.eval_every=1000",
                 "--config.log_every=10", "--config.heartbeat_timeout_s=10"]
     reference = multihost.run(sft_args(tmp_path / "ref", *settings), count=2, devices=4,
                               timeout=TIMEOUT)

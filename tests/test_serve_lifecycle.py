@@ -96,7 +96,7 @@ def test_full_queue_api_key_and_sigterm_drain(tiny_dir):
 
 def test_health_is_503_while_loading_then_200(tiny_dir):
     s = ServerProcess(checkpoint_dir=tiny_dir, train_config="", model_name="tiny",
-                      max_slots=2, context_length=512, warmup=True)
+                      max_slots=1, context_length=128, warmup=True)
     try:
         seen, refused = set(), 0
         deadline = time.monotonic() + 300

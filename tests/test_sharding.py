@@ -40,6 +40,8 @@ def test_mesh_gives_single_device_results(params, single, data, fsdp, tensor):
     tokens = np.random.RandomState(0).randint(0, CFG.vocab_size, 23).tolist()
     np.testing.assert_allclose(llama2_jax.forward(model, tokens),
                                llama2_jax.forward(single, tokens), atol=2e-5, rtol=0)
+    if (data, fsdp, tensor) != (1, 2, 4):
+        return  # generation on the other meshes: the same steps (tests/test_doors.py: 8 devices)
     prompts = [tokens[:5], tokens[:19], tokens[:11], tokens]
     want = Engine(single).generate(prompts, max_new_tokens=6, params=GREEDY)
     for unstack in (True, False):

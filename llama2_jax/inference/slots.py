@@ -70,13 +70,6 @@ class Prefix(NamedTuple):
     nbytes: int
 
 
-def _map_layers(fn, *caches):
-    """fn over each layer's Blocks (a per-layer tuple) or over the stacked Blocks."""
-    if isinstance(caches[0], Blocks):
-        return fn(*caches)
-    return tuple(fn(*layer) for layer in zip(*caches))
-
-
 class Slots:
     """`max_slots` decode slots of `length` positions each, over a model's Weights.
 
@@ -145,6 +138,12 @@ class Slots:
             want_top=np.zeros(s, bool))
         return jax.device_put(state, self._replicated)
 
+    def _map_layers(self, fn, *caches):
+        """fn over each layer's Blocks (per-layer caches) or over the stacked Blocks."""
+        if not self.weights.per_layer:
+            return fn(*caches)
+        return tuple(fn(*layer) for layer in zip(*caches))
+
     def _replicate(self, tree):
         return jax.tree.map(lambda x: sharding.constrain(x, (None,) * x.ndim), tree)
 
@@ -208,7 +207,7 @@ class Slots:
         """The cache with the staging row's first `blocks` position blocks in row `slot`."""
         self.compile_count += 1
         return kv_cache.constrain(
-            _map_layers(lambda c, s: self._copy_row(c, s, slot, blocks), cache, stage))
+            self._map_layers(lambda c, s: self._copy_row(c, s, slot, blocks), cache, stage))
 
     def _copy_row(self, cache: Blocks, stage: Blocks, slot, blocks: int) -> Blocks:
         """`cache` with the first `blocks` position blocks of the staging row in row `slot`
@@ -244,7 +243,7 @@ class Slots:
                 blocks[j] = KVCache(jnp.copy(blk.k), jnp.copy(blk.v))
             return Blocks((tuple(blocks),))
 
-        stage = _map_layers(put, stage, kv)
+        stage = self._map_layers(put, stage, kv)
         state = state._replace(positions=state.positions.at[slot].set(self.length))
         return kv_cache.constrain(stage), self._replicate(state)
 
@@ -267,7 +266,7 @@ class Slots:
                     return jnp.copy(a)
                 return Blocks((tuple(KVCache(one(blk.k), one(blk.v))
                                      for blk in c.groups[g][:n]),))
-            return lambda c: _map_layers(take, c)
+            return lambda c: self._map_layers(take, c)
 
         return jax.lax.switch(group, [branch(g) for g in range(len(groups))], cache)
 

@@ -1,15 +1,11 @@
 """The KV cache: its layouts, how new keys/values are written, and attention over it.
 
-A cache holds keys and values of every layer as [L, B, K, S, H] arrays (L layers, B rows,
-K KV heads, S positions, H head dim); slot s of row b holds position s of that row's sequence.
-It comes in two layouts, one code path:
-
-  KVCache  one array per k and v: the whole batch, every position (the model's own
-           tests and the planner's lowered steps).
-  Blocks   the rows in groups and the positions in blocks, one array pair per (group, block)
-           (the device stepper's, llama2_jax.inference.slots):
-           group g holds rows start_g .. start_g + size_g - 1, block j positions off_j ...
-           A plain KVCache is the Blocks of one group and one block.
+A cache holds keys and values of every layer; slot s of row b holds position s of that row's
+sequence. It has one layout, `Blocks`: the rows in groups and the positions in blocks, one
+`KVCache` pair of [L, rows, K, positions, H] arrays (L layers, K KV heads, H head dim) per
+(group, block); group g holds rows start_g .. start_g + size_g - 1, block j positions
+off_j ... A cache of one group and one block is the plain [L, B, K, S, H] layout
+(`transformer.init_cache`).
 
 Why blocks: XLA:CPU copies a slice of an array before a dot reads it, so a decode step that
 attends over the first `attend` positions of its first `rows` rows, sliced out of one array,
@@ -38,8 +34,8 @@ f32 = jnp.float32
 
 
 class KVCache(NamedTuple):
-    """Keys and values, [L, B, K, S, H] each; slot s holds position s. (In a per-layer Blocks
-    cache: [B, K, S, H], or [K, S, H] for one row.)"""
+    """One block's keys and values, [L, B, K, S, H] each; slot s holds position s. (In a
+    per-layer Blocks cache: [B, K, S, H], or [K, S, H] for one row.)"""
 
     k: jax.Array
     v: jax.Array
@@ -93,15 +89,6 @@ def constrain(cache):
     return jax.tree.map(lambda c: sharding.constrain(c, KVCache.axes(c.ndim)), cache)
 
 
-def as_blocks(cache: KVCache | Blocks) -> Blocks:
-    return cache if isinstance(cache, Blocks) else Blocks(((cache,),))
-
-
-def like(template: KVCache | Blocks, blocks: Blocks) -> KVCache | Blocks:
-    """`blocks` in the layout of `template` (a KVCache stays a KVCache)."""
-    return blocks if isinstance(template, Blocks) else blocks.groups[0][0]
-
-
 def _groups_for(blocks: Blocks, rows: int):
     """(group, first row, rows of it in use) for the groups holding rows 0..rows-1."""
     start = 0
@@ -113,16 +100,14 @@ def _groups_for(blocks: Blocks, rows: int):
         start += size
 
 
-def write(cache: KVCache | Blocks, k: jax.Array, v: jax.Array, layer,
-          positions: jax.Array) -> KVCache | Blocks:
+def write(cache: Blocks, k: jax.Array, v: jax.Array, layer, positions: jax.Array) -> Blocks:
     """The cache with k, v [B, T, K, H] of rows 0..B-1 at (layer, b, :, positions[b, t]).
 
     Positions outside the cache (an idle row's, padding past the end) are dropped. Writes
     are in place; inside a layer scan too.
     """
-    b = as_blocks(cache)
-    groups = list(b.groups)
-    for gi, (group, start, n) in enumerate(_groups_for(b, k.shape[0])):
+    groups = list(cache.groups)
+    for gi, (group, start, n) in enumerate(_groups_for(cache, k.shape[0])):
         kg, vg = k[start:start + n], v[start:start + n]
         pos = positions[start:start + n]
         new, off = [], 0
@@ -131,7 +116,7 @@ def write(cache: KVCache | Blocks, k: jax.Array, v: jax.Array, layer,
                                _write_block(blk.v, vg, layer, pos - off)))
             off += blk.length
         groups[gi] = tuple(new)
-    return like(cache, Blocks(tuple(groups)))
+    return Blocks(tuple(groups))
 
 
 def _write_block(c: jax.Array, x: jax.Array, layer, idx: jax.Array) -> jax.Array:
@@ -166,17 +151,16 @@ def _rows_of(c: jax.Array, layer, n: int) -> jax.Array:
     return c if c.shape[0] == n else c[:n]
 
 
-def attention(q: jax.Array, cache: KVCache | Blocks, layer, positions: jax.Array,
+def attention(q: jax.Array, cache: Blocks, layer, positions: jax.Array,
               attend: int | None = None) -> jax.Array:
     """Attention of q [B, T, K, G, H] (rows 0..B-1 at `positions` [B, T]) over the cache, this
     step's keys/values written: query at position p sees slots s <= p. Only the cache's first
     `attend` positions (all if None) are read: whole blocks, but where `attend` ends inside
     one. Returns [B, T, K, G, H] in q.dtype.
     """
-    b = as_blocks(cache)
-    attend = b.length if attend is None else attend
+    attend = cache.length if attend is None else attend
     outs = []
-    for group, start, n in _groups_for(b, q.shape[0]):
+    for group, start, n in _groups_for(cache, q.shape[0]):
         keys, values, key_pos, off = [], [], [], 0
         for blk in group:
             if off >= attend:

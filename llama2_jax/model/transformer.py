@@ -27,10 +27,10 @@ from llama2_jax.model.sharding import constrain
 f32 = jnp.float32
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-    zeros = jnp.zeros(shape, cfg.compute_dtype)
-    return KVCache(zeros, zeros)
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> Blocks:
+    """A zero cache of `batch` rows and `length` positions: one group, one block."""
+    return kv_cache.init_blocks(cfg.n_layers, (batch,), (length,), cfg.n_kv_heads,
+                                cfg.head_dim, cfg.compute_dtype)
 
 
 @runtime_checkable
@@ -107,7 +107,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None,
                  attend=None):
-        """x [B, T, D]; positions [B, T]; kv: the cache (a KVCache or Blocks) or None.
+        """x [B, T, D]; positions [B, T]; kv: the cache (Blocks) or None.
 
         Query at position p sees positions s <= p: the batch's own tokens (and `mask_extra`
         [B, T, S] if given) without a cache; with one, its slots after this call's keys and
@@ -186,7 +186,7 @@ class Transformer(nnx.Module):
         Args:
           tokens, positions: [B, T] int32. With a cache, token t of row b is written to slot
             positions[b, t] (dropped if past the cache's end).
-          cache: a KVCache or Blocks (llama2_jax.model.kv_cache), or None for a cache-free pass
+          cache: Blocks (llama2_jax.model.kv_cache), or None for a cache-free pass
             over `tokens` alone. It may hold more rows than the batch: row b of the batch
             uses row b of the cache.
           logits_at: [B] index into T; if given, logits only there ([B, V]).
