@@ -47,8 +47,10 @@ class PeakSampler:
 
 
 def child_env(env: dict | None = None) -> dict:
-    """One CPU device, unbuffered output."""
+    """One CPU device, unbuffered output, no persistent compilation cache (a step read from
+    it skips the compiler's memory, which a first start pays)."""
     environ = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONUNBUFFERED="1")
+    environ.pop("JAX_COMPILATION_CACHE_DIR", None)
     environ.update(env or {})
     return environ
 

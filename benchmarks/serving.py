@@ -36,8 +36,10 @@ class ServerProcess:
         args = [f"--config.port={self.port}", "--config.compilation_cache_dir="]
         args += [f"--config.{k}={v}" for k, v in overrides.items()]
         environ = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
-                       if devices > 1 else "")
+                       XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
+                                  if devices > 1 else "")
+                       # the test suite's (tests/conftest.py); benchmarks set none
+                       + os.environ.get("LLAMA2_JAX_TEST_XLA_FLAGS", ""))
         environ.update(env or {})
         coordinator = f"127.0.0.1:{free_port()}"
         self.logs, self.procs = [], []

@@ -3,7 +3,13 @@
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU's code generation without LLVM's optimizations: the tests' models are tiny, so
+# compiling dominates their time (a third less with this), and no float result changes (LLVM
+# reassociates nothing without fast-math). Apps the tests start get it too (`xla_flags`);
+# the benchmarks run fully optimised code.
+os.environ.setdefault("LLAMA2_JAX_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      + os.environ["LLAMA2_JAX_TEST_XLA_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -11,8 +17,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `convert/` is not a package users install, but tests use it
 
+# One persistent compilation cache for the session and the apps it starts (which inherit the
+# environment): the tests build many engines of the same few shapes, and a step compiled once
+# is read back instead of compiled again. (Memory measurements run without it:
+# benchmarks/memory.py.)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+def xla_flags(devices: int = 1) -> str:
+    """XLA_FLAGS for an app a test starts with `devices` CPU devices."""
+    count = f"--xla_force_host_platform_device_count={devices} " if devices > 1 else ""
+    return count + os.environ.get("LLAMA2_JAX_TEST_XLA_FLAGS", "")
+
 
 DATA = os.path.join(ROOT, "tests", "data")
 TOKENIZER = os.path.join(DATA, "tokenizer.model")
@@ -42,14 +63,24 @@ def load_config_file(name: str, **overrides):
 @pytest.fixture(scope="session")
 def demo_home(tmp_path_factory):
     """A HOME whose ~/.cache/llama2_jax holds the chat demo's trained model, trained once per
-    test session by configs/sft_demo.py (the run the demo makes on its first start)."""
+    test run by configs/sft_demo.py (the run the demo makes on its first start); with
+    pytest-xdist, once for all workers (a lock beside it)."""
+    import fcntl
     import io
 
     from llama2_jax import finetune
-    home = tmp_path_factory.mktemp("home")
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's directory, the same for every worker
+    home = shared / "demo_home"
     run_dir = home / ".cache" / "llama2_jax" / "demo-v1"
-    config = load_config_file("sft_demo", output_dir=str(run_dir), fsdp=1, progress=False)
-    finetune.train(config, err=io.StringIO())
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(shared / "demo_home.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run_dir / finetune.FINAL_DIR).is_dir():
+            config = load_config_file("sft_demo", output_dir=str(run_dir), fsdp=1,
+                                      progress=False)
+            finetune.train(config, err=io.StringIO())
     return home
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 from benchmarks.serving import free_port
 
 
@@ -23,7 +23,7 @@ class Processes:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         environ = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                       XLA_FLAGS=xla_flags(devices))
         environ.update(env or {})
         self.procs = []
         for i in range(count):
@@ -65,7 +65,7 @@ def run_one(args: list[str], devices: int, timeout: float = 300,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """The same command in one process with `devices` devices (what the others must equal)."""
     environ = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                   XLA_FLAGS=xla_flags(devices))
     environ.update(env or {})
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=environ, timeout=timeout,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True)

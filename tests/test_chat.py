@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from tests.conftest import ROOT, TOKENIZER, load_config_file
+from tests.conftest import ROOT, TOKENIZER, load_config_file, xla_flags
 from llama2_jax import chat as chat_app
 from llama2_jax.model import checkpoint
 from llama2_jax import cli as app_cli
@@ -45,7 +45,7 @@ CLI_RUNS = {
 @pytest.fixture(scope="module")
 def cli(demo_home):
     home = demo_home  # the trained demo model and the compilation cache are under ~/.cache
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", HOME=str(home))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(), HOME=str(home))
     procs = {name: subprocess.Popen(
         [sys.executable, "-m", "llama2_jax.chat", "--config", "configs/demo.py", *args],
         cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -32,7 +32,7 @@ from llama2_jax.model.transformer import abstract_model
 from llama2_jax.model.sharding import make_mesh
 from tests import hf_reference as ref
 from tests import meta_reference as meta
-from tests.conftest import ROOT, TOKENIZER
+from tests.conftest import ROOT, TOKENIZER, xla_flags
 
 CONFIGS = {
     "mha": TINY,
@@ -445,7 +445,7 @@ def test_cli_killed_midway_leaves_nothing_and_rerun_succeeds(tmp_path):
     hf.save_pretrained(src, max_shard_size="20MB")
     cmd = [sys.executable, "-m", "convert.hf_to_orbax", f"--input_dir={src}",
            f"--output_dir={out}", "--dtype=float32"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import ROOT, load_config_file
+from tests.conftest import ROOT, load_config_file, xla_flags
 from llama2_jax.model import checkpoint
 from llama2_jax.training import data, lora, train_step
 from llama2_jax import finetune
@@ -272,7 +272,7 @@ def test_empty_data_and_foreign_output_dir_are_refused(tmp_path):
 
 # -- the command line: kill -9 / SIGTERM and resume --------------------------------------------
 def _start(out_dir, steps):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     args = [sys.executable, "-m", "llama2_jax.finetune", "--config", "configs/sft_tiny.py",
             f"--config.output_dir={out_dir}", f"--config.steps={steps}",
             "--config.save_every=4", "--config.eval_every=8", "--config.batch_size=4",

@@ -5,7 +5,7 @@ import os
 
 import nbformat
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 from benchmarks.serving import free_port
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
@@ -44,7 +44,7 @@ def test_the_notebook_runs_top_to_bottom_on_cpu(demo_home, tmp_path, monkeypatch
     # demo model the suite trained once, under HOME.
     monkeypatch.setenv("HOME", str(demo_home))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags())
     monkeypatch.setenv("PYTHONPATH", ROOT)
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})

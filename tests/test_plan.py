@@ -11,7 +11,7 @@ import pytest
 from llama2_jax import devices as devices_module
 from llama2_jax import plan, settings
 from llama2_jax.model.config import LLAMA2_7B, LLAMA2_70B
-from tests.conftest import ROOT, load_config_file
+from tests.conftest import ROOT, load_config_file, xla_flags
 
 GB = 1e9
 
@@ -86,7 +86,7 @@ def test_bad_devices_and_tasks_are_refused_by_name():
 def run_plan(*args):
     return subprocess.run([sys.executable, "-m", "llama2_jax.plan", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags()))
 
 
 def test_command_line_table_json_and_exit_status():

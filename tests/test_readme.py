@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from llama2_jax import cli
-from tests.conftest import ROOT, TOKENIZER
+from tests.conftest import ROOT, TOKENIZER, xla_flags
 
 README = os.path.join(ROOT, "README.md")
 
@@ -101,7 +101,7 @@ def test_the_planners_documented_flags_parse(demo_checkpoint):
 
 @pytest.mark.parametrize("block", [b for b in code_blocks("python") if "TINY" in b])
 def test_the_runnable_python_example_runs(block):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     out = subprocess.run([sys.executable, "-c", block], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -13,7 +13,7 @@ import pytest
 
 from llama2_jax.model import checkpoint
 from llama2_jax.model.config import TINY
-from tests.conftest import ROOT, TOKENIZER
+from tests.conftest import ROOT, TOKENIZER, xla_flags
 from benchmarks.serving import ServerProcess
 
 SYSTEM = "You are a helpful assistant."  # what the demo model was trained with
@@ -21,7 +21,8 @@ SYSTEM = "You are a helpful assistant."  # what the demo model was trained with
 
 @pytest.fixture(scope="module")
 def demo(demo_home):
-    s = ServerProcess("serve_demo", env={"HOME": str(demo_home)})
+    # (steps compiled as requests come: warm-up is tested with tests/test_batching.py)
+    s = ServerProcess("serve_demo", env={"HOME": str(demo_home)}, warmup=False)
     try:
         yield s.wait_ready()
     finally:
@@ -130,7 +131,7 @@ def test_bad_settings_fail_at_start_with_one_line(args, message, demo_home):
     out = subprocess.run([sys.executable, "-m", "llama2_jax.serve", "--config",
                           "configs/serve_demo.py", *args], cwd=ROOT, capture_output=True,
                          text=True, timeout=120,
-                         env=dict(os.environ, HOME=str(demo_home), XLA_FLAGS="",
+                         env=dict(os.environ, HOME=str(demo_home), XLA_FLAGS=xla_flags(),
                                   JAX_PLATFORMS="cpu"))
     assert out.returncode != 0 and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
