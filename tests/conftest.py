@@ -3,11 +3,8 @@
 import os
 import sys
 
-# XLA:CPU's code generation without LLVM's optimizations: the tests' models are tiny, so
-# compiling dominates their time (a third less with this), and no float result changes (LLVM
-# reassociates nothing without fast-math). Apps the tests start get it too (`xla_flags`);
-# the benchmarks run fully optimised code.
-os.environ.setdefault("LLAMA2_JAX_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Extra XLA flags for the suite and the apps it starts (`xla_flags`); none by default.
+os.environ.setdefault("LLAMA2_JAX_TEST_XLA_FLAGS", "")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       + os.environ["LLAMA2_JAX_TEST_XLA_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

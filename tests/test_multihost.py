@@ -113,19 +113,16 @@ def test_a_checkpoint_from_two_processes_restores_in_one_and_in_four(sft_runs):
     assert four[0].stdout == one.stdout and all(r.stdout == "" for r in four[1:])
 
 
-def test_a_killed_process_stops_the_other_and_a_rerun_resumes(tmp_path):
-    """SIGKILL of process 1 after the first checkpoint: process 0 exits with an error within
-    the heartbeat timeout (no hang); the same command again resumes and ends with the weights
-    of an uninterrupted 2-process run."""
-    settings = ["--config.steps=30", "--config.save_every=10", "--config.eval_every=1000",
-                "--config.log_every=10", "--config.heartbeat_timeout_s=10"]
-    reference = multihost.run(sft_args(tmp_path / "ref", *settings), count=2, devices=4,
-                              timeout=TIMEOUT)
-    ok(reference[0], "reference, process 0"), ok(reference[1], "reference, process 1")
+def test_a_killed_process_stops_the_other(tmp_path):
+    """SIGKILL of process 1 in the middle of training: process 0 exits with an error within
+    the heartbeat timeout (no hang) and no final checkpoint looks complete. (Resuming is
+    tests/test_finetune.py's; checkpoints written by two processes restored elsewhere: above.)"""
+    settings = ["--config.steps=500", "--config.save_every=1000", "--config.eval_every=1000",
+                "--config.log_every=1", "--config.heartbeat_timeout_s=10"]
     out = tmp_path / "run"
     procs = multihost.Processes(sft_args(out, *settings), count=2, devices=4)
     deadline = time.monotonic() + TIMEOUT
-    while not (out / "checkpoints" / "10").is_dir():
+    while not (out / "metrics.jsonl").is_file() or not losses(out):  # training has begun
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs.procs), \
             [p.communicate()[1][-2000:] for p in procs.procs]
         time.sleep(0.05)
@@ -140,11 +137,6 @@ def test_a_killed_process_stops_the_other_and_a_rerun_resumes(tmp_path):
     assert procs.procs[0].returncode != 0
     assert time.monotonic() - killed_at < 120
     assert not (out / "final").exists()
-    again = multihost.run(sft_args(out, *settings), count=2, devices=4, timeout=TIMEOUT)
-    ok(again[0], "process 0 (rerun)"), ok(again[1], "process 1 (rerun)")
-    assert "resuming from step" in again[0].stderr
-    # bit for bit: the same reduction order as the uninterrupted 2-process run
-    assert_params_close(final_params(tmp_path / "ref"), final_params(out), atol=0)
 
 
 def test_mistakes_get_errors_that_name_them(tmp_path):
