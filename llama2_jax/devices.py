@@ -33,6 +33,23 @@ DEVICES: dict[str, tuple[int, str]] = {
     "l4": (23034 * MiB, "gpu"),
     "t4": (15360 * MiB, "gpu"),
 }
+# Peak dense bf16 FLOP/s and HBM bandwidth (bytes/s) of one JAX device, from the vendors'
+# public specs (v2/v3: half a chip's): for estimates from the compiler's cost analysis
+# (llama2_jax.aot.estimate), never for a plan's memory.
+PEAKS: dict[str, tuple[float, float]] = {
+    "tpu-v2": (22.5e12, 350e9),
+    "tpu-v3": (61.5e12, 450e9),
+    "tpu-v4": (275e12, 1228e9),
+    "tpu-v5e": (197e12, 819e9),
+    "tpu-v5p": (459e12, 2765e9),
+    "tpu-v6e": (918e12, 1640e9),
+    "h100": (989e12, 3350e9),
+    "h200": (989e12, 4800e9),
+    "a100-40": (312e12, 1555e9),
+    "a100-80": (312e12, 2039e9),
+    "l4": (121e12, 300e9),
+    "t4": (65e12, 320e9),
+}
 # JAX takes this share of a GPU's memory at start (XLA_PYTHON_CLIENT_MEM_FRACTION).
 GPU_FRACTION = 0.75
 

@@ -214,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lora_rank", type=int, default=16)
     ap.add_argument("--no_remat", action="store_true", help="sft/lora: keep all activations")
     ap.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    ap.add_argument("--compile", action="store_true",
+                    help="TPU devices: also compile the plan's steps with XLA:TPU (libtpu, the "
+                    "tpu extra; no TPU needed) and print the compiler's per-device memory")
     args = ap.parse_args(argv)
     try:
         stored = "none"
@@ -237,8 +240,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PlanError, ConfigError, checkpoint.CheckpointError, FileNotFoundError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
-    print(json.dumps(plan.to_json(), indent=1) if args.json else plan.table())
-    return 0 if plan.fits else 1
+    compiled = None
+    if args.compile:
+        from llama2_jax import aot
+        try:
+            compiled = aot.check_plan(cfg, plan)
+        except aot.AotError as e:
+            sys.stderr.write(f"error: {e}\n")
+            return 2
+    if args.json:
+        out = plan.to_json()
+        if compiled:
+            out["compiled"] = compiled_json(compiled, plan)
+        print(json.dumps(out, indent=1))
+    else:
+        print(plan.table())
+        if compiled:
+            print("\n" + compiled_table(compiled, plan))
+    fits = plan.fits and (compiled is None or compiled.total <= plan.devices.bytes)
+    return 0 if fits else 1
+
+
+def compiled_json(compiled, plan: Plan) -> dict:
+    return {"topology": compiled.topology, "resident_bytes": compiled.resident_bytes,
+            "total_bytes": compiled.total, "fits": compiled.total <= plan.devices.bytes,
+            "steps": [dataclasses.asdict(r) for r in compiled.steps]}
+
+
+def compiled_table(compiled, plan: Plan) -> str:
+    """The compiler's per-device memory beside the plan's."""
+    lines = [f"XLA:TPU, topology {compiled.topology}, per device:",
+             f"  {'held between steps':<34}{gb(compiled.resident_bytes):>10}"]
+    for r in compiled.steps:
+        lines.append(f"  {r.name:<34}{gb(r.temp_bytes + r.output_bytes - r.alias_bytes):>10}"
+                     "  (temporaries and new outputs)")
+    ratio = plan.total / compiled.total if compiled.total else float("nan")
+    fits = compiled.total <= plan.devices.bytes
+    lines.append(f"  {'peak':<34}{gb(compiled.total):>10}  planned {gb(plan.total)} "
+                 f"({ratio:.2f}x); {'fits' if fits else 'does NOT fit'} "
+                 f"{gb(plan.devices.bytes)}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -81,21 +81,23 @@ class Slots:
         (llama2_jax.inference.buckets.Shapes; kv_block None: its default for this backend).
       logprobs: steps compute log-probabilities (StepOut.logprob, top_*); off, they are zeros
         (the offline doors, which never report them).
+      abstract: allocate nothing (the cache and state are ShapeDtypeStructs): for `lower_steps`
+        on weights of ShapeDtypeStructs, e.g. for devices of a TPU topology (llama2_jax.aot).
     """
 
     def __init__(self, weights: Weights, max_slots: int, length: int, *, chunk: int = 256,
                  min_bucket: int = 16, kv_block: int | None = None, row_growth: int = 4,
-                 logprobs: bool = True):
+                 logprobs: bool = True, abstract: bool = False):
         cfg = weights.config
         if not 0 < length <= cfg.max_seq_len:
             raise ValueError(f"slot length {length} must be in 1..{cfg.max_seq_len}")
         self.shapes = Shapes.make(max_slots, length, chunk=chunk, min_bucket=min_bucket,
                                   kv_block=kv_block, row_growth=row_growth,
-                                  backend=jax.default_backend())
+                                  backend=weights.platform)
         self.weights, self.config = weights, cfg
         self.max_slots, self.length, self.chunk = max_slots, length, self.shapes.chunk
         self.shared_stage = max_slots == 1  # the staging row is the slot's own row
-        self.logprobs = logprobs
+        self.logprobs, self.abstract = logprobs, abstract
         self.compile_count = 0  # traces of every step below
         self._replicated = NamedSharding(weights.mesh, PartitionSpec())
         self._decode = jax.jit(self._decode_fn, static_argnames=("rows", "attend"),
@@ -123,9 +125,13 @@ class Slots:
                                             cfg.compute_dtype)
             return tuple(one() for _ in range(cfg.n_layers)) if per_layer else one()
 
+        shapes = jax.eval_shape(make)
         shardings = jax.tree.map(
             lambda x: sharding.named_sharding(self.weights.mesh, KVCache.axes(x.ndim), x.shape),
-            jax.eval_shape(make))
+            shapes)
+        if self.abstract:
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                shapes, shardings)
         return jax.jit(make, out_shardings=shardings)()
 
     def _initial_state(self) -> SlotState:
@@ -136,7 +142,15 @@ class Slots:
                                  top_p=np.ones(s, np.float32), top_k=np.zeros(s, np.int32),
                                  key=np.zeros((s, 2), np.uint32), count=np.zeros(s, np.int32)),
             want_top=np.zeros(s, bool))
+        if self.abstract:
+            return jax.tree.map(self._abstract, state)
         return jax.device_put(state, self._replicated)
+
+    def _abstract(self, x) -> jax.ShapeDtypeStruct:
+        """A replicated ShapeDtypeStruct like `x` (an array, or a numpy dtype for a scalar)."""
+        if isinstance(x, (np.dtype, type)):
+            return jax.ShapeDtypeStruct((), x, sharding=self._replicated)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self._replicated)
 
     def _map_layers(self, fn, *caches):
         """fn over each layer's Blocks (per-layer caches) or over the stacked Blocks."""
@@ -392,3 +406,37 @@ class Slots:
             self.positions[rows - 1] = self.length
         jax.block_until_ready((self.cache, self.stage))
         return self.compile_count - before
+
+    def lower_steps(self, every: bool = True) -> list[tuple[str, "jax.stages.Lowered"]]:
+        """The steps `warm_up` compiles, lowered on abstract inputs: (name, Lowered). every
+        False: only the largest of each kind (the longest chunk over all positions, all
+        blocks, every slot over all positions), where memory peaks."""
+        a = self._abstract
+        i32_, f32_, b_ = a(np.dtype(np.int32)), a(np.dtype(np.float32)), a(np.dtype(bool))
+        prefills, decodes = self.shapes.prefill_shapes(), self.shapes.decode_shapes()
+        block_counts = range(1, len(self.shapes.blocks) + 1)
+        if not every:
+            prefills = [max(prefills, key=lambda p: (self.shapes.bucket(p[0]), sum(p)))]
+            decodes, block_counts = decodes[-1:], block_counts[-1:]
+        out = []
+        with jax.set_mesh(self.weights.mesh):
+            for n, start in prefills:
+                t, attend = self.shapes.bucket(n), self.shapes.attend_bucket(start + n)
+                out.append((f"prefill {t} tokens, attend {attend}", self._prefill.lower(
+                    self.weights.leaves, self.stage, self.state, i32_,
+                    a(np.zeros((1, t), np.int32)), i32_, i32_, b_, f32_, f32_, i32_,
+                    a(np.zeros(2, np.uint32)), b_, attend=attend)))
+            for n in block_counts:
+                if not self.shared_stage:
+                    out.append((f"commit {n} blocks", self._commit.lower(
+                        self.cache, self.stage, i32_, blocks=n)))
+                out.append((f"extract {n} blocks", self._extract.lower(self.cache, i32_, n=n)))
+                prefix = self._map_layers(lambda st, n=n: Blocks((st.groups[0][:n],)),
+                                          self.stage)
+                out.append((f"insert {n} blocks", self._insert.lower(
+                    self.stage, self.state, prefix, i32_)))
+            for rows, attend in decodes:
+                out.append((f"decode {rows} rows, attend {attend}", self._decode.lower(
+                    self.weights.leaves, self.cache, self.state,
+                    a(np.zeros(self.max_slots, bool)), rows=rows, attend=attend)))
+        return out

@@ -42,10 +42,13 @@ def model_mesh(model: Transformer) -> Mesh:
     return sharding.make_mesh(devices=sorted(leaf.devices(), key=lambda d: d.id))
 
 
-def unstack_default(model: Transformer, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
-    """Whether the layers run from per-layer copies by default: on CPU, small enough layers."""
-    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.layers)))
-    return jax.default_backend() == "cpu" and layer_bytes <= options.unstack_max_bytes
+def unstack_default(model: Transformer, options: EngineOptions = DEFAULT_OPTIONS,
+                    platform: str | None = None) -> bool:
+    """Whether the layers run from per-layer copies by default: on CPU (`platform`, None: the
+    default backend), small enough layers."""
+    layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.layers)))
+    platform = platform or jax.default_backend()
+    return platform == "cpu" and layer_bytes <= options.unstack_max_bytes
 
 
 class Weights:
@@ -64,10 +67,15 @@ class Weights:
         self.mesh = mesh or model_mesh(model)
         self.graphdef, self.state = nnx.split(model)
         if unstack is None:
-            unstack = unstack_default(model, options)
+            unstack = unstack_default(model, options, self.platform)
         self.unstacked = unstack_layers(model) if unstack else None
         leaves, self._treedef = jax.tree.flatten((self.state, self.unstacked))
         self.leaves = tuple(leaves)
+
+    @property
+    def platform(self) -> str:
+        """The platform of the mesh's devices ("cpu", "gpu", "tpu"): which layouts steps use."""
+        return self.mesh.devices.flat[0].platform
 
     @property
     def per_layer(self) -> bool:

@@ -82,6 +82,13 @@ def abstract_target(cfg: ModelConfig, mesh: Mesh, quantization: str = "none"):
     return graphdef, state, target
 
 
+def abstract_model_on(cfg: ModelConfig, mesh: Mesh, quantization: str = "none") -> Transformer:
+    """The model with sharded ShapeDtypeStruct leaves on `mesh` (nothing allocated): what a
+    step is lowered on ahead of time, e.g. for the devices of a TPU topology."""
+    graphdef, state, target = abstract_target(cfg, mesh, quantization)
+    return _merge(graphdef, state, target)
+
+
 def _merge(graphdef, state, params: dict) -> Transformer:
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

@@ -119,6 +119,32 @@ def write(cache: Blocks, k: jax.Array, v: jax.Array, layer, positions: jax.Array
     return Blocks(tuple(groups))
 
 
+def write_layers(cache: Blocks, k: jax.Array, v: jax.Array, positions: jax.Array) -> Blocks:
+    """The stacked cache with every layer's k, v [L, B, T, K, H] (rows 0..B-1) written at
+    positions [B, T], as `write` does one layer's: after a layer scan that only read it."""
+    groups = list(cache.groups)
+    for gi, (group, start, n) in enumerate(_groups_for(cache, k.shape[1])):
+        # [n, T, L, K, H]: the order of c.at[:, row, :, idx]'s indexed dimensions
+        kg = k[:, start:start + n].transpose(1, 2, 0, 3, 4)
+        vg = v[:, start:start + n].transpose(1, 2, 0, 3, 4)
+        pos = positions[start:start + n]
+        new, off = [], 0
+        for blk in group:
+            new.append(KVCache(_write_all(blk.k, kg, pos - off), _write_all(blk.v, vg, pos - off)))
+            off += blk.length
+        groups[gi] = tuple(new)
+    return Blocks(tuple(groups))
+
+
+def _write_all(c: jax.Array, x: jax.Array, idx: jax.Array) -> jax.Array:
+    """c [L, R, K, S, H] with x [n, T, L, K, H] at slots idx [n, T] of rows 0..n-1, every
+    layer (dropped outside 0..S-1)."""
+    size = c.shape[-2]
+    idx = jnp.where((idx >= 0) & (idx < size), idx, size)
+    row = jnp.arange(x.shape[0])[:, None]  # [n, 1]
+    return c.at[:, row, :, idx].set(x.astype(c.dtype), mode="drop")
+
+
 def _write_block(c: jax.Array, x: jax.Array, layer, idx: jax.Array) -> jax.Array:
     """c with x [n, T, K, H] at slots idx [n, T] of rows 0..n-1 (dropped outside 0..S-1)."""
     size = c.shape[-2]
@@ -175,6 +201,39 @@ def attention(q: jax.Array, cache: Blocks, layer, positions: jax.Array,
             off += blk.length
         pos = positions[start:start + n]
         mask = jnp.concatenate(key_pos)[None, None, :] <= pos[:, :, None]  # [n, T, S]
+        outs.append(attend_over(q[start:start + n], keys, values, mask))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
+def attention_before(q: jax.Array, cache: Blocks, layer, k: jax.Array, v: jax.Array,
+                     positions: jax.Array, attend: int | None = None) -> jax.Array:
+    """Attention of q [B, T, K, G, H] over the cache's slots before each row's first position
+    (positions[:, 0]) and over this step's own keys/values k, v [B, T, K, H] (causally), the
+    cache only read: the keys/values are written after the layers (`write_layers`). Equal to
+    `write` then `attention` where a row's positions are consecutive, as every step's are.
+    """
+    attend = cache.length if attend is None else attend
+    outs = []
+    for group, start, n in _groups_for(cache, q.shape[0]):
+        keys, values, key_pos, off = [], [], [], 0
+        for blk in group:
+            if off >= attend:
+                break
+            take = min(blk.length, attend - off)
+            kb, vb = _rows_of(blk.k, layer, n), _rows_of(blk.v, layer, n)  # [n, K, S, H]
+            if take < blk.length:
+                kb, vb = kb[:, :, :take], vb[:, :, :take]
+            keys.append(kb)
+            values.append(vb)
+            key_pos.append(off + jnp.arange(take))
+            off += blk.length
+        pos = positions[start:start + n]  # [n, T]
+        old = jnp.concatenate(key_pos)[None, None, :] < pos[:, :1, None]  # [n, 1, S]
+        own = pos[:, None, :] <= pos[:, :, None]  # [n, T, T]
+        mask = jnp.concatenate([jnp.broadcast_to(old, (n, pos.shape[1], old.shape[-1])), own],
+                               axis=-1)
+        keys.append(k[start:start + n].transpose(0, 2, 1, 3))  # [n, K, T, H]
+        values.append(v[start:start + n].transpose(0, 2, 1, 3))
         outs.append(attend_over(q[start:start + n], keys, values, mask))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 

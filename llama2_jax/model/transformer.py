@@ -106,13 +106,14 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), stack)
 
     def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None,
-                 attend=None):
+                 attend=None, read_only=False):
         """x [B, T, D]; positions [B, T]; kv: the cache (Blocks) or None.
 
         Query at position p sees positions s <= p: the batch's own tokens (and `mask_extra`
         [B, T, S] if given) without a cache; with one, its slots after this call's keys and
         values are written (only its first `attend` slots, static, are read). Returns the
-        output [B, T, D] and the updated cache.
+        output [B, T, D] and the updated cache; with `read_only`, the cache is only read and
+        (k, v) [B, T, K, H] come back in its place, for the caller to write.
         """
         B, T, D = x.shape
         N, H = self.wq.shape[-2:]
@@ -130,6 +131,9 @@ class Attention(nnx.Module):
             if mask_extra is not None:
                 mask = mask & mask_extra
             out = kv_cache.attend_over(q, [keys], [values], mask)
+        elif read_only:
+            out = kv_cache.attention_before(q, kv, layer, k, v, positions, attend)
+            kv = (k, v)
         else:
             kv = kv_cache.write(kv, k, v, layer, positions)
             out = kv_cache.attention(q, kv, layer, positions, attend)  # [B, T, K, G, H]
@@ -160,9 +164,9 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg, rngs, stack)
 
     def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None,
-                 attend=None):
+                 attend=None, read_only=False):
         h, kv = self.attention(self.attention_norm(x), positions, cos, sin, mask_extra, kv, layer,
-                               attend)
+                               attend, read_only)
         x = x + h
         x = x + self.feed_forward(self.ffn_norm(x))
         return constrain(x, ("batch", "length", None)), kv
@@ -225,8 +229,19 @@ class Transformer(nnx.Module):
                 (x, kv), _ = body((x, c), (layer_state, 0))
                 new.append(kv)
             cache = None if cache is None else tuple(new)
+        elif cache is None:
+            (x, _), _ = jax.lax.scan(body, (x, None), (stacked, jnp.arange(cfg.n_layers)))
         else:
-            (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(cfg.n_layers)))
+            # The scanned layers only read the cache and return their keys/values, written
+            # once after the loop: a cache carried through the scan, written and read in each
+            # iteration, costs XLA (TPU and CPU) a copy of all of it (benchmarks/RESULTS.md).
+            def read_only(h, xs):
+                layer_state, layer = xs
+                block = nnx.merge(graphdef, layer_state)
+                return block(h, positions, cos, sin, None, cache, layer, attend, True)
+
+            x, (k, v) = jax.lax.scan(read_only, x, (stacked, jnp.arange(cfg.n_layers)))
+            cache = kv_cache.write_layers(cache, k, v, positions)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
         x = self.norm(x)
@@ -237,8 +252,18 @@ class Transformer(nnx.Module):
 def unstack_layers(model: Transformer) -> tuple[nnx.State, ...]:
     """Each layer's weights as a separate state (a copy), for `Transformer(unstacked=...)`."""
     _, stacked = nnx.split(model.layers)
-    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked)
+    return tuple(jax.tree.map(lambda a, i=i: _layer(a, i), stacked)
                  for i in range(model.config.n_layers))
+
+
+def _layer(a, i: int):
+    """Layer i of a stacked array, or of a ShapeDtypeStruct (an abstract model)."""
+    if not isinstance(a, jax.ShapeDtypeStruct):
+        return a[i]
+    s = a.sharding
+    if isinstance(s, jax.sharding.NamedSharding):
+        s = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[1:]))
+    return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=s)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
