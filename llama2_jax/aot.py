@@ -25,9 +25,11 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from llama2_jax import hlo_traffic
 from llama2_jax.inference.slots import Slots
 from llama2_jax.inference.weights import Weights
 from llama2_jax.model import checkpoint, kv_cache, sharding
@@ -54,7 +56,7 @@ class StepReport:
     code_bytes: int
     flops: float  # cost analysis: a loop body (the scanned layers) is counted once
     bytes_accessed: float
-    hbm_bytes: int = 0  # what crosses HBM, from the compiled HLO (`hbm_bytes`)
+    hbm_bytes: int = 0  # what crosses HBM, from the compiled HLO (llama2_jax.hlo_traffic)
 
     @property
     def peak_bytes(self) -> int:
@@ -108,123 +110,8 @@ def report(name: str, lowered) -> StepReport:
     return StepReport(name, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
                       int(m.alias_size_in_bytes), int(m.temp_size_in_bytes),
                       int(m.generated_code_size_in_bytes), float(cost.get("flops", 0.0)),
-                      float(cost.get("bytes accessed", 0.0)), hbm_bytes(compiled.as_text()))
-
-
-# -- memory traffic from the compiled HLO ------------------------------------------------------
-# XLA's "bytes accessed" adds every instruction's operands and outputs in any memory: on a TPU
-# a weight prefetched into on-chip memory (an async copy into memory space S(1)) and then read
-# by its matmul counts three times. `hbm_bytes` counts what crosses HBM: operands and outputs
-# in the default memory space, the on-chip side of a prefetch once, an in-place update (a
-# fusion whose output aliases an operand) without the buffer it updates. A loop's body once,
-# as cost analysis does.
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
-                "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\](\{[^}]*\})?")
-_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(.*)$")
-_SKIP = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
-         "conditional", "call", "after-all", "partition-id", "replica-id", "iota"}
-
-
-def _arrays(shape: str) -> list[tuple[int, bool]]:
-    """(bytes, in HBM) of each array in an HLO shape string."""
-    out = []
-    for dtype, dims, layout in _ARRAY.findall(shape):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        out.append((n * _DTYPE_BYTES[dtype], not re.search(r"S\([1-9]\d*\)", layout or "")))
-    return out
-
-
-def _sliced_params(comps: dict, name: str) -> dict[int, int]:
-    """{parameter number: bytes read} for a fused computation's parameters that it reads only
-    through slices (dynamic-slice, slice, gather; in nested fusions too): the slices' bytes,
-    not the parameter's."""
-    params, users, sizes = {}, {}, {}
-    for line in comps.get(name, []):
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        out, shape, op, args, rest = m.groups()
-        sizes[out] = sum(b for b, _ in _arrays(shape))
-        if op == "parameter":
-            params[out] = int(args)
-            continue
-        nested = re.search(r"calls=%([\w.\-]+)", rest) if op == "fusion" else None
-        for k, arg in enumerate(re.findall(r"%([\w.\-]+)", args)):
-            users.setdefault(arg, []).append((op, out, nested.group(1) if nested else None, k))
-    found = {}
-    for pname, number in params.items():
-        read = 0
-        for op, out, nested, k in users.get(pname, []):
-            if op in ("dynamic-slice", "slice", "gather"):
-                read += sizes[out]
-            elif op == "fusion" and k in (inner := _sliced_params(comps, nested)):
-                read += inner[k]
-            else:
-                read = None
-                break
-        if read is not None:
-            found[number] = read
-    return found
-
-
-def hbm_bytes(hlo: str) -> int:
-    """Bytes a compiled program (its text) reads and writes in HBM (see above)."""
-    comps, entry, cur = {}, None, None
-    for line in hlo.splitlines():
-        head = re.match(r"^(ENTRY )?%([\w.\-]+) .*\{$", line)
-        if head:
-            cur = comps.setdefault(head.group(2), [])
-            entry = head.group(2) if head.group(1) else entry
-        elif cur is not None and line.strip() != "}":
-            cur.append(line)
-    total, seen = 0, set()
-
-    def visit(name: str) -> None:
-        nonlocal total
-        if name in seen or name not in comps:
-            return
-        seen.add(name)
-        shapes = {}
-        for line in comps[name]:
-            m = _INSTR.match(line)
-            if not m:
-                continue
-            out, shape, op, args, rest = m.group(1), m.group(2), m.group(3), m.group(4), m.group(5)
-            shapes[out] = shape
-            for called in re.findall(r"(?:body|condition|to_apply|branch_computations=\{)"
-                                     r"[=]?%([\w.\-]+)", rest) if op in (
-                                         "while", "conditional", "call") else ():
-                visit(called)
-            if op == "conditional":
-                for branch in re.findall(r"%([\w.\-]+)", rest.split("branch_computations=")[-1]
-                                         .split("}")[0]):
-                    visit(branch)
-            if op in _SKIP or op.endswith("-done"):
-                continue
-            if op.endswith("-start"):  # an async move: its on-chip side once
-                total += sum(b for b, hbm in _arrays(shape) if not hbm)
-                continue
-            alias = re.search(r'"aliasing_operands":\{"lists":\[\{"indices":\[([^\]]*)\]', rest)
-            aliased = {int(i) for i in re.findall(r"\d+", alias.group(1))} if alias else set()
-            operands = re.findall(r"%([\w.\-]+)", args)
-            fused = re.search(r"calls=%([\w.\-]+)", rest) if op == "fusion" else None
-            sliced = _sliced_params(comps, fused.group(1)) if fused else {}
-            for i, arg in enumerate(operands):
-                if i in aliased:
-                    continue
-                if i in sliced:  # the fusion reads slices of it (a scanned layer's)
-                    if any(hbm for _, hbm in _arrays(shapes.get(arg, ""))):
-                        total += sliced[i]
-                    continue
-                total += sum(b for b, hbm in _arrays(shapes.get(arg, "")) if hbm)
-            if not aliased:
-                total += sum(b for b, hbm in _arrays(shape) if hbm)
-
-    visit(entry)
-    return total
+                      float(cost.get("bytes accessed", 0.0)),
+                      hlo_traffic.hbm_bytes(compiled.as_text()))
 
 
 def abstract_slots(cfg: ModelConfig, mesh: Mesh, *, slots: int, length: int,
@@ -331,9 +218,10 @@ def train_step(cfg: ModelConfig, mesh: Mesh, *, batch: int, seq_len: int, grad_a
     """The fine-tuning step (full or LoRA over a `quantization` base) compiled for `mesh`,
     sharded as llama2_jax.training.trainer.Trainer shards it."""
 
-    from llama2_jax.finetune import base_config
-    c = base_config()
-    c.steps, c.batch_size, c.grad_accum, c.seq_len = 100, batch, grad_accum, seq_len
+    # AdamW with clipping, as fine-tuning runs it (the values change no buffer)
+    c = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_steps=10, steps=100,
+                                       final_lr_ratio=0.1, clip_norm=1.0, b1=0.9, b2=0.999,
+                                       eps=1e-8, weight_decay=0.0))
     cfg = cfg.replace(param_dtype=param_dtype)
     model = checkpoint.abstract_model_on(cfg, mesh, quantization)
     params = checkpoint.params_of(model)
