@@ -58,7 +58,7 @@ from benchmarks.serve_peers import hf_continuous_batching  # noqa: E402
 from llama2_jax.model import checkpoint  # noqa: E402
 from llama2_jax import generate  # noqa: E402
 from llama2_jax.model.config import BENCH_134M  # noqa: E402
-from llama2_jax.inference.generate import bucket  # noqa: E402
+from llama2_jax.inference.buckets import Shapes  # noqa: E402
 from benchmarks.serving import ServerProcess  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -261,7 +261,8 @@ def run() -> dict:
 
     if "generate" in FLAGS.sides:
         prompts = prompt_sets[min(levels)]
-        warm = {bucket(len(p), BENCH_134M.max_seq_len): p for p in prompts}
+        chunks = Shapes.make(1, BENCH_134M.max_seq_len)  # a prompt's prefill buckets
+        warm = {chunks.bucket(len(p)): p for p in prompts}
         for p in warm.values():  # the steps of every prompt bucket compiled before the timing
             generate(model, [p], max_new_tokens=new, temperature=0, stop_ids=())
         stamps, submit, tokens = [], [], []

@@ -116,6 +116,27 @@ def test_converters_and_benchmarks_stand_on_the_installed_package():
                         f"benchmarks/{f} imports the tests"
 
 
+def test_scripts_import_only_names_the_package_has():
+    """Benchmarks, converters and tests name what exists (a refactor that drops a name fails
+    here, not in a benchmark run weeks later)."""
+    import importlib
+    missing = []
+    for folder in ("benchmarks", "convert", "tests"):
+        for f in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if not f.endswith(".py"):
+                continue
+            tree = ast.parse(open(os.path.join(ROOT, folder, f)).read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                        "llama2_jax"):
+                    module = importlib.import_module(node.module)
+                    missing += [f"{folder}/{f}: {node.module}.{a.name}" for a in node.names
+                                if not hasattr(module, a.name) and not (
+                                    hasattr(module, "__path__") and importlib.util.find_spec(
+                                        f"{node.module}.{a.name}"))]
+    assert not missing, missing
+
+
 def test_modules_stay_readable():
     long = {m: n for m, p in modules().items() if (n := len(open(p).read().splitlines())) > 450}
     assert not long, f"modules over 450 lines (split them by concern): {long}"

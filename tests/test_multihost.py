@@ -229,7 +229,7 @@ def test_server_in_two_processes_answers_as_one(demo_checkpoint):
         expected = answers(one.wait_ready())
     finally:
         assert one.terminate() == 0, one.output()
-    s = ServerProcess(devices=4, processes=2, **serve_settings(demo_checkpoint))
+    s = ServerProcess(devices=4, processes=2, warmup=False, **serve_settings(demo_checkpoint))
     try:
         s.wait_ready()
         assert "following process 0" in s.output(1)
