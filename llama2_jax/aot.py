@@ -299,8 +299,10 @@ class CompiledPlan:
 
     @property
     def total(self) -> int:
-        extra = max((r.temp_bytes + r.output_bytes - r.alias_bytes for r in self.steps),
-                    default=0)
+        # An extract's output is a prefix the prefix cache keeps: its budget (the plan's
+        # "prefix cache", prefix_cache_mb), not a step's.
+        extra = max((r.temp_bytes + r.output_bytes - r.alias_bytes for r in self.steps
+                     if not r.name.startswith("extract")), default=0)
         return self.resident_bytes + extra
 
 

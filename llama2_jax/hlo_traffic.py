@@ -32,36 +32,55 @@ def _arrays(shape: str) -> list[tuple[int, bool]]:
     return out
 
 
+_PASS = {"copy", "convert", "bitcast", "reshape", "transpose", "bitcast-convert"}
+
+
 def _sliced_params(comps: dict, name: str) -> dict[int, int]:
     """{parameter number: bytes read} for a fused computation's parameters that it reads only
-    through slices (dynamic-slice, slice, gather; in nested fusions too): the slices' bytes,
-    not the parameter's."""
-    params, users, sizes = {}, {}, {}
+    through slices (dynamic-slice, slice, gather; after copies, converts and layout changes,
+    in nested fusions too): the slices' bytes, not the parameter's."""
+    params, users, sizes, elements = {}, {}, {}, {}
     for line in comps.get(name, []):
         m = _INSTR.match(line)
         if not m:
             continue
         out, shape, op, args, rest = m.groups()
         sizes[out] = sum(b for b, _ in _arrays(shape))
+        elements[out] = shape.split("{")[0].split("]")[0]  # dtype-free dims: same => 1:1
+        elements[out] = elements[out][elements[out].find("["):]
         if op == "parameter":
             params[out] = int(args)
             continue
         nested = re.search(r"calls=%([\w.\-]+)", rest) if op == "fusion" else None
-        for k, arg in enumerate(re.findall(r"%([\w.\-]+)", args)):
-            users.setdefault(arg, []).append((op, out, nested.group(1) if nested else None, k))
+        operands = re.findall(r"%([\w.\-]+)", args)
+        for k, arg in enumerate(operands):
+            users.setdefault(arg, []).append(
+                (op, out, nested.group(1) if nested else None, k, len(operands)))
+
+    def read(value: str, ratio: float) -> float | None:
+        """Bytes of the parameter read through `value` (ratio: its bytes per value byte)."""
+        total = 0.0
+        for op, out, nested, k, n in users.get(value, []):
+            inner = _sliced_params(comps, nested) if nested else {}
+            if op in ("dynamic-slice", "slice", "gather"):
+                part = sizes[out] * ratio
+            elif op == "fusion" and k in inner:
+                part = inner[k] * ratio
+            elif op in _PASS or (op == "fusion" and n == 1 and elements[out] == elements[value]):
+                # a copy, conversion or layout change of the whole value: follow it
+                part = read(out, ratio * sizes[value] / max(sizes[out], 1))
+            else:
+                part = None
+            if part is None:
+                return None
+            total += part
+        return total
+
     found = {}
     for pname, number in params.items():
-        read = 0
-        for op, out, nested, k in users.get(pname, []):
-            if op in ("dynamic-slice", "slice", "gather"):
-                read += sizes[out]
-            elif op == "fusion" and k in (inner := _sliced_params(comps, nested)):
-                read += inner[k]
-            else:
-                read = None
-                break
-        if read is not None:
-            found[number] = read
+        got = read(pname, 1.0)
+        if got is not None and pname in users:
+            found[number] = int(got)
     return found
 
 
