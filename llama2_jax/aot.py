@@ -324,7 +324,10 @@ def check_plan(cfg: ModelConfig, plan) -> CompiledPlan:
                            quantization=plan.quantization, chunk=task.prefill_chunk)
         resident = device_bytes((s.weights.leaves, s.cache, s.state)) + (
             0 if s.shared_stage else device_bytes(s.stage))
-        steps = [report(n, low) for n, low in s.lower_steps(every=False)]
+        # the chat keeps its conversation in its one slot: prefill and decode only (the
+        # server's prefix cache also extracts and inserts)
+        steps = [report(n, low) for n, low in s.lower_steps(every=False)
+                 if task.name == "serve" or n.split(" ")[0] in ("prefill", "decode")]
         return CompiledPlan(name, resident, steps)
     r = train_step(cfg, mesh, batch=task.batch, seq_len=task.seq_len,
                    grad_accum=task.grad_accum, quantization=plan.quantization,

@@ -227,6 +227,15 @@ def training_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[st
         out["activations"] = cfg.n_layers * boundary + 2 * per_layer
     else:
         out["activations"] = cfg.n_layers * (per_layer + 6 * boundary)
+    if mesh["fsdp"] > 1:
+        # FSDP gathers one layer's weights whole for its matmuls (as stored and converted to
+        # the compute dtype; forward and the rematerialised backward pass), and the embedding
+        # and output tables whole as stored (measured with XLA:TPU: benchmarks/bench_tpu.py)
+        unsharded = dict(mesh, fsdp=1)
+        whole = weight_bytes(master, unsharded, quantization)
+        stored = np.dtype(task.param_dtype).itemsize if quantization == "none" else 1
+        out["FSDP gathered weights"] = whole["layers"] // cfg.n_layers * (stored + e) // stored \
+            + whole["other"]
     # float32 logits, their log-softmax, its gradient and the softmax (measured: 4 copies)
     out["logits"] = 4 * b * T * _split(cfg.vocab_size, t) * 4
     # AdamW's update of each trained weight: new moments and the update before donation
