@@ -248,6 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except aot.AotError as e:
             sys.stderr.write(f"error: {e}\n")
             return 2
+        except Exception as e:  # noqa: BLE001 -- the compiler's own verdict
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(plan.table() + "\n\nXLA:TPU: does NOT fit: " + str(e).strip().splitlines()[0])
+            return 1
     if args.json:
         out = plan.to_json()
         if compiled:
@@ -257,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(plan.table())
         if compiled:
             print("\n" + compiled_table(compiled, plan))
-    fits = plan.fits and (compiled is None or compiled.total <= plan.devices.bytes)
+    # With the compiler's count, its verdict stands (the arithmetic plan errs on the safe side)
+    fits = plan.fits if compiled is None else compiled.total <= plan.devices.bytes
     return 0 if fits else 1
 
 
