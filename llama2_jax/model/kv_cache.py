@@ -177,6 +177,25 @@ def _rows_of(c: jax.Array, layer, n: int) -> jax.Array:
     return c if c.shape[0] == n else c[:n]
 
 
+def _read_blocks(group, layer, n: int, attend: int):
+    """Keys and values [n, K, S_j, H] of rows 0..n-1 of a row group's blocks over its first
+    `attend` positions (whole blocks, but where `attend` ends inside one), and the positions
+    of each block."""
+    keys, values, key_pos, off = [], [], [], 0
+    for blk in group:
+        if off >= attend:
+            break
+        take = min(blk.length, attend - off)
+        kb, vb = _rows_of(blk.k, layer, n), _rows_of(blk.v, layer, n)  # [n, K, S, H]
+        if take < blk.length:
+            kb, vb = kb[:, :, :take], vb[:, :, :take]
+        keys.append(kb)
+        values.append(vb)
+        key_pos.append(off + jnp.arange(take))
+        off += blk.length
+    return keys, values, key_pos
+
+
 def attention(q: jax.Array, cache: Blocks, layer, positions: jax.Array,
               attend: int | None = None) -> jax.Array:
     """Attention of q [B, T, K, G, H] (rows 0..B-1 at `positions` [B, T]) over the cache, this
@@ -187,18 +206,7 @@ def attention(q: jax.Array, cache: Blocks, layer, positions: jax.Array,
     attend = cache.length if attend is None else attend
     outs = []
     for group, start, n in _groups_for(cache, q.shape[0]):
-        keys, values, key_pos, off = [], [], [], 0
-        for blk in group:
-            if off >= attend:
-                break
-            take = min(blk.length, attend - off)
-            kb, vb = _rows_of(blk.k, layer, n), _rows_of(blk.v, layer, n)  # [n, K, S, H]
-            if take < blk.length:
-                kb, vb = kb[:, :, :take], vb[:, :, :take]
-            keys.append(kb)
-            values.append(vb)
-            key_pos.append(off + jnp.arange(take))
-            off += blk.length
+        keys, values, key_pos = _read_blocks(group, layer, n, attend)
         pos = positions[start:start + n]
         mask = jnp.concatenate(key_pos)[None, None, :] <= pos[:, :, None]  # [n, T, S]
         outs.append(attend_over(q[start:start + n], keys, values, mask))
@@ -215,18 +223,7 @@ def attention_before(q: jax.Array, cache: Blocks, layer, k: jax.Array, v: jax.Ar
     attend = cache.length if attend is None else attend
     outs = []
     for group, start, n in _groups_for(cache, q.shape[0]):
-        keys, values, key_pos, off = [], [], [], 0
-        for blk in group:
-            if off >= attend:
-                break
-            take = min(blk.length, attend - off)
-            kb, vb = _rows_of(blk.k, layer, n), _rows_of(blk.v, layer, n)  # [n, K, S, H]
-            if take < blk.length:
-                kb, vb = kb[:, :, :take], vb[:, :, :take]
-            keys.append(kb)
-            values.append(vb)
-            key_pos.append(off + jnp.arange(take))
-            off += blk.length
+        keys, values, key_pos = _read_blocks(group, layer, n, attend)
         pos = positions[start:start + n]  # [n, T]
         old = jnp.concatenate(key_pos)[None, None, :] < pos[:, :1, None]  # [n, 1, S]
         own = pos[:, None, :] <= pos[:, :, None]  # [n, T, T]
