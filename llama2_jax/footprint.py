@@ -27,7 +27,6 @@ Constants measured with benchmarks/bench_plan.py (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import jax
@@ -199,7 +198,6 @@ def training_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[st
                    quantization: str) -> dict[str, int]:
     """Per-device bytes of a fine-tuning step (sft: every weight trained; lora: adapters on a
     frozen base, 8-bit if `quantization`), by kind."""
-    shards = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
     e = cfg.compute_dtype.itemsize
     master = cfg.replace(param_dtype=task.param_dtype)
     out = {}
@@ -213,8 +211,8 @@ def training_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[st
     else:
         w = weight_bytes(master, mesh, quantization)
         out["frozen base"] = w["layers"] + w["other"]
-        trainable_elems = math.ceil(lora_params(cfg, task.lora_rank, task.lora_targets)
-                                    / shards)
+        # the trainer keeps adapters and their optimizer state replicated (training.lora)
+        trainable_elems = lora_params(cfg, task.lora_rank, task.lora_targets)
         out["adapters"] = trainable_elems * 4
     out["gradients"] = trainable_elems * 4 * (2 if task.grad_accum > 1 else 1)
     out["AdamW moments"] = 2 * trainable_elems * 4
@@ -239,8 +237,11 @@ def training_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[st
     # float32 logits, their log-softmax, its gradient and the softmax (measured: 4 copies)
     out["logits"] = 4 * b * T * _split(cfg.vocab_size, t) * 4
     # AdamW's update of each trained weight: new moments and the update before donation
-    # lets them replace the old ones (measured: 3 copies in float32)
-    out["optimizer step temporaries"] = 3 * trainable_elems * 4
+    # lets them replace the old ones (measured: 3 copies in float32). It runs after the
+    # backward pass has freed the activations, logits and gathered weights: only what it needs
+    # beyond those adds to the peak (XLA:TPU: 70B LoRA, replicated adapters, 2.5 GiB of them)
+    freed = out["activations"] + out["logits"] + out.get("FSDP gathered weights", 0)
+    out["optimizer step temporaries"] = max(0, 3 * trainable_elems * 4 - freed)
     if devices.platform == "cpu":
         out["runtime (Python, XLA)"] = CPU_RUNTIME_BYTES // devices.count
         # orbax copies what a checkpoint holds to host memory while it saves it

@@ -80,7 +80,8 @@ class Engine:
         self._slots: collections.OrderedDict[tuple[int, int], Slots] = collections.OrderedDict()
         self._retired_compiles = 0
         self._forward_compiles = 0
-        self._forward = jax.jit(self._forward_fn)
+        self._forward = jax.jit(self._forward_fn,
+                                compiler_options=self.weights.compiler_options)
 
     @property
     def compile_count(self) -> int:

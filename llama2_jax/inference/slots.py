@@ -24,6 +24,7 @@ This class owns the device state and is driven by one thread; nothing here is th
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import NamedTuple, Sequence
 
@@ -100,14 +101,15 @@ class Slots:
         self.logprobs, self.abstract = logprobs, abstract
         self.compile_count = 0  # traces of every step below
         self._replicated = NamedSharding(weights.mesh, PartitionSpec())
-        self._decode = jax.jit(self._decode_fn, static_argnames=("rows", "attend"),
-                               donate_argnames=("cache", "state"))
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("attend",),
-                                donate_argnames=("stage", "state"))
-        self._commit = jax.jit(self._commit_fn, static_argnames=("blocks",),
-                               donate_argnames=("cache",))
-        self._insert = jax.jit(self._insert_fn, donate_argnames=("stage", "state"))
-        self._extract = jax.jit(self._extract_fn, static_argnames=("n",))
+        jit = functools.partial(jax.jit, compiler_options=weights.compiler_options)
+        self._decode = jit(self._decode_fn, static_argnames=("rows", "attend"),
+                           donate_argnames=("cache", "state"))
+        self._prefill = jit(self._prefill_fn, static_argnames=("attend",),
+                            donate_argnames=("stage", "state"))
+        self._commit = jit(self._commit_fn, static_argnames=("blocks",),
+                           donate_argnames=("cache",))
+        self._insert = jit(self._insert_fn, donate_argnames=("stage", "state"))
+        self._extract = jit(self._extract_fn, static_argnames=("n",))
         self.cache = self._new_cache(self.shapes.groups)
         self.stage = self.cache if self.shared_stage else self._new_cache((1,))
         self.state = self._initial_state()

@@ -26,9 +26,15 @@ class EngineOptions:
 
     unstack_max_bytes: on CPU, models whose layers take at most this run from a per-layer copy
     of the layer weights (`Weights(unstack=None)`).
+    cpu_compiler_options: XLA options of the steps compiled for CPU devices (`Weights.
+    compiler_options`). XLA:CPU hands dots and the reductions and elementwise work around them
+    to YNNPACK fusions by default; at decode and prefill shapes its own dot emitters are faster,
+    with YNNPACK kept for reductions (benchmarks/RESULTS.md, "XLA:CPU's library fusions").
     """
 
     unstack_max_bytes: int = 2 << 30
+    cpu_compiler_options: tuple[tuple[str, str], ...] = (
+        ("xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_REDUCE"),)
 
 
 DEFAULT_OPTIONS = EngineOptions()
@@ -65,6 +71,7 @@ class Weights:
                  options: EngineOptions = DEFAULT_OPTIONS):
         self.config = model.config
         self.mesh = mesh or model_mesh(model)
+        self.options = options
         self.graphdef, self.state = nnx.split(model)
         if unstack is None:
             unstack = unstack_default(model, options, self.platform)
@@ -76,6 +83,11 @@ class Weights:
     def platform(self) -> str:
         """The platform of the mesh's devices ("cpu", "gpu", "tpu"): which layouts steps use."""
         return self.mesh.devices.flat[0].platform
+
+    @property
+    def compiler_options(self) -> dict[str, str] | None:
+        """XLA options for the steps over these weights (`jax.jit(compiler_options=...)`)."""
+        return dict(self.options.cpu_compiler_options) if self.platform == "cpu" else None
 
     @property
     def per_layer(self) -> bool:
