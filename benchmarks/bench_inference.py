@@ -34,8 +34,15 @@ process may run on, so for fewer threads than CPUs the process is pinned to the 
 `--threads` CPUs (os.sched_setaffinity, before JAX starts its CPU client).
 
 The memory-bound line divides the bytes of fp32 weights read per decoded token by the copy
-bandwidth of a numpy array (read + written bytes / time). llama.cpp's figure is one measured
-earlier on this machine shape (F32, same model shape), quoted, not rerun.
+bandwidth of a numpy array (read + written bytes / time).
+
+llama.cpp (`--llama_cpp`, on by default): after the sides above, the same weights as an F32
+GGUF, decoded by `llama-bench -p 0 -n <new_tokens> -d <prompt_len> -r <reps> -t <threads>`
+(batch 1, tokens generated after a prompt's worth of KV cache, as ours; its mean over the reps;
+its defaults otherwise: F16 KV cache, `--llama_cpp_args=-ctk,f32,-ctv,f32` for F32) from the
+llama.cpp that llama-cpp-python 0.3.36 vendors, built once and cached by
+benchmarks/llama_cpp_peer.py. Without cmake / a compiler, or when the build fails, the column
+says why it was skipped.
 
 GPU mode (`--gpu`): LLAMA2_7B in bfloat16 with random weights (checkpoint.random_model), batch-1
 decode tok/s and the fraction of the device's copy bandwidth it reaches (weight bytes per token
@@ -51,6 +58,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +69,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import llama_cpp_peer  # noqa: E402
 from benchmarks.common import pin_threads, hf_model_from, median  # noqa: E402
 from llama2_jax.model.checkpoint import params_of, random_model  # noqa: E402
 from llama2_jax.model.config import BENCH_134M, LLAMA2_7B  # noqa: E402
@@ -83,9 +92,13 @@ flags.DEFINE_list("cache_lengths", [], "Also time llama2_jax's isolated decode s
                   "of these many slots (e.g. 256,1024,4096: the chat Session's default is the "
                   "model's max_seq_len).")
 flags.DEFINE_bool("gpu", False, "7B bf16 on the accelerator instead of the CPU comparison.")
+flags.DEFINE_bool("llama_cpp", True, "Also measure llama.cpp's batch-1 decode (llama-bench) of "
+                  "the same weights; built on first use (benchmarks/llama_cpp_peer.py).")
+flags.DEFINE_list("llama_cpp_args", [], "More llama-bench arguments, e.g. -ctk,f32,-ctv,f32 "
+                  "(an F32 KV cache as ours; llama.cpp's default is F16).")
 
-LLAMA_CPP_F32_TOKS = 84.0  # llama.cpp F32 decode, BENCH_134M shape, this 2-core machine (earlier)
 GOAL_VS_HF = 2.5
+TOKENIZER = os.path.join(ROOT, "tests", "data", "tokenizer.model")  # a file, not an import
 
 
 class OthersBusy:
@@ -365,6 +378,24 @@ def measure(side, r: dict, cold: bool) -> None:
     r["others_busy"].append(busy.stop())
 
 
+def llama_cpp_decode(params: dict, cfg) -> dict:
+    """llama-bench's batch-1 decode of `params` (an F32 GGUF), or {"skipped": why not}."""
+    try:
+        binaries = llama_cpp_peer.build()
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf = llama_cpp_peer.write_gguf(params, cfg, TOKENIZER,
+                                             os.path.join(tmp, "bench-f32.gguf"))
+            r = llama_cpp_peer.bench_decode(gguf, FLAGS.threads, n_gen=FLAGS.new_tokens,
+                                            depth=FLAGS.prompt_len, reps=FLAGS.reps,
+                                            binaries=binaries, extra_args=FLAGS.llama_cpp_args)
+        print(f"llama.cpp  decode {r['tok_s']:6.1f} tok/s (llama-bench, mean of {r['reps']})",
+              flush=True)
+        return r
+    except llama_cpp_peer.PeerUnavailable as e:
+        print(f"llama.cpp column skipped: {e}", flush=True)
+        return {"skipped": str(e)}
+
+
 def run_cpu() -> dict:
     pin_threads(FLAGS.threads)
     import torch
@@ -376,7 +407,8 @@ def run_cpu() -> dict:
     model = random_model(cfg, seed=FLAGS.seed)
     n_params = param_count(model)
     weight_bytes = n_params * np.dtype(cfg.param_dtype).itemsize
-    hf = hf_model_from(jax.tree.map(np.asarray, params_of(model)), cfg)
+    params = jax.tree.map(np.asarray, params_of(model))
+    hf = hf_model_from(params, cfg)
     prompt = np.random.default_rng(FLAGS.seed).integers(3, cfg.vocab_size,
                                                         FLAGS.prompt_len).tolist()
     sides = [Ours(model, prompt, FLAGS.new_tokens), HF(hf, prompt, FLAGS.new_tokens)]
@@ -419,6 +451,8 @@ def run_cpu() -> dict:
     summary[Ours.name]["step_ms_by_cache_length"] = by_length
     summary["decode_vs_chain"] = decode_vs_chain(model, prompt, FLAGS.reps, FLAGS.steps)
     summary["sampled_vs_greedy"] = sampled_vs_greedy(model, FLAGS.reps, FLAGS.steps)
+    llama_cpp = (llama_cpp_decode(params, cfg) if FLAGS.llama_cpp
+                 else {"skipped": "--nollama_cpp"})
     return {
         "mode": "cpu",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -438,7 +472,7 @@ def run_cpu() -> dict:
         "memory": {"numpy_copy_1GiB_GB_s": bw_1g / 1e9,
                    "numpy_copy_weight_size_GB_s": bw_w / 1e9,
                    "decode_bound_tok_s": bw_1g / weight_bytes},
-        "llama_cpp_f32_decode_tok_s": LLAMA_CPP_F32_TOKS,
+        "llama_cpp": llama_cpp,  # llama_cpp_peer.bench_decode's dict, or {"skipped": why}
     }
 
 
@@ -456,19 +490,20 @@ def _cpu_name() -> str:
 def cpu_table(out: dict) -> str:
     o, h = out["summary"][Ours.name], out["summary"][HF.name]
     m = out["model"]
+    lc = out["llama_cpp"].get("tok_s")  # None: skipped
     rows = [
         ("prefill tok/s, %d-token prompt (higher is better)" % m["prompt_len"], "prefill_tok_s",
          "%.0f", ""),
         ("decode tok/s, %d new tokens, greedy (higher is better)" % m["new_tokens"],
-         "decode_tok_s", "%.1f", "%.0f" % out["llama_cpp_f32_decode_tok_s"]),
+         "decode_tok_s", "%.1f", f"{lc:.1f} ({o['decode_tok_s'] / lc:.2f}x)" if lc else ""),
         ("decode step in isolation, ms (lower is better)", "step_ms", "%.1f",
-         "%.1f" % (1e3 / out["llama_cpp_f32_decode_tok_s"])),
+         f"{1e3 / lc:.1f} (per token)" if lc else ""),
         ("time to first token, warm, ms", "ttft_warm_ms", "%.0f", ""),
         ("time to first token, cold, ms (ours: fresh Engine, compiles)", "ttft_cold_ms", "%.0f",
          ""),
     ]
     lines = ["| metric | llama2_jax | transformers | llama2_jax / transformers | "
-             "llama.cpp F32 (earlier, not rerun) |", "|---|---:|---:|---:|---:|"]
+             "llama.cpp F32, llama-bench (llama2_jax / llama.cpp) |", "|---|---:|---:|---:|---:|"]
     for label, key, fmt, ref in rows:
         lines.append(f"| {label} | {fmt % o[key]} | {fmt % h[key]} | "
                      f"{o[key] / h[key]:.2f}x | {ref} |")
@@ -501,9 +536,10 @@ def cpu_table(out: dict) -> str:
     notes = [
         "",
         f"- goal decode >= {GOAL_VS_HF}x transformers: {dec / h['decode_tok_s']:.2f}x "
-        f"({'met' if dec >= GOAL_VS_HF * h['decode_tok_s'] else 'NOT met'}); goal >= "
-        f"{out['llama_cpp_f32_decode_tok_s']:.0f} tok/s (llama.cpp F32): {dec:.1f} tok/s "
-        f"({'met' if dec >= out['llama_cpp_f32_decode_tok_s'] else 'NOT met'})",
+        f"({'met' if dec >= GOAL_VS_HF * h['decode_tok_s'] else 'NOT met'}); "
+        + (f"goal >= llama.cpp F32 decode ({lc:.1f} tok/s, same run): {dec:.1f} tok/s, "
+           f"{dec / lc:.2f}x ({'met' if dec >= lc else 'NOT met'})" if lc else
+           f"llama.cpp column skipped: {out['llama_cpp']['skipped']}"),
         f"- memory: numpy copy {mem['numpy_copy_1GiB_GB_s']:.1f} GB/s (1 GiB, read + written), "
         f"{mem['numpy_copy_weight_size_GB_s']:.1f} GB/s at the weights' size; "
         f"{m['weight_bytes'] / 1e9:.3f} GB of weights per token -> "
@@ -517,6 +553,12 @@ def cpu_table(out: dict) -> str:
         f"{100 * busy_mean:.0f}% of the CPUs on average during the measurements (worst rep "
         f"{100 * busy_max:.0f}%)",
     ]
+    if lc:
+        r = out["llama_cpp"]
+        fa = {-1: "auto", 0: "off", 1: "on"}.get(r.get("flash_attn"), "?")
+        notes.append(f"- llama.cpp: `{r['command']}`: {lc:.1f} ± {r['stddev_tok_s']:.1f} tok/s "
+                     f"(llama-bench's mean ± stddev of {r['reps']} runs; KV cache "
+                     f"{r.get('type_k', '?')}/{r.get('type_v', '?')}, flash attention {fa})")
     return "\n".join(lines + notes)
 
 

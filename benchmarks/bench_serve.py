@@ -1,4 +1,5 @@
-"""The server under concurrent streaming clients, next to transformers' continuous batching.
+"""The server under concurrent streaming clients, next to transformers' continuous batching
+and llama.cpp's server.
 
   python benchmarks/bench_serve.py                          # CPU: BENCH_134M fp32, 1/4/16/64
   python benchmarks/bench_serve.py --concurrency=1,16 --json=/tmp/serve.json
@@ -18,6 +19,15 @@ after the other on the same prompts, so each has the machine to itself:
             (benchmarks/serve_peers.py): no HTTP on that side.
   generate  this project's `llama2_jax.generate` at batch 1, one prompt after the other (no
             server): the baseline for one client.
+  llama_cpp llama.cpp's `llama-server` (benchmarks/llama_cpp_peer.py: built once from the sources
+            llama-cpp-python 0.3.36 vendors, cached) on an F32 GGUF of the same weights,
+            `-np` = the level's clients (restarted per level; `--llama_cpp_slots=max`: one server
+            with -np = the largest level, as ours), `-c` = np x context, `--threads`, no prompt
+            cache, its defaults otherwise (F16 KV cache, flash attention on: greedy tokens part
+            from ours at near-ties; `--llama_cpp_args=-fa,off,-ctk,f32,-ctv,f32` to change
+            them). The same closed-loop clients and prompts, to its `/v1/completions`: the
+            same sampling (temperature -> top-k -> top-p only), `ignore_eos`, streamed. Without
+            cmake / a compiler, or when the build fails, the column is skipped with the reason.
 
 For each: output tok/s = output tokens / (first submit -> last token), time to first token
 (submit -> first token) and inter-token latency (gaps between consecutive tokens of one
@@ -25,7 +35,7 @@ request) p50/p95. Then a `mixed` phase: `--mixed_requests` requests from 16 clie
 prompt lengths, max_tokens, temperature / top_p / top_k / seed, streamed or not, a few
 disconnecting early; the server's compile count (`llama2_jax_compiles` in /metrics) before and
 after every phase says whether anything compiled after warm-up. Greedy tokens of ours are
-compared with HF's and generate's request by request.
+compared with HF's, generate's and llama.cpp's request by request.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import llama_cpp_peer  # noqa: E402
 from benchmarks.common import hf_model_from, pin_threads  # noqa: E402
 from benchmarks.serve_peers import hf_continuous_batching  # noqa: E402
 from llama2_jax.model import checkpoint  # noqa: E402
@@ -72,7 +83,12 @@ flags.DEFINE_integer("requests_per_client", 2, "Requests per run = this x concur
 flags.DEFINE_integer("min_requests", 8, "... but at least this many.")
 flags.DEFINE_integer("mixed_requests", 200, "Requests of the mixed phase (0 = skip it).")
 flags.DEFINE_integer("prefill_chunk", 256, "The server's prefill_chunk.")
-flags.DEFINE_list("sides", ["ours", "hf", "generate"], "What to run.")
+flags.DEFINE_list("sides", ["ours", "hf", "generate", "llama_cpp"], "What to run.")
+flags.DEFINE_enum("llama_cpp_slots", "level", ["level", "max"],
+                  "llama-server's -np: each level's clients (a server per level), or the "
+                  "largest level for all (one server, as ours).")
+flags.DEFINE_list("llama_cpp_args", [], "More llama-server arguments, e.g. -ctk,f32,-ctv,f32 "
+                  "(an F32 KV cache as ours; llama.cpp's default is F16).")
 flags.DEFINE_enum("sampling", "greedy", list(SAMPLING),
                   "Our requests' settings: greedy, Meta's chat defaults (temperature 0.6, top_p "
                   "0.9), or those and top_k 40 (each request seeded by its index).")
@@ -81,6 +97,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the weights and prompts.")
 flags.DEFINE_string("json", "", "Also write every number to this JSON file.")
 
 MODEL = "bench"
+TOKENIZER = os.path.join(ROOT, "tests", "data", "tokenizer.model")  # a file, not an import
 
 
 def percentile(xs, q):
@@ -96,9 +113,21 @@ def summary(r: dict) -> dict:
                 itl_p95_ms=1e3 * percentile(r["itl_s"], 95))
 
 
-# -- our server: closed-loop streaming clients over HTTP --------------------------------------
+# -- a server (ours or llama-server): closed-loop streaming clients over HTTP ----------------
+def request_body(side: str, i: int, prompt: list[int], new_tokens: int) -> dict:
+    """Request `i`: exactly `new_tokens` tokens after the token-id `prompt`, `--sampling`
+    seeded by `i`, streamed with every token's id."""
+    if side == "llama_cpp":
+        return llama_cpp_peer.request_body(prompt, new_tokens, i, SAMPLING[FLAGS.sampling])
+    return dict(model=MODEL, prompt=prompt, max_tokens=new_tokens, stream=True,
+                ignore_eos=True, return_token_ids=True, seed=i, **SAMPLING[FLAGS.sampling])
+
+
 async def _stream_one(client: httpx.AsyncClient, url: str, body: dict):
-    """(submit time, token stamps, token ids) of one streamed completion."""
+    """(submit time, token stamps, token ids) of one streamed completion. Our server's chunks
+    carry `token_ids`; llama-server's one token id and the count so far in `__verbose`
+    (`verbose` in llama_cpp_peer.request_body). A token llama-server holds back (the first
+    bytes of a UTF-8 character) arrives with the next chunk, its id unknown: None."""
     submit = time.perf_counter()
     stamps, tokens = [], []
     async with client.stream("POST", url, json=body) as r:
@@ -111,6 +140,12 @@ async def _stream_one(client: httpx.AsyncClient, url: str, body: dict):
             if "error" in chunk:
                 raise RuntimeError(f"stream error: {chunk['error']}")
             now = time.perf_counter()
+            if "__verbose" in chunk:  # llama-server
+                n = chunk["__verbose"]["tokens_predicted"] - len(tokens)
+                ids = (chunk["__verbose"].get("tokens") or [])[-n:] if n > 0 else []
+                tokens += [None] * (n - len(ids)) + ids
+                stamps += [now] * max(n, 0)
+                continue
             for choice in chunk["choices"]:
                 ids = choice.get("token_ids") or []
                 tokens += ids
@@ -118,17 +153,15 @@ async def _stream_one(client: httpx.AsyncClient, url: str, body: dict):
     return submit, stamps, tokens
 
 
-async def _closed_loop(url: str, prompts, new_tokens: int, concurrency: int) -> dict:
+async def _closed_loop(url: str, prompts, new_tokens: int, concurrency: int,
+                       side: str) -> dict:
     todo = list(enumerate(prompts))[::-1]
     results = {}
 
     async def client_loop(client):
         while todo:
             i, p = todo.pop()
-            body = dict(model=MODEL, prompt=p, max_tokens=new_tokens, stream=True,
-                        ignore_eos=True, return_token_ids=True, seed=i,
-                        **SAMPLING[FLAGS.sampling])
-            results[i] = await _stream_one(client, url, body)
+            results[i] = await _stream_one(client, url, request_body(side, i, p, new_tokens))
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
@@ -144,10 +177,11 @@ async def _closed_loop(url: str, prompts, new_tokens: int, concurrency: int) -> 
                 itl_s=[b - a for s in stamps for a, b in zip(s, s[1:])])
 
 
-def serve_run(server: ServerProcess, prompts, new_tokens: int, concurrency: int) -> dict:
+def serve_run(server, prompts, new_tokens: int, concurrency: int, side: str = "ours") -> dict:
+    """`server` (a ServerProcess, or a llama_cpp_peer.LlamaServer with side="llama_cpp")."""
     url = server.url + "/v1/completions"
-    asyncio.run(_closed_loop(url, prompts[:1], 2, 1))  # one untimed request, as HF's warm-up
-    return asyncio.run(_closed_loop(url, prompts, new_tokens, concurrency))
+    asyncio.run(_closed_loop(url, prompts[:1], 2, 1, side))  # one untimed request (warm-up)
+    return asyncio.run(_closed_loop(url, prompts, new_tokens, concurrency, side))
 
 
 async def _mixed(url: str, n: int, vocab: int, context: int, seed: int) -> dict:
@@ -201,7 +235,38 @@ def make_prompts(rng, n: int) -> list[list[int]]:
 
 
 def first_divergence(a, b) -> int:
-    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    """The first position where the tokens differ (None, an id not streamed, matches any)."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y and None not in (x, y)),
+                min(len(a), len(b)))
+
+
+def run_llama_cpp(params: dict, prompt_sets: dict, new: int, context: int, out: dict) -> None:
+    """The llama_cpp side into `out`, or the reason it cannot run here."""
+    levels = list(prompt_sets)
+    try:
+        binaries = llama_cpp_peer.build()
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf = llama_cpp_peer.write_gguf(params, BENCH_134M, TOKENIZER,
+                                             os.path.join(tmp, "bench-f32.gguf"))
+            groups = ([(c, [c]) for c in levels] if FLAGS.llama_cpp_slots == "level"
+                      else [(max(levels), levels)])
+            out["llama_cpp"] = dict(version=f"llama-cpp-python {llama_cpp_peer.VERSION}'s "
+                                    "vendored llama.cpp", model="F32 GGUF", servers={})
+            for slots, group in groups:
+                with llama_cpp_peer.LlamaServer(gguf, slots, context, FLAGS.threads,
+                                                binaries=binaries,
+                                                extra_args=FLAGS.llama_cpp_args) as server:
+                    out["llama_cpp"]["servers"][slots] = dict(
+                        command=" ".join(server.command), start_s=server.start_s)
+                    for c in group:
+                        r = serve_run(server, prompt_sets[c], new, c, side="llama_cpp")
+                        out["levels"][c]["llama_cpp"] = dict(summary(r), np=slots)
+                        out["levels"][c]["llama_cpp_tokens"] = r["tokens"]
+                        print(f"llama.cpp  {c:3d} clients: {r['tok_s']:7.1f} tok/s "
+                              f"(-np {slots})", flush=True)
+    except llama_cpp_peer.PeerUnavailable as e:
+        out["llama_cpp_skipped"] = str(e)
+        print(f"llama.cpp column skipped: {e}", flush=True)
 
 
 def run() -> dict:
@@ -215,6 +280,7 @@ def run() -> dict:
     assert len(jax.devices()) == 1, "one CPU device expected (XLA_FLAGS)"
     out = dict(levels={}, config=dict(
         model="BENCH_134M fp32 (random weights)", new_tokens=new, context=context,
+        sides=FLAGS.sides,
         prompts=f"{FLAGS.min_prompt}-{FLAGS.max_prompt} tokens, uniform",
         max_slots=max(levels), prefill_chunk=FLAGS.prefill_chunk, threads=FLAGS.threads,
         sampling=FLAGS.sampling,
@@ -226,8 +292,7 @@ def run() -> dict:
     if "ours" in FLAGS.sides:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, MODEL)
-            checkpoint.save(path, model, tokenizer_path=os.path.join(ROOT, "tests", "data",
-                                                                     "tokenizer.model"))
+            checkpoint.save(path, model, tokenizer_path=TOKENIZER)
             t0 = time.perf_counter()
             server = ServerProcess(
                 checkpoint_dir=path, train_config="", model_name=MODEL, dtype="float32",
@@ -278,15 +343,22 @@ def run() -> dict:
         out["generate_tokens"] = tokens
         print(f"generate batch 1 loop: {n / wall:7.1f} tok/s", flush=True)
 
-    if "hf" in FLAGS.sides:
+    params = None
+    if "hf" in FLAGS.sides or "llama_cpp" in FLAGS.sides:
         from jax.tree_util import tree_map
-        hf = hf_model_from(tree_map(np.asarray, checkpoint.params_of(model)), BENCH_134M)
+        params = tree_map(np.asarray, checkpoint.params_of(model))
+
+    if "hf" in FLAGS.sides:
+        hf = hf_model_from(params, BENCH_134M)
         for c in levels:
             r = hf_continuous_batching(hf, prompt_sets[c], new, c, threads=FLAGS.threads)
             out["levels"][c]["hf"] = summary(r)
             out["levels"][c]["hf_tokens"] = r["tokens"]
             print(f"hf         {c:3d} clients: {r['tok_s']:7.1f} tok/s", flush=True)
         del hf
+
+    if "llama_cpp" in FLAGS.sides:
+        run_llama_cpp(params, prompt_sets, new, context, out)
 
     # token agreement (greedy requests only: sampled ones draw from other generators)
     for c in levels if FLAGS.sampling == "greedy" else []:
@@ -295,6 +367,15 @@ def run() -> dict:
             pairs = list(zip(lv["ours_tokens"], lv["hf_tokens"]))
             lv["equal_to_hf"] = sum(a == b for a, b in pairs)
             lv["first_divergence_from_hf"] = [first_divergence(a, b) for a, b in pairs]
+        if "ours_tokens" in lv and "llama_cpp_tokens" in lv:
+            pairs = list(zip(lv["ours_tokens"], lv["llama_cpp_tokens"]))
+            lv["llama_cpp_first_divergence_from_ours"] = [first_divergence(a, b)
+                                                          for a, b in pairs]
+            lv["llama_cpp_equal_to_ours"] = sum(
+                d == len(a) == len(b) for d, (a, b) in
+                zip(lv["llama_cpp_first_divergence_from_ours"], pairs))
+            lv["llama_cpp_ids_not_streamed"] = sum(
+                t is None for ts in lv["llama_cpp_tokens"] for t in ts)
         if c == min(levels) and "ours_tokens" in lv and "generate_tokens" in out:
             lv["equal_to_generate"] = sum(
                 a == b for a, b in zip(lv["ours_tokens"], out["generate_tokens"]))
@@ -303,19 +384,26 @@ def run() -> dict:
 
 def table(out: dict) -> str:
     rows = ["| clients | requests | side | output tok/s | TTFT p50 / p95 ms | ITL p50 / p95 ms "
-            "| ours / HF |", "|---:|---:|---|---:|---:|---:|---:|"]
+            "| ours / HF | ours / llama.cpp |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    names = {"ours": "ours", "hf": "hf", "llama_cpp": "llama.cpp"}
     for c, lv in out["levels"].items():
-        for side in ("ours", "hf"):
+        for side in names:
             if side not in lv:
                 continue
             s = lv[side]
-            ratio = ""
-            if side == "ours" and "hf" in lv:
-                ratio = f"**{s['tok_s'] / lv['hf']['tok_s']:.2f}x**"
-            rows.append(f"| {c} | {s['requests']} | {side} | {s['tok_s']:.1f} | "
+            ratios = [f"**{s['tok_s'] / lv[peer]['tok_s']:.2f}x**"
+                      if side == "ours" and peer in lv else "" for peer in ("hf", "llama_cpp")]
+            name = names[side] + (f" -np {s['np']}" if "np" in s else "")
+            rows.append(f"| {c} | {s['requests']} | {name} | {s['tok_s']:.1f} | "
                         f"{s['ttft_p50_ms']:.0f} / {s['ttft_p95_ms']:.0f} | "
-                        f"{s['itl_p50_ms']:.1f} / {s['itl_p95_ms']:.1f} | {ratio} |")
+                        f"{s['itl_p50_ms']:.1f} / {s['itl_p95_ms']:.1f} | "
+                        f"{' | '.join(ratios)} |")
     lines = ["\n".join(rows)]
+    if "llama_cpp_skipped" in out:
+        lines.append(f"llama.cpp column skipped: {out['llama_cpp_skipped']}")
+    for slots, server in out.get("llama_cpp", {}).get("servers", {}).items():
+        lines.append(f"llama.cpp -np {slots}: `{server['command']}` (ready in "
+                     f"{server['start_s']:.1f} s)")
     g = out.get("generate")
     if g:
         one = out["levels"].get(g["concurrency"], {}).get("ours")
@@ -328,6 +416,12 @@ def table(out: dict) -> str:
             lines.append(f"{c} clients: {lv['equal_to_hf']}/{len(lv['first_divergence_from_hf'])}"
                          f" requests' greedy tokens equal to HF's; first divergences "
                          f"{lv['first_divergence_from_hf']}")
+        if "llama_cpp_equal_to_ours" in lv:
+            d = lv["llama_cpp_first_divergence_from_ours"]
+            lines.append(f"{c} clients: {lv['llama_cpp_equal_to_ours']}/{len(d)} requests' "
+                         f"greedy tokens of llama.cpp equal to ours (its "
+                         f"{lv['llama_cpp_ids_not_streamed']} ids not streamed, tokens held "
+                         f"back mid-UTF-8 character, match any); first divergences {d}")
         if "equal_to_generate" in lv:
             lines.append(f"{c} clients: {lv['equal_to_generate']} requests equal to generate's")
     if "compiles_at_ready" in out:

@@ -130,7 +130,9 @@ def trace_ops(run, steps: int) -> dict[str, float]:
     total = collections.Counter()
     for e in events:
         args = e.get("args") or {}
-        if e.get("ph") == "X" and "hlo_op" in args and not e["name"].startswith("end:"):
+        # control flow (cond, while) encloses the ops it runs, which have their own events
+        if e.get("ph") == "X" and "hlo_op" in args and not e["name"].startswith("end:") \
+                and not re.match(r"(cond|while|conditional|call)\b", args["hlo_op"]):
             total[(args.get("hlo_module", ""), args["hlo_op"])] += e.get("dur", 0.0)
     return total
 
