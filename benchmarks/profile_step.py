@@ -16,7 +16,8 @@ For each case:
                 metadata) and grouped: weight matmuls, attention, KV-cache write, norms and
                 RoPE, sampling, log-probabilities, slot state, other
   chain ms      the same weights' matmul chain alone (benchmarks/matmul_chain.py's, no
-                attention or sampling): the floor under the step
+                attention or sampling), compiled with the same options: the floor under the step
+  --xla_defaults  both compiled with XLA:CPU's default library fusions (before 72f916d)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import pin_threads  # noqa: E402
 from llama2_jax.inference.params import SamplingParams  # noqa: E402
 from llama2_jax.inference.slots import Slots  # noqa: E402
-from llama2_jax.inference.weights import Weights  # noqa: E402
+from llama2_jax.inference.weights import DEFAULT_OPTIONS, EngineOptions, Weights  # noqa: E402
 from llama2_jax.model import checkpoint  # noqa: E402
 from llama2_jax.model.config import BENCH_134M  # noqa: E402
 
@@ -137,7 +138,7 @@ def trace_ops(run, steps: int) -> dict[str, float]:
     return total
 
 
-def chain_ms(params, rows: int, reps: int = 20) -> float:
+def chain_ms(params, rows: int, compiler_options, reps: int = 20) -> float:
     """The step's weight matmuls alone (q/k/v/o, w1/w3/w2 per layer, the output matrix)."""
     layers = params["layers"]
     ws = [np.asarray(layers["attention"][k]).reshape(BENCH_134M.n_layers, BENCH_134M.dim, -1)
@@ -153,7 +154,7 @@ def chain_ms(params, rows: int, reps: int = 20) -> float:
             x = x + (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
         return x @ o
 
-    run = jax.jit(chain)
+    run = jax.jit(chain, compiler_options=compiler_options)
     x = jnp.ones((rows, BENCH_134M.dim), jnp.float32)
     jax.block_until_ready(run(x, flat, out))
     times = []
@@ -165,8 +166,8 @@ def chain_ms(params, rows: int, reps: int = 20) -> float:
 
 
 def case(model, rows: int, sampling: str, steps: int, top: int, prompt: int,
-         length: int) -> dict:
-    slots = Slots(Weights(model), rows, length)
+         length: int, options: EngineOptions) -> dict:
+    slots = Slots(Weights(model, options=options), rows, length)
     rng = np.random.default_rng(0)
     for s in range(rows):
         tokens = rng.integers(3, BENCH_134M.vocab_size, prompt).tolist()
@@ -225,15 +226,20 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128, help="tokens in each row's prompt")
     ap.add_argument("--length", type=int, default=640, help="positions per slot")
     ap.add_argument("--json", default="")
+    ap.add_argument("--xla_defaults", action="store_true",
+                    help="compile with XLA:CPU's default library fusions (no "
+                         "EngineOptions.cpu_compiler_options), as before 72f916d")
     args = ap.parse_args()
+    options = EngineOptions(cpu_compiler_options=()) if args.xla_defaults else DEFAULT_OPTIONS
     pin_threads(os.cpu_count())
     model = checkpoint.random_model(BENCH_134M, seed=0)
     params = checkpoint.params_of(model)
     results = []
     for rows in [int(r) for r in args.rows.split(",")]:
-        chain = chain_ms(params, rows)
+        chain = chain_ms(params, rows, dict(options.cpu_compiler_options))
         for sampling in args.sampling.split(","):
-            r = case(model, rows, sampling, args.steps, args.top, args.prompt, args.length)
+            r = case(model, rows, sampling, args.steps, args.top, args.prompt, args.length,
+                     options)
             r["chain_ms"] = chain
             results.append(r)
             print(f"\n## {rows} rows, {sampling}: step {r['step_ms']:.1f} ms, pipelined "
