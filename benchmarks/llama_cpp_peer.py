@@ -284,7 +284,13 @@ class LlamaServer:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self.proc is not None:
+            # a request failed: say whether the server died, with the end of its log
+            code = self.proc.poll()
+            print(f"llama-server {'exited with ' + str(code) if code is not None else 'running'}"
+                  f" when the request failed; end of its log:\n{self.output()[-3000:]}",
+                  file=sys.stderr, flush=True)
         self.close()
 
     def _wait_ready(self) -> None:

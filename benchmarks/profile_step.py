@@ -57,7 +57,7 @@ GROUPS = [
     ("log-probabilities", r"sampling\.py.*logprobs|logsumexp.*_out|_out"),
     ("sampling", r"sampling\.py"),
     ("KV-cache write", r"kv_cache\.py.*(write|update|scatter)"),
-    ("attention", r"kv_cache\.py|attention|^\? dot f32\[\d+,\d+,\d+\]"),
+    ("attention", r"kv_cache\.py|attention|^\? dot f32\[\d+(,\d+){2,}\]"),
     ("weight matmuls", r"dot_general|einsum|linear|quant\.py|^\? dot f32\[\d+,(768|2048|2304|"
                        r"4096|32000)\]"),
     ("norms, RoPE", r"rms|norm|rope|rotary"),
