@@ -163,7 +163,10 @@ async def _closed_loop(url: str, prompts, new_tokens: int, concurrency: int,
             i, p = todo.pop()
             results[i] = await _stream_one(client, url, request_body(side, i, p, new_tokens))
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # llama-server may close a kept-alive connection just as the next request goes out on it
+    # (httpx.RemoteProtocolError, no response): a fresh connection per request there
+    limits = httpx.Limits(max_connections=concurrency + 4,
+                          max_keepalive_connections=0 if side == "llama_cpp" else 20)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     order = range(len(prompts))
