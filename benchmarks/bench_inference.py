@@ -294,7 +294,7 @@ def matmul_chain(engine: Engine):
             x = x + (jax.nn.silu(x @ f["w1"]) * (x @ f["w3"])) @ f["w2"]
         return jnp.argmax(x @ embed_out, axis=-1)
 
-    run = jax.jit(chain)
+    run = jax.jit(chain, compiler_options=engine.weights.compiler_options)  # as the steps
     x = jnp.ones((1, d), cfg.compute_dtype)
     return lambda: run(x, layers, params["output"])
 

@@ -30,6 +30,15 @@ BATCHES = (1, 4, 16, 64)
 REPS = 20
 
 
+def chain(x, layers, o, silu):
+    """The weight matmuls of a decode step: layers of 2-D (wq, wk, wv, wo, w1, w3, w2), then
+    the output matrix `o` (also benchmarks/profile_step.py's floor)."""
+    for wq, wk, wv, wo, w1, w3, w2 in layers:
+        x = x + (x @ wq + x @ wk + x @ wv) @ wo
+        x = x + (silu(x @ w1) * (x @ w3)) @ w2
+    return x @ o
+
+
 def main() -> None:
     threads = os.cpu_count()
     pin_threads(threads)
@@ -41,12 +50,6 @@ def main() -> None:
     weights = [[(rng.standard_normal(s, dtype=np.float32) * 0.02) for s in shapes]
                for _ in range(cfg.n_layers)]
     out = rng.standard_normal((d, v), dtype=np.float32) * 0.02
-
-    def chain(x, layers, o, silu):
-        for wq, wk, wv, wo, w1, w3, w2 in layers:
-            x = x + (x @ wq + x @ wk + x @ wv) @ wo
-            x = x + (silu(x @ w1) * (x @ w3)) @ w2
-        return x @ o
 
     jw = [[jnp.asarray(w) for w in layer] for layer in weights]
     jo = jnp.asarray(out)

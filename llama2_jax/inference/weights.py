@@ -29,7 +29,7 @@ class EngineOptions:
     cpu_compiler_options: XLA options of the steps compiled for CPU devices (`Weights.
     compiler_options`). XLA:CPU hands dots and the reductions and elementwise work around them
     to YNNPACK fusions by default; at decode and prefill shapes its own dot emitters are faster,
-    with YNNPACK kept for reductions (benchmarks/RESULTS.md, "XLA:CPU's library fusions").
+    with YNNPACK kept for reductions (benchmarks/RESULTS.md, "Where a decode step's time goes").
     """
 
     unstack_max_bytes: int = 2 << 30
