@@ -24,7 +24,7 @@ from llama2_jax import cli, distributed, plan
 from llama2_jax.model.checkpoint import CheckpointError
 from llama2_jax.model.config import DTYPES, ConfigError, ModelConfig
 from llama2_jax.distributed import DistributedError
-from llama2_jax.inference.scheduler import ContextError
+from llama2_jax.inference.requests import ContextError
 from llama2_jax.model.transformer import Transformer, param_count
 from llama2_jax.model.sharding import ShardingError
 from llama2_jax.tokenizer import DialogError, Tokenizer

@@ -18,8 +18,9 @@ from llama2_jax.model.config import TINY
 from llama2_jax.model.kv_cache import Blocks, KVCache
 from llama2_jax.inference.generate import Engine
 from llama2_jax.inference.prefix_cache import PrefixCache
-from llama2_jax.inference.scheduler import (ContextError, Done, QueueFull, Request, Scheduler,
-                                            ShuttingDown, Token)
+from llama2_jax.inference.requests import (ContextError, Done, PromptLogprobs, QueueFull,
+                                           Request, ShuttingDown, Token)
+from llama2_jax.inference.scheduler import Scheduler
 from tests.conftest import greedy_by_forward
 
 CFG = TINY.replace(n_kv_heads=2, max_seq_len=128)
@@ -260,6 +261,43 @@ def test_scheduler_prefix_hits_give_the_tokens_of_misses(engine):
         turn2 = p + first + PROMPTS[3]  # a conversation resent with its answer (109 tokens)
         [(tokens, done)] = run_all(sched, [(turn2, 8, GREEDY)])
         assert done.cached_tokens >= len(p) and tokens == alone(engine, turn2, 8)
+    finally:
+        sched.shutdown(0)
+        sched.join(30)
+
+
+def test_scored_prompts_give_forward_logprobs_over_chunks_and_prefix_hits(engine):
+    """echo's prompt log-probabilities: each prompt token's under the cache-free forward pass,
+    for prompts over several chunks, prompts the prefix cache holds, and max_tokens 0."""
+    sched = scheduler_for(engine, slots=2, chunk=16)
+    try:
+        sched.ready.wait(60)
+        p = PROMPTS[5]  # 70 tokens: 5 chunks of 16
+        run_all(sched, [(p, 4, GREEDY)])  # now in the prefix cache
+        for prompt, max_tokens in ((p, 0), (p, 3), (PROMPTS[2], 1), (PROMPTS[0], 0)):
+            q = queue.Queue()
+            sched.submit(Request(prompt, max_tokens, sink=q.put, params=GREEDY,
+                                 stop_ids=frozenset(), score_prompt=True))
+            events = []
+            while not events or not isinstance(events[-1], Done):
+                events += q.get(timeout=120)
+            scores = [e for e in events if isinstance(e, PromptLogprobs)]
+            tokens = [e for e in events if isinstance(e, Token)]
+            assert events[-1].cached_tokens == 0 and len(tokens) == max_tokens
+            assert all(isinstance(e, PromptLogprobs) for e in events[:len(scores)])
+            logits = engine.forward(prompt)
+            want = jax.nn.log_softmax(logits, axis=-1)
+            got = [lp for e in scores for lp in e.logprobs]
+            assert [e.start for e in scores] == list(range(0, len(prompt) - 1, 16))
+            np.testing.assert_allclose(got, want[np.arange(len(prompt) - 1), prompt[1:]],
+                                       atol=1e-5, rtol=0)
+            top = [alts for e in scores for alts in e.top]
+            for t, alts in enumerate(top):
+                ids, lps = zip(*alts)
+                np.testing.assert_allclose(lps, np.sort(want[t])[::-1][:len(lps)], atol=1e-5)
+                assert ids[0] == int(np.argmax(logits[t]))
+            if tokens:  # the answer starts where generate's would
+                assert [t.id for t in tokens] == alone(engine, prompt, max_tokens)
     finally:
         sched.shutdown(0)
         sched.join(30)

@@ -12,7 +12,8 @@ import pytest
 from llama2_jax.inference import lockstep
 from llama2_jax.inference.params import GREEDY
 from llama2_jax.inference.slots import Slots
-from llama2_jax.inference.scheduler import Request, Scheduler, Token
+from llama2_jax.inference.requests import Request, Token
+from llama2_jax.inference.scheduler import Scheduler
 from tests.test_batching import CFG, PROMPTS, alone, engine, model  # noqa: F401 (fixtures)
 
 

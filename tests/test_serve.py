@@ -107,6 +107,7 @@ def test_openai_chat_equals_generate_with_forward_logprobs(client, ref, tokenize
         assert [a.logprob for a in got[i].top_logprobs] == pytest.approx(
             [float(logp[i, j]) for j in top], abs=2e-4)
         assert bytes(got[i].bytes).decode("utf-8", "replace") == got[i].token
+    assert "".join(t.token for t in got) == choice.message.content  # as OpenAI's join
 
 
 def test_openai_stream_is_the_same_answer_in_pieces(client, ref, tokenizer):
@@ -148,6 +149,59 @@ def test_completions_take_text_or_ids_without_a_template(client, ref, tokenizer)
     assert sum(len(c.choices[0].logprobs.tokens) for c in chunks) == 12
 
 
+def test_echo_scores_prompts_as_lm_eval_asks(server, ref, tokenizer):
+    """lm-eval's loglikelihood request: token-id prompts (one over several prefill chunks),
+    echo, logprobs, max_tokens 0 or 1: every prompt token's log-probability is the forward
+    pass's (the first is null), whatever the prefix cache holds."""
+    long = tokenizer.encode("The llama is a domesticated South American camelid, widely "
+                            "used as a meat and pack animal by Andean cultures since the "
+                            "pre-Columbian era. Llamas are social animals and live with "
+                            "others as a herd. Their wool is soft.", bos=True)
+    short = tokenizer.encode("A camel", bos=True)
+    assert len(long) > 32  # over the server's prefill chunk
+    server.post("/v1/completions", {"model": MODEL, "prompt": long, "max_tokens": 2})  # cached
+    for max_tokens in (0, 1):
+        status, r = server.post("/v1/completions", {
+            "model": MODEL, "prompt": [long, short], "echo": True, "logprobs": 3,
+            "max_tokens": max_tokens, "temperature": 0})
+        assert status == 200, (r, server.output()[-3000:])
+        for choice, ids in zip(r["choices"], (long, short)):
+            lp = choice["logprobs"]
+            assert len(lp["token_logprobs"]) == len(ids) + max_tokens
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            want = np.asarray(jax.nn.log_softmax(llama2_jax.forward(ref, ids), axis=-1))
+            np.testing.assert_allclose(lp["token_logprobs"][1:len(ids)],
+                                       want[np.arange(len(ids) - 1), ids[1:]], atol=1e-5, rtol=0)
+            for t, alts in enumerate(lp["top_logprobs"][1:len(ids)]):
+                assert len(alts) == 3
+                assert max(alts.values()) == pytest.approx(want[t].max(), abs=1e-5)
+            answer = greedy(ref, ids, 1)[:max_tokens]
+            assert choice["text"].startswith(tokenizer.decode(ids))
+            assert "".join(lp["tokens"]) == choice["text"]
+            assert [choice["text"][o:] for o in lp["text_offset"]][-1] == lp["tokens"][-1]
+            if answer:
+                assert lp["token_logprobs"][-1] == pytest.approx(
+                    float(want[-1, answer[0]]), abs=2e-4)
+            assert choice["finish_reason"] == "length"
+        assert r["usage"]["completion_tokens"] == 2 * max_tokens
+
+
+def test_echo_of_text_prompts_streamed_and_not(client, ref, tokenizer):
+    text = "The llama is"
+    ids = tokenizer.encode(text, bos=True)
+    answer = greedy(ref, ids, 6)
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=6, temperature=0,
+                                  echo=True)
+    whole = tokenizer.decode(ids + answer)
+    assert r.choices[0].text == whole and r.choices[0].logprobs is None
+    chunks = list(client.completions.create(model=MODEL, prompt=text, max_tokens=6,
+                                            temperature=0, echo=True, logprobs=1, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    lps = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
+    assert "".join(tokens) == whole and len(lps) == len(ids) + 6 and lps[0] is None
+
+
 def test_stop_strings_end_the_answer_before_them(client, ref, tokenizer):
     messages = [{"role": "user", "content": "Tell me a story."}]
     full = tokenizer.decode(greedy(ref, chat_ids(tokenizer, messages), 40))
@@ -177,6 +231,12 @@ def test_seeds_reproduce_and_n_choices_differ(client):
     two = ask(7, n=2)
     assert two[0] == ask(7)[0] and two[1] != two[0]  # choice j draws with seed + j
     assert two[1] == ask(8)[0]
+
+
+def test_a_model_by_its_id(server, client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    status, reply = server.get("/v1/models/gpt-4")
+    assert status == 404 and reply["error"]["code"] == "model_not_found"
 
 
 def test_models_and_health(server, client):
@@ -324,6 +384,9 @@ BAD = {
                       404, "model", "'gpt-4' does not exist"),
     "penalty": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                  "frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
+    "top_logprobs without logprobs": ({"model": MODEL, "messages": [
+        {"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs",
+        "needs logprobs: true"),
     "top_logprobs 21": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                          "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "20"),
 }
@@ -331,7 +394,10 @@ BAD_COMPLETIONS = {
     "token id past the vocabulary": ({"model": MODEL, "prompt": [1, 32000]}, 400, "prompt",
                                      "token id 32000 is outside the vocabulary 0..31999"),
     "empty prompt": ({"model": MODEL, "prompt": []}, 400, "prompt", "empty"),
-    "echo": ({"model": MODEL, "prompt": "a", "echo": True}, 400, "echo", "not supported"),
+    "max_tokens 0 without echo": ({"model": MODEL, "prompt": "a", "max_tokens": 0}, 400,
+                                  "max_tokens", "needs echo"),
+    "logprobs 21": ({"model": MODEL, "prompt": "a", "logprobs": 21, "echo": True}, 400,
+                    "logprobs", "20"),
     "long prompt, no max_tokens": ({"model": MODEL, "prompt": [5] * 300, "max_tokens": None},
                                    400, "prompt", "300 tokens, which leaves no room"),
 }

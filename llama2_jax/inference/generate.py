@@ -18,7 +18,8 @@ from jax.sharding import Mesh
 
 from llama2_jax.inference.buckets import pow2_at_least
 from llama2_jax.inference.params import SamplingParams
-from llama2_jax.inference.scheduler import ContextError, Done, Request, Scheduler, Token
+from llama2_jax.inference.requests import ContextError, Done, Request, Token
+from llama2_jax.inference.scheduler import Scheduler
 from llama2_jax.inference.slots import Slots
 from llama2_jax.inference.weights import DEFAULT_OPTIONS, EngineOptions, Weights
 from llama2_jax.model.transformer import Transformer

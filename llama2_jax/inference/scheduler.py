@@ -17,8 +17,6 @@ prompt plus `max_tokens` fits the slot always fits (checked by `submit`).
 from __future__ import annotations
 
 import collections
-import dataclasses
-import itertools
 import threading
 import time
 import traceback
@@ -28,9 +26,11 @@ import numpy as np
 
 from llama2_jax.inference.params import SamplingParams
 from llama2_jax.inference.prefix_cache import PrefixCache
+from llama2_jax.inference.requests import (ContextError, Done, Event, Observer, PromptLogprobs,
+                                           QueueFull, Quiet, Request, ShuttingDown, Token)
 
 if TYPE_CHECKING:
-    from llama2_jax.inference.slots import Prefix, StepOut
+    from llama2_jax.inference.slots import Prefix, PromptScores, StepOut
 
 
 class Stepper(Protocol):
@@ -44,6 +44,9 @@ class Stepper(Protocol):
 
     def prefill(self, slot: int, tokens: Sequence[int], start: int, final: bool,
                 params: SamplingParams) -> "StepOut": ...
+    def prefill_scored(self, slot: int, tokens: Sequence[int], start: int, final: bool,
+                       params: SamplingParams, following: int
+                       ) -> "tuple[StepOut, PromptScores]": ...
     def decode(self) -> "StepOut": ...
     def release(self, slot: int) -> None: ...
     def resume(self, slot: int, length: int) -> None: ...
@@ -54,89 +57,8 @@ class Stepper(Protocol):
 
 
 # The calls that change device or host state, which every process must make in order.
-REPLAYED = ("prefill", "decode", "release", "resume", "extract", "insert", "warm_up")
-
-
-class ContextError(ValueError):
-    """A prompt (and its answer) that does not fit the context."""
-
-
-class QueueFull(RuntimeError):
-    """The wait queue is full: try again later (HTTP 429)."""
-
-
-class ShuttingDown(RuntimeError):
-    """The scheduler accepts no new requests (HTTP 503)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Token:
-    id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] | None  # (token id, logprob) most likely first
-
-
-@dataclasses.dataclass(frozen=True)
-class Done:
-    """The last event of a request. reason: stop (EOS) | length (max_tokens or the slot's end)
-    | cancelled | abort (shut down before it finished) | error (then `error` says why)."""
-
-    reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    error: str | None = None
-
-
-Event = Token | Done
-
-
-class Observer(Protocol):
-    """What the loop reports as it goes (the server's Prometheus metrics implement it)."""
-
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def finished(self, done: Done) -> None: ...
-    def prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None: ...
-
-
-class _Quiet:
-    def first_token(self, seconds): pass
-    def inter_token(self, seconds): pass
-    def finished(self, done): pass
-    def prefix_lookup(self, prompt_tokens, hit_tokens): pass
-
-
-_ids = itertools.count()
-
-
-@dataclasses.dataclass(eq=False)
-class Request:
-    """One generation: `prompt` token ids, up to `max_tokens` new ones, stopping at a token of
-    `stop_ids` (not delivered). `sink` receives the events; `cancel()` ends it early.
-    `reuse`: the first `reuse` prompt tokens are already in the row of the slot the request
-    gets (a conversation's earlier turns in a one-slot scheduler: see `Session`)."""
-
-    prompt: Sequence[int]
-    max_tokens: int
-    sink: Callable[[list[Event]], None]
-    params: SamplingParams = SamplingParams()
-    stop_ids: frozenset[int] = frozenset({2})
-    reuse: int = 0
-    id: int = dataclasses.field(default_factory=lambda: next(_ids))
-    cancelled: bool = False
-    # set by the loop
-    arrival: float = 0.0
-    slot: int | None = None
-    cursor: int = 0  # prompt tokens in the slot's cache
-    cached: int = 0  # of them, copied from the prefix cache
-    looked_up: bool = False
-    generated: list[int] = dataclasses.field(default_factory=list)
-    last_time: float = 0.0
-    done: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
+REPLAYED = ("prefill", "prefill_scored", "decode", "release", "resume", "extract", "insert",
+            "warm_up")
 
 
 class Scheduler:
@@ -157,7 +79,7 @@ class Scheduler:
                  max_queue: int = 64, prefix_cache_bytes: int = 0,
                  observer: Observer | None = None, idle_wait: float = 0.05):
         self.length, self.vocab_size, self.max_queue = length, vocab_size, max_queue
-        self.observer = observer or _Quiet()
+        self.observer = observer or Quiet()
         self.prefix = PrefixCache(prefix_cache_bytes)
         self._load, self._idle_wait = load, idle_wait
         self._cond = threading.Condition()
@@ -182,9 +104,9 @@ class Scheduler:
         """Raise ContextError unless a prompt of this size and its answer fit a slot."""
         if prompt_tokens < 1:
             raise ContextError("the prompt is empty: it needs at least one token")
-        if max_tokens < 1:
-            raise ContextError(f"max_tokens must be >= 1, got {max_tokens}")
-        if prompt_tokens + max_tokens > self.length:
+        if max_tokens < 0:
+            raise ContextError(f"max_tokens must be >= 0, got {max_tokens}")
+        if prompt_tokens + max(max_tokens, 1) > self.length:  # room for the token drawn
             raise ContextError(
                 f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
                 f"{prompt_tokens + max_tokens} tokens, over the context of {self.length}")
@@ -332,6 +254,8 @@ class Scheduler:
                 r.looked_up = True
                 slots.resume(r.slot, r.reuse)
                 r.cursor = r.cached = r.reuse
+            if not r.looked_up and r.score_prompt:  # every token's logits are needed
+                r.looked_up = True
             if not r.looked_up:  # at its first chunk, so a prefix stored just before is found
                 r.looked_up = True
                 hit, handle = self.prefix.lookup(r.prompt, len(r.prompt) - 1)
@@ -341,7 +265,13 @@ class Scheduler:
                     r.cursor = r.cached = hit
             chunk = list(r.prompt[r.cursor:r.cursor + slots.chunk])
             final = r.cursor + len(chunk) == len(r.prompt)
-            out = slots.prefill(r.slot, chunk, r.cursor, final, r.params)
+            if r.score_prompt:
+                following = 0 if final else int(r.prompt[r.cursor + len(chunk)])
+                out, scores = slots.prefill_scored(r.slot, chunk, r.cursor, final, r.params,
+                                                   following)
+                pending.append((scores, [(r.cursor, len(chunk) - (1 if final else 0), r)]))
+            else:
+                out = slots.prefill(r.slot, chunk, r.cursor, final, r.params)
         except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
             traceback.print_exc()
             self._finish(r, "error", error=f"{type(e).__name__}: {e}", store=False)
@@ -354,6 +284,9 @@ class Scheduler:
 
     def _deliver(self, out, rows) -> None:
         """Hand the tokens of one step to their requests, finishing those that are done."""
+        if not isinstance(out, tuple) or not hasattr(out, "tokens"):  # a chunk's PromptScores
+            self._deliver_scores(out, *rows[0])
+            return
         live = [(row, r) for row, r in rows if not r.done and not r.cancelled]
         if not live:
             return
@@ -367,6 +300,9 @@ class Scheduler:
         now = time.perf_counter()
         for row, r in live:
             t = int(tokens[row])
+            if r.max_tokens == 0:  # the prompt alone was asked for (its log-probabilities)
+                self._finish(r, "length")
+                continue
             if t in r.stop_ids:
                 self._finish(r, "stop")
                 continue
@@ -382,6 +318,13 @@ class Scheduler:
             self._emit(r, [Token(t, float(lps[row]), top)])
             if len(r.generated) >= r.max_tokens:
                 self._finish(r, "length")
+
+    def _deliver_scores(self, scores, start: int, n: int, r: Request) -> None:
+        if r.done or r.cancelled or n == 0:
+            return
+        lp, ids, top = (np.asarray(a)[:n] for a in scores)
+        self._emit(r, [PromptLogprobs(start, tuple(lp.tolist()), tuple(
+            tuple(zip(i, t)) for i, t in zip(ids.tolist(), top.tolist())))])
 
     def _emit(self, r: Request, events: list[Event]) -> None:
         try:

@@ -25,7 +25,6 @@ This class owns the device state and is driven by one thread; nothing here is th
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -59,6 +58,17 @@ class StepOut(NamedTuple):
     logprob: jax.Array  # [R] float32, log-probability of the token under the model
     top_ids: jax.Array  # [R, TOP_LOGPROBS] int32 (zeros unless some row asked)
     top_logprobs: jax.Array  # [R, TOP_LOGPROBS] float32
+
+
+class PromptScores(NamedTuple):
+    """Log-probabilities of a prompt chunk's tokens under the model (device arrays until read):
+    position i of the chunk scores the token after it (the chunk's next token, or the one
+    after the chunk); the last position of a prompt's last chunk scores nothing (its token
+    is the answer's first)."""
+
+    logprob: jax.Array  # [T] float32 (the chunk's bucket; its first n are real)
+    top_ids: jax.Array  # [T, TOP_LOGPROBS] int32
+    top_logprobs: jax.Array  # [T, TOP_LOGPROBS] float32
 
 
 class Prefix(NamedTuple):
@@ -104,7 +114,7 @@ class Slots:
         jit = functools.partial(jax.jit, compiler_options=weights.compiler_options)
         self._decode = jit(self._decode_fn, static_argnames=("rows", "attend"),
                            donate_argnames=("cache", "state"))
-        self._prefill = jit(self._prefill_fn, static_argnames=("attend",),
+        self._prefill = jit(self._prefill_fn, static_argnames=("attend", "score"),
                             donate_argnames=("stage", "state"))
         self._commit = jit(self._commit_fn, static_argnames=("blocks",),
                            donate_argnames=("cache",))
@@ -195,13 +205,23 @@ class Slots:
                 kv_cache.constrain(cache))
 
     def _prefill_fn(self, weights, stage, state: SlotState, slot, tokens, start, n, final,
-                    temperature, top_p, top_k, key, want_top, attend: int):
-        """Feed tokens [1, T] (the first n real) at positions start.. of the staging row."""
+                    temperature, top_p, top_k, key, want_top, following, attend: int,
+                    score: bool = False):
+        """Feed tokens [1, T] (the first n real) at positions start.. of the staging row.
+        With `score`, also the PromptScores of the chunk (`following`: the token after it)."""
         self.compile_count += 1
         model, unstacked = self.weights.model(weights)
         positions = start + jnp.arange(tokens.shape[1], dtype=i32)[None]  # [1, T]
-        logits, stage = model(tokens, positions, stage, logits_at=(n - 1)[None], attend=attend,
-                              unstacked=unstacked)  # [1, V]
+        if score:
+            every, stage = model(tokens, positions, stage, attend=attend,
+                                 unstacked=unstacked)  # [1, T, V]
+            logits = jax.lax.dynamic_index_in_dim(every[0], n - 1, keepdims=True)  # [1, V]
+            targets = jnp.roll(tokens[0], -1).at[n - 1].set(following)  # [T]
+            scores = PromptScores(*self._replicate(logprobs(every[0], targets,
+                                                            jnp.ones((), bool))))
+        else:
+            logits, stage = model(tokens, positions, stage, logits_at=(n - 1)[None],
+                                  attend=attend, unstacked=unstacked)  # [1, V]
         sampling = RowSampling(temperature[None], top_p[None], top_k[None], key[None],
                                jnp.zeros(1, i32))
         first = sample_rows(logits, sampling)
@@ -216,37 +236,15 @@ class Slots:
             sampling=RowSampling(put(s.temperature, temperature), put(s.top_p, top_p),
                                  put(s.top_k, top_k), put(s.key, key), put(s.count, 1)),
             want_top=put(state.want_top, want_top))
-        return (self._out(logits, first, want_top[None]), self._replicate(state),
-                kv_cache.constrain(stage))
+        out = (self._out(logits, first, want_top[None]), self._replicate(state),
+               kv_cache.constrain(stage))
+        return (*out, scores) if score else out
 
     def _commit_fn(self, cache, stage, slot, blocks: int):
         """The cache with the staging row's first `blocks` position blocks in row `slot`."""
         self.compile_count += 1
         return kv_cache.constrain(
-            self._map_layers(lambda c, s: self._copy_row(c, s, slot, blocks), cache, stage))
-
-    def _copy_row(self, cache: Blocks, stage: Blocks, slot, blocks: int) -> Blocks:
-        """`cache` with the first `blocks` position blocks of the staging row in row `slot`
-        (written into each row group, dropped where the slot is not)."""
-        groups, start = [], 0
-        for group in cache.groups:
-            size = group[0].rows
-            inside = (slot >= start) & (slot < start + size)
-            row = jnp.where(inside, slot - start, size)
-
-            def put(c, src, row=row, inside=inside):  # src: the staging row, [L, 1, K, S, H]
-                # or [K, S, H]
-                if c.ndim == 5:
-                    return c.at[:, row].set(src[:, 0], mode="drop")
-                if c.ndim == 4:
-                    return c.at[row].set(src, mode="drop")
-                return jnp.where(inside, src, c)  # a one-row group
-
-            groups.append(tuple(
-                KVCache(put(blk.k, src.k), put(blk.v, src.v)) if j < blocks else blk
-                for j, (blk, src) in enumerate(zip(group, stage.groups[0]))))
-            start += size
-        return Blocks(tuple(groups))
+            self._map_layers(lambda c, s: kv_cache.copy_row(c, s, slot, blocks), cache, stage))
 
     def _insert_fn(self, stage, state: SlotState, kv, slot):
         """The staging row with a prefix's blocks (copies) in front; `slot` idles until its
@@ -264,27 +262,9 @@ class Slots:
         return kv_cache.constrain(stage), self._replicate(state)
 
     def _extract_fn(self, cache, slot, n: int):
-        """The first n position blocks of row `slot`, one row (a branch per row group)."""
+        """The first n position blocks of row `slot`, one row."""
         self.compile_count += 1
-        groups = self.shapes.groups
-        starts = [0, *itertools.accumulate(groups)][:-1]
-        group = sum((slot >= s).astype(i32) for s in starts[1:])
-
-        def branch(g):
-            def take(c: Blocks) -> Blocks:
-                row = slot - starts[g]
-
-                def one(a):  # the row, in the staging row's shape
-                    if a.ndim == 5:
-                        return jax.lax.dynamic_slice_in_dim(a, row, 1, axis=1)
-                    if a.ndim == 4:
-                        return jax.lax.dynamic_index_in_dim(a, row, 0, keepdims=False)
-                    return jnp.copy(a)
-                return Blocks((tuple(KVCache(one(blk.k), one(blk.v))
-                                     for blk in c.groups[g][:n]),))
-            return lambda c: self._map_layers(take, c)
-
-        return jax.lax.switch(group, [branch(g) for g in range(len(groups))], cache)
+        return self._map_layers(lambda c: kv_cache.take_row(c, slot, n), cache)
 
     # -- what the drivers call ---------------------------------------------------------------
     def _check_slot(self, slot: int) -> None:
@@ -297,6 +277,18 @@ class Slots:
         slot starts decoding from the token drawn after them (returned, one row). A prompt's
         chunks come in order from start 0 (or from up to a Prefix's length after `insert`,
         or what `resume` kept), and one slot's prompt is prefilled at a time."""
+        return self._prefill_call(slot, tokens, start, final, params, None)
+
+    def prefill_scored(self, slot: int, tokens: Sequence[int], start: int, final: bool,
+                       params: SamplingParams, following: int) -> tuple[StepOut, PromptScores]:
+        """`prefill`, and the log-probabilities of the chunk's tokens after its first and of
+        `following` (the prompt's token after the chunk; ignored when `final`): position i
+        of the PromptScores scores the token at start + i + 1. A step of its own per chunk
+        bucket (logits at every position), compiled when first used or by `warm_up(score=
+        True)`."""
+        return self._prefill_call(slot, tokens, start, final, params, int(following))
+
+    def _prefill_call(self, slot, tokens, start, final, params, following):
         self._check_slot(slot)
         n = len(tokens)
         if not 0 < n <= self.chunk:
@@ -310,13 +302,15 @@ class Slots:
                              "prefill a prompt's chunks in order, one prompt at a time")
         padded = np.zeros((1, self.shapes.bucket(n)), np.int32)
         padded[0, :n] = tokens
+        score = following is not None
         with jax.set_mesh(self.weights.mesh):
-            out, self.state, self.stage = self._prefill(
+            out, self.state, self.stage, *scores = self._prefill(
                 self.weights.leaves, self.stage, self.state,
                 np.int32(slot), padded, np.int32(start), np.int32(n), np.bool_(final),
                 np.float32(params.temperature), np.float32(params.top_p),
                 np.int32(params.top_k), params.key(), np.bool_(params.top_logprobs),
-                attend=self.shapes.attend_bucket(start + n))
+                np.int32(following or 0), attend=self.shapes.attend_bucket(start + n),
+                score=score)
             if self.shared_stage:
                 self.cache = self.stage
             elif final:  # the prompt's keys/values into the slot's row, where decode reads
@@ -324,7 +318,7 @@ class Slots:
                                           blocks=self.shapes.blocks_for(start + n))
         self._staged = (slot, start + n)
         self.positions[slot] = start + n if final else self.length
-        return out
+        return (out, scores[0]) if score else out
 
     def release(self, slot: int) -> None:
         """`slot` is free: the next decode steps pass over it (its row keeps the keys/values
@@ -388,13 +382,17 @@ class Slots:
         row = sum(x.nbytes for x in jax.tree.leaves(self.stage)) // self.length
         return row * sum(self.shapes.blocks[:self.shapes.blocks_for(length)])
 
-    def warm_up(self) -> int:
-        """Compile every step these slots can need; returns how many were compiled."""
+    def warm_up(self, score: bool = False) -> int:
+        """Compile every step these slots can need (with `score`, `prefill_scored`'s too);
+        returns how many were compiled."""
         before = self.compile_count
         params = SamplingParams()
         for n, start in self.shapes.prefill_shapes():
             self._staged = (0, start)
             self.prefill(0, [0] * n, start, True, params)
+            if score:
+                self._staged = (0, start)
+                self.prefill_scored(0, [0] * n, start, True, params, 0)
         for n in range(1, len(self.shapes.blocks) + 1):
             if not self.shared_stage:
                 with jax.set_mesh(self.weights.mesh):
@@ -427,7 +425,7 @@ class Slots:
                 out.append((f"prefill {t} tokens, attend {attend}", self._prefill.lower(
                     self.weights.leaves, self.stage, self.state, i32_,
                     a(np.zeros((1, t), np.int32)), i32_, i32_, b_, f32_, f32_, i32_,
-                    a(np.zeros(2, np.uint32)), b_, attend=attend)))
+                    a(np.zeros(2, np.uint32)), b_, i32_, attend=attend)))
             for n in block_counts:
                 if not self.shared_stage:
                     out.append((f"commit {n} blocks", self._commit.lower(

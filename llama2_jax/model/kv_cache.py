@@ -23,6 +23,7 @@ place and the dot reads the written block itself.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -255,3 +256,50 @@ def attend_over(q: jax.Array, keys: Sequence[jax.Array], values: Sequence[jax.Ar
                                vb.astype(q.dtype), preferred_element_type=f32)
         off += s
     return out.astype(q.dtype)
+
+
+def copy_row(cache: Blocks, stage: Blocks, slot, blocks: int) -> Blocks:
+    """`cache` with the first `blocks` position blocks of the one-row `stage` in row `slot`
+    (written into each row group, dropped where the slot is not)."""
+    groups, start = [], 0
+    for group in cache.groups:
+        size = group[0].rows
+        inside = (slot >= start) & (slot < start + size)
+        row = jnp.where(inside, slot - start, size)
+
+        def put(c, src, row=row, inside=inside):  # src: the staging row, [L, 1, K, S, H]
+            # or [K, S, H]
+            if c.ndim == 5:
+                return c.at[:, row].set(src[:, 0], mode="drop")
+            if c.ndim == 4:
+                return c.at[row].set(src, mode="drop")
+            return jnp.where(inside, src, c)  # a one-row group
+
+        groups.append(tuple(
+            KVCache(put(blk.k, src.k), put(blk.v, src.v)) if j < blocks else blk
+            for j, (blk, src) in enumerate(zip(group, stage.groups[0]))))
+        start += size
+    return Blocks(tuple(groups))
+
+
+def take_row(cache: Blocks, slot, n: int) -> Blocks:
+    """The first n position blocks of row `slot`, as a one-row Blocks (a branch per row
+    group, the slot traced)."""
+    sizes = [g[0].rows for g in cache.groups]
+    starts = [0, *itertools.accumulate(sizes)][:-1]
+    group = sum((slot >= s).astype(jnp.int32) for s in starts[1:])
+
+    def branch(g):
+        def take(c: Blocks) -> Blocks:
+            row = slot - starts[g]
+
+            def one(a):  # the row, in the staging row's shape
+                if a.ndim == 5:
+                    return jax.lax.dynamic_slice_in_dim(a, row, 1, axis=1)
+                if a.ndim == 4:
+                    return jax.lax.dynamic_index_in_dim(a, row, 0, keepdims=False)
+                return jnp.copy(a)
+            return Blocks((tuple(KVCache(one(blk.k), one(blk.v)) for blk in c.groups[g][:n]),))
+        return take
+
+    return jax.lax.switch(group, [branch(g) for g in range(len(sizes))], cache)

@@ -2,7 +2,7 @@
 
   POST /v1/chat/completions   messages in Meta's chat format (encode_dialog), nothing added
   POST /v1/completions        raw text (BOS + text) or token ids, no template
-  GET  /v1/models             the one model served
+  GET  /v1/models             the one model served (and /v1/models/{id})
   GET  /health                200 when ready, 503 while loading or shutting down
   GET  /metrics               Prometheus text
 
@@ -25,9 +25,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama2_jax.inference.params import SamplingParams
-from llama2_jax.inference.scheduler import ContextError, Scheduler
+from llama2_jax.inference.requests import ContextError
+from llama2_jax.inference.scheduler import Scheduler
 from llama2_jax.serve import schemas
-from llama2_jax.serve.generation import APIError, Generation, random_seed
+from llama2_jax.serve.generation import APIError, Generation, join_logprobs, random_seed
 from llama2_jax.serve.metrics import Metrics
 from llama2_jax.tokenizer import DialogError, Tokenizer, encode_dialog
 
@@ -101,6 +102,15 @@ def create_app(server: Server) -> FastAPI:
                                  max_model_len=server.context)
         return schemas.ModelList(data=[card]).model_dump()
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        _authorize(server, request)
+        if model_id != server.model_name:
+            raise APIError(404, f"the model '{model_id}' does not exist; this server serves "
+                           f"'{server.model_name}'", param="model", code="model_not_found")
+        return schemas.ModelCard(id=server.model_name, created=server.created,
+                                 max_model_len=server.context).model_dump()
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _authorize(server, request)
@@ -112,6 +122,8 @@ def create_app(server: Server) -> FastAPI:
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format type 'text' is supported",
                            param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         dialog = [{"role": msg.role, "content": msg.text()} for msg in req.messages]
         try:
             prompt = encode_dialog(server.tokenizer, dialog)
@@ -129,17 +141,20 @@ def create_app(server: Server) -> FastAPI:
         _authorize(server, request)
         req = await _parse(server, request, schemas.CompletionRequest)
         _check_common(server, req)
-        if req.echo:
-            raise APIError(400, "echo is not supported by this server", param="echo")
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens 0 needs echo: true (the prompt's log-probabilities"
+                           " alone)", param="max_tokens")
         if req.suffix:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of must equal n (or be left out)", param="best_of")
-        prompts = _completion_prompts(server, req.prompt)
-        gen = _generation(server, prompts, req, req.max_tokens, req.logprobs, "prompt")
+        prompts, texts = _completion_prompts(server, req.prompt)
+        gen = _generation(server, prompts, req, req.max_tokens, req.logprobs, "prompt",
+                          score_prompt=req.echo and req.logprobs is not None)
+        echo = texts if req.echo else None
         if req.stream:
-            return _stream(gen, _completion_chunks(server, gen, req))
-        return await _completion_body(server, gen, req, request)
+            return _stream(gen, _completion_chunks(server, gen, req, echo))
+        return await _completion_body(server, gen, req, request, echo)
 
     return app
 
@@ -202,15 +217,16 @@ def _check_common(server: Server, req) -> None:
         raise APIError(400, f"stop takes at most {schemas.MAX_STOP} strings", param="stop")
 
 
-def _completion_prompts(server: Server, prompt) -> list[list[int]]:
-    """Token ids of each prompt: text gets BOS + its tokens, ids are taken as they are."""
+def _completion_prompts(server: Server, prompt) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt: text gets BOS + its tokens, ids are taken as they
+    are (their text is their decoding)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt is empty", param="prompt")
-    out = []
+    out, texts = [], []
     for p in prompt:
         ids = server.tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p)
         vocab = server.tokenizer.vocab_size
@@ -219,10 +235,12 @@ def _completion_prompts(server: Server, prompt) -> list[list[int]]:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary 0..{vocab - 1}",
                            param="prompt")
         out.append(ids)
-    return out
+        texts.append(p if isinstance(p, str) else server.tokenizer.decode(ids))
+    return out, texts
 
 
-def _generation(server: Server, prompts, req, max_tokens, top, prompt_param) -> Generation:
+def _generation(server: Server, prompts, req, max_tokens, top, prompt_param,
+                score_prompt: bool = False) -> Generation:
     """The request's choices, checked against the context and submitted."""
     scheduler = server.scheduler
     if not scheduler.accepting:
@@ -248,7 +266,8 @@ def _generation(server: Server, prompts, req, max_tokens, top, prompt_param) -> 
     gen = Generation(scheduler, server.tokenizer, prompts, req.n,
                      max_tokens if max_tokens is not None else server.context - longest,
                      params, req.stop_strings(),
-                     stop_ids=frozenset() if req.ignore_eos else None)
+                     stop_ids=frozenset() if req.ignore_eos else None,
+                     score_prompt=score_prompt)
     if max_tokens is None:  # each prompt's own room
         for c in gen.choices:
             c.request.max_tokens = server.context - len(c.prompt)
@@ -287,6 +306,7 @@ def _disconnected(request: Request):
 async def _chat_chunks(server: Server, gen: Generation, req, top):
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     usage_chunks = bool(req.stream_options and req.stream_options.include_usage)
+    begun: set[int] = set()  # choices whose first tokens went out
 
     def ids(tokens):
         return _ids(tokens) if req.return_token_ids and tokens else None
@@ -301,7 +321,9 @@ async def _chat_chunks(server: Server, gen: Generation, req, top):
     async for u in gen.updates():
         logprobs = None
         if top is not None and u.tokens:
-            logprobs = {"content": gen.chat_logprobs(u.tokens, top)}
+            logprobs = {"content": gen.chat_logprobs(u.tokens, top, u.index not in begun)}
+        if u.tokens:
+            begun.add(u.index)
         unsent = u.tokens  # logprobs and ids go with the first chunk of the update
         if u.text or u.finish_reason is None:
             yield chunk([schemas.ChatChunkChoice(index=u.index, delta=schemas.Delta(
@@ -324,7 +346,9 @@ async def _chat_body(server: Server, gen: Generation, req, top, request: Request
         tokens[u.index] += u.tokens
     choices = []
     for c in gen.choices:
-        logprobs = None if top is None else {"content": gen.chat_logprobs(tokens[c.index], top)}
+        logprobs = None
+        if top is not None:
+            logprobs = {"content": gen.chat_logprobs(tokens[c.index], top, True)}
         choices.append(schemas.ChatChoice(
             index=c.index, message=schemas.AssistantMessage(content="".join(texts[c.index])),
             logprobs=logprobs, finish_reason=c.finish_reason,
@@ -335,18 +359,45 @@ async def _chat_body(server: Server, gen: Generation, req, top, request: Request
         prompt_token_ids=gen.prompts if req.return_token_ids else None).model_dump()
 
 
-async def _completion_chunks(server: Server, gen: Generation, req):
+def _echo_head(gen: Generation, req, c, echo: list[str],
+               first: list) -> tuple[str, int, dict | None]:
+    """What an `echo` choice starts with: its prompt's text and, when its answer's first
+    token begins with the space a standalone decoding drops, that space (`first`: the
+    answer's tokens, or none yet); where the answer's first token starts in it; the prompt's
+    logprobs."""
+    text = echo[c.index // gen.n]
+    logprobs = gen.echo_logprobs(c, req.logprobs) if req.logprobs is not None else None
+    return text + (gen.dropped_space(first[0].id) if first else ""), len(text), logprobs
+
+
+async def _completion_chunks(server: Server, gen: Generation, req, echo: list[str] | None):
+    """Streamed choices; with `echo`, each choice's first chunk starts with its prompt."""
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     usage_chunks = bool(req.stream_options and req.stream_options.include_usage)
     offsets = {c.index: 0 for c in gen.choices}
+    begun: set[int] = set()
     async for u in gen.updates():
+        head, start, head_lps = "", 0, None
+        if u.index not in begun and (u.tokens or u.finish_reason):
+            begun.add(u.index)
+            at_start = True
+            if echo is not None:
+                head, start, head_lps = _echo_head(gen, req, gen.choices[u.index], echo,
+                                                   u.tokens)
+                at_start = False
+        else:
+            at_start = False
         logprobs = None
         if req.logprobs is not None:
-            logprobs = gen.completion_logprobs(u.tokens, req.logprobs, offsets[u.index])
-        offsets[u.index] += len(u.text)
+            offset = offsets[u.index] + start
+            logprobs = gen.completion_logprobs(u.tokens, req.logprobs, offset, at_start)
+            if head_lps is not None:
+                logprobs = join_logprobs(head_lps, logprobs)
+        text = head + u.text
+        offsets[u.index] += len(text)
         yield schemas.Completion(id=ident, created=created, model=server.model_name,
                                  choices=[schemas.CompletionChoice(
-                                     index=u.index, text=u.text, logprobs=logprobs,
+                                     index=u.index, text=text, logprobs=logprobs,
                                      finish_reason=u.finish_reason,
                                      token_ids=_ids(u.tokens) if req.return_token_ids
                                      else None)])
@@ -355,7 +406,8 @@ async def _completion_chunks(server: Server, gen: Generation, req):
                                  choices=[], usage=gen.usage)
 
 
-async def _completion_body(server: Server, gen: Generation, req, request: Request):
+async def _completion_body(server: Server, gen: Generation, req, request: Request,
+                           echo: list[str] | None):
     texts = {c.index: [] for c in gen.choices}
     tokens = {c.index: [] for c in gen.choices}
     async for u in gen.updates(_disconnected(request)):
@@ -363,11 +415,17 @@ async def _completion_body(server: Server, gen: Generation, req, request: Reques
         tokens[u.index] += u.tokens
     choices = []
     for c in gen.choices:
+        head, start, head_lps = "", 0, None
+        if echo is not None:
+            head, start, head_lps = _echo_head(gen, req, c, echo, tokens[c.index])
         logprobs = None
         if req.logprobs is not None:
-            logprobs = gen.completion_logprobs(tokens[c.index], req.logprobs, 0)
+            logprobs = gen.completion_logprobs(tokens[c.index], req.logprobs, start,
+                                               echo is None)
+            if head_lps is not None:
+                logprobs = join_logprobs(head_lps, logprobs)
         choices.append(schemas.CompletionChoice(
-            index=c.index, text="".join(texts[c.index]), logprobs=logprobs,
+            index=c.index, text=head + "".join(texts[c.index]), logprobs=logprobs,
             finish_reason=c.finish_reason,
             token_ids=_ids(tokens[c.index]) if req.return_token_ids else None))
     return schemas.Completion(

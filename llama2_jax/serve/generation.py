@@ -13,8 +13,10 @@ import os
 from typing import AsyncIterator, Sequence
 
 from llama2_jax.inference.params import SamplingParams
-from llama2_jax.inference.scheduler import Done, QueueFull, Request, Scheduler, ShuttingDown, Token
-from llama2_jax.serve.text import TextStream, token_text
+from llama2_jax.inference.requests import (Done, PromptLogprobs, QueueFull, Request,
+                                           ShuttingDown, Token)
+from llama2_jax.inference.scheduler import Scheduler
+from llama2_jax.serve.text import TextStream, logprob_texts
 from llama2_jax.tokenizer import Tokenizer
 
 FINISH = {"stop": "stop", "length": "length"}
@@ -51,6 +53,7 @@ class Choice:
     unsent: list[Token] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0
+    prompt_scores: list[PromptLogprobs] = dataclasses.field(default_factory=list)
 
 
 class Generation:
@@ -66,11 +69,12 @@ class Generation:
       params: sampling settings (the seed of the first choice).
       stops: stop strings (not returned).
       stop_ids: tokens that end a choice (not returned); default the tokenizer's EOS.
+      score_prompt: the choices get their prompt tokens' log-probabilities (`echo`).
     """
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, prompts: list[list[int]],
                  n: int, max_tokens: int, params: SamplingParams, stops: Sequence[str],
-                 stop_ids: frozenset[int] | None = None):
+                 stop_ids: frozenset[int] | None = None, score_prompt: bool = False):
         self.scheduler, self.tokenizer = scheduler, tokenizer
         self.prompts, self.n = prompts, n
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -82,7 +86,7 @@ class Generation:
                 s = dataclasses.replace(params, seed=params.seed + index)
                 request = Request(prompt, max_tokens, sink=self._sink(index), params=s,
                                   stop_ids=frozenset({tokenizer.eos_id}) if stop_ids is None
-                                  else stop_ids)
+                                  else stop_ids, score_prompt=score_prompt)
                 self.choices.append(Choice(index, prompt, request, TextStream(tokenizer, stops)))
 
     def _sink(self, index: int):
@@ -148,6 +152,9 @@ class Generation:
     def _apply(self, c: Choice, e) -> Update | None:
         if c.finish_reason is not None:
             return None  # ended at a stop string: the rest was cancelled
+        if isinstance(e, PromptLogprobs):  # they all come before the first Token
+            c.prompt_scores.append(e)
+            return None
         if isinstance(e, Token):
             c.tokens.append(e)
             c.unsent.append(e)
@@ -173,28 +180,61 @@ class Generation:
         return Update(c.index, piece, tokens, finish)
 
     # -- logprobs in OpenAI's two formats ----------------------------------------------------
-    def chat_logprobs(self, tokens: list[Token], top: int) -> list[dict]:
+    def chat_logprobs(self, tokens: list[Token], top: int, at_start: bool) -> list[dict]:
+        """`at_start`: the tokens begin the answer (see `logprob_texts`)."""
         out = []
-        for t in tokens:
-            text, raw = token_text(self.tokenizer, t.id)
+        texts = logprob_texts(self.tokenizer, [t.id for t in tokens], at_start)
+        for t, (text, raw) in zip(tokens, texts):
             alternatives = []
             for tid, lp in (t.top or ())[:top]:
-                ttext, traw = token_text(self.tokenizer, tid)
+                (ttext, traw), = logprob_texts(self.tokenizer, [tid], at_start)
                 alternatives.append({"token": ttext, "logprob": lp, "bytes": traw})
             out.append({"token": text, "logprob": t.logprob, "bytes": raw,
                         "top_logprobs": alternatives})
+            at_start = False
         return out
 
-    def completion_logprobs(self, tokens: list[Token], top: int, offset: int) -> dict:
-        texts = [token_text(self.tokenizer, t.id)[0] for t in tokens]
+    def completion_logprobs(self, tokens: list[Token], top: int, offset: int,
+                            at_start: bool) -> dict:
+        """`offset`: where the first token's text starts in the choice's text."""
+        ids = [t.id for t in tokens]
+        top_lps = [{self._text(tid, at_start and i == 0): lp for tid, lp in (t.top or ())[:top]}
+                   for i, t in enumerate(tokens)]
+        return self._logprobs(ids, [t.logprob for t in tokens], top_lps, offset, at_start)
+
+    def echo_logprobs(self, c: Choice, top: int) -> dict:
+        """The logprobs object of c's prompt (`echo`): its first token has none (null)."""
+        lps: list[float | None] = [None]
+        tops: list[dict | None] = [None]
+        for e in c.prompt_scores:
+            lps += e.logprobs
+            tops += [{self._text(tid, False): lp for tid, lp in alts[:top]} for alts in e.top]
+        if len(lps) != len(c.prompt):
+            raise APIError(500, f"the prompt's log-probabilities cover {len(lps)} of its "
+                           f"{len(c.prompt)} tokens", type="server_error")
+        return self._logprobs(c.prompt, lps, tops, 0, True)
+
+    def dropped_space(self, token: int) -> str:
+        """The leading space SentencePiece's decode drops from `token` when it begins a
+        text ("" when none): an answer shown after its prompt (`echo`) gets it back."""
+        return " " if self._text(token, False) == " " + self._text(token, True) else ""
+
+    def _text(self, token: int, at_start: bool) -> str:
+        return logprob_texts(self.tokenizer, [token], at_start)[0][0]
+
+    def _logprobs(self, ids, lps, tops, offset: int, at_start: bool) -> dict:
+        texts = [text for text, _ in logprob_texts(self.tokenizer, ids, at_start)]
         offsets = []
         for text in texts:
             offsets.append(offset)
             offset += len(text)
-        return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": [{token_text(self.tokenizer, tid)[0]: lp
-                                  for tid, lp in (t.top or ())[:top]} for t in tokens],
+        return {"tokens": texts, "token_logprobs": list(lps), "top_logprobs": tops,
                 "text_offset": offsets}
+
+
+def join_logprobs(first: dict, second: dict) -> dict:
+    """Two logprobs objects of consecutive text, as one."""
+    return {k: first[k] + second[k] for k in first}
 
 
 def random_seed() -> int:

@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI-compatible API, as pydantic models.
 
 Requests ignore fields they do not know (clients send many); the documented parameters this
-server cannot honour (penalties, logit_bias, tools, echo, suffix, best_of > n) are refused by
+server cannot honour (penalties, logit_bias, tools, suffix, best_of > n) are refused by
 the routes with a 400 naming the parameter, rather than silently ignored.
 """
 
@@ -81,7 +81,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -171,8 +171,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # echo: the prompt's first token has none
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

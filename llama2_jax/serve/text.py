@@ -73,3 +73,24 @@ def token_text(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
     multi-byte character shows as U+FFFD; its bytes say which)."""
     raw = token_bytes(tokenizer, token)
     return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def logprob_texts(tokenizer: Tokenizer, ids: Sequence[int],
+                  at_start: bool) -> list[tuple[str, list[int]]]:
+    """(text, bytes) of each token of `ids` as a client joins them into the decoded text:
+    control tokens (BOS, EOS) are empty, and with `at_start` (the ids begin a text, as an
+    answer or a prompt does) the first token loses the leading space that SentencePiece's
+    decode drops. So the texts of an answer's tokens concatenate to its content, as OpenAI's
+    logprobs do."""
+    out = []
+    for t in ids:
+        if tokenizer.sp.is_control(int(t)):
+            out.append(("", []))
+            continue
+        text, raw = token_text(tokenizer, t)
+        if at_start and raw[:1] == [0x20] and \
+                tokenizer.sp.id_to_piece(int(t)).startswith("\u2581"):
+            text, raw = text[1:], raw[1:]
+        at_start = False
+        out.append((text, raw))
+    return out
