@@ -23,7 +23,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from convert import common, mapping, orbax_io, verify
+from convert import common, hf_tokenizer, mapping, orbax_io, verify
 from llama2_jax.model import checkpoint
 from llama2_jax.model.checkpoint import CheckpointError
 from llama2_jax.model.config import ConfigError
@@ -46,11 +46,6 @@ def define_flags():
 
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 INDEX_FILE = "model.safetensors.index.json"
-HF_TOKENIZER_CONFIG = {  # Meta's SentencePiece model as transformers' LlamaTokenizer reads it
-    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-    "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True}
-
-
 def parse_size(text: str) -> int:
     """'5GB' -> 5e9 bytes (HF's max_shard_size convention: GB = 10^9, GiB = 2^30)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
@@ -184,8 +179,7 @@ def export(checkpoint_dir: str, output_dir: str, *, dtype: str | None = None,
         tokenizer = checkpoint.tokenizer_path(checkpoint_dir)
         if tokenizer:
             shutil.copyfile(tokenizer, os.path.join(tmp, common.TOKENIZER_FILE))
-            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-                json.dump(HF_TOKENIZER_CONFIG, f, indent=2)
+            hf_tokenizer.save(tokenizer, tmp)
     bar.summary("exported to Hugging Face", os.path.abspath(output_dir))
     if verify_logits:
         return verify.compare(checkpoint_dir, lambda: verify.reference_from_dir(output_dir))

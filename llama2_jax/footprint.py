@@ -181,10 +181,11 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
 
 
 def serve_steps(slots: int, length: int, chunk: int, backend: str = "cpu") -> int:
-    """How many steps the server compiles at start (llama2_jax.inference.slots.Slots.warm_up),
-    from the Slots' own bucket arithmetic (llama2_jax.inference.buckets)."""
+    """How many steps the server compiles at start (llama2_jax.inference.slots.Slots.warm_up,
+    with the prompt-logprob prefills of its default `warmup_prompt_logprobs`), from the
+    Slots' own bucket arithmetic (llama2_jax.inference.buckets)."""
     shapes = Shapes.make(slots, length, chunk=chunk, backend=backend)
-    return shapes.compiled_steps(shared_stage=slots == 1)
+    return shapes.compiled_steps(shared_stage=slots == 1, score=True)
 
 
 def lora_params(cfg: ModelConfig, rank: int, targets: Sequence[str]) -> int:

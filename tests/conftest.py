@@ -95,3 +95,26 @@ def greedy_by_forward(engine, prompt, n):
     for _ in range(n):
         seq.append(int(np.argmax(engine.forward(seq)[-1])))
     return seq[len(prompt):]
+
+
+def penalized_greedy(forward, prompt, n, s, eos=2):
+    """Greedy tokens after `prompt` with the penalties of `s` (SamplingParams) applied, by
+    `forward` (token ids -> logits [T, V]) and HF's logits processors (numpy for OpenAI's
+    presence and frequency): independent of the slots, the cache and penalties.apply."""
+    import numpy as np
+    import torch
+    from transformers.generation import logits_process as hf
+    seq = list(prompt)
+    for _ in range(n):
+        x = torch.tensor(np.asarray(forward(seq)[-1:]))
+        ids = torch.tensor([seq])
+        if s.min_tokens:
+            x = hf.MinNewTokensLengthLogitsProcessor(len(prompt), s.min_tokens, [eos])(ids, x)
+        if s.logit_bias:
+            x = hf.SequenceBiasLogitsProcessor([[[t], b] for t, b in s.logit_bias])(ids, x)
+        if s.repetition_penalty != 1:
+            x = hf.RepetitionPenaltyLogitsProcessor(s.repetition_penalty)(ids, x)
+        counts = np.bincount(seq[len(prompt):], minlength=x.shape[-1])
+        x = x.numpy()[0] - s.frequency_penalty * counts - s.presence_penalty * (counts > 0)
+        seq.append(int(np.argmax(x)))
+    return seq[len(prompt):]

@@ -113,7 +113,7 @@ def test_decode_step_reads_whole_cache_arrays_only(engine):
     active = np.ones(8, bool)
     with jax.set_mesh(engine.mesh):
         hlo = slots._decode.lower(engine.weights.leaves, slots.cache, slots.state, active,
-                                  rows=4, attend=32).as_text()
+                                  slots._decode_mask(None), rows=4, attend=32).as_text()
         assert not _cache_slices(hlo, slots.cache)
         # the check sees slices where there are: one [8 rows, 128 positions] array per layer
         shape = (8, CFG.n_kv_heads, 128, CFG.head_dim)
@@ -205,6 +205,10 @@ def test_warm_up_compiles_every_shape(engine):
             slots.decode()
     slots.insert(0, slots.extract(2, 40))
     assert slots.compile_count == compiled
+    scored = slots.warm_up(score=True)  # the echo prefills: one per prefill shape more
+    assert compiled + scored == slots.shapes.compiled_steps(score=True)
+    slots.prefill_scored(1, PROMPTS[3][:32], 0, False, GREEDY, 5)
+    assert slots.compile_count == compiled + scored
 
 
 # -- prefix cache bookkeeping ------------------------------------------------------------------

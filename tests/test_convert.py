@@ -328,9 +328,11 @@ def test_hf_round_trip_is_exact(dtype, models, tmp_path):
     assert open(os.path.join(back, "tokenizer.model"), "rb").read() == \
         open(TOKENIZER, "rb").read()
     from transformers import AutoTokenizer, LlamaForCausalLM
-    text = "Hello world, this is Llama!"
-    assert AutoTokenizer.from_pretrained(back)(text).input_ids == \
-        llama2_jax.Tokenizer(TOKENIZER).encode(text)
+    hf_tok, sp = AutoTokenizer.from_pretrained(back), llama2_jax.Tokenizer(TOKENIZER)
+    for text in ("Hello world, this is Llama!", " leading space", "two  spaces\n\n  and",
+                 "Über 🦙 llamas"):  # transformers' own conversion gets the middle two wrong
+        assert hf_tok(text).input_ids == sp.encode(text, bos=True), text
+        assert hf_tok.decode(hf_tok(text).input_ids, skip_special_tokens=True) == text
     exported_model, original_model = (LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
                                       .eval() for d in (back, src))
     np.testing.assert_array_equal(ref.hf_logits(exported_model, [TOKENS]),

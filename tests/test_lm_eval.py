@@ -33,13 +33,20 @@ from llama2_jax.model import checkpoint  # noqa: E402
 from llama2_jax.model.config import TINY  # noqa: E402
 from tests.conftest import TOKENIZER  # noqa: E402
 from benchmarks.serving import ServerProcess  # noqa: E402
+from convert.hf_tokenizer import save as save_hf_tokenizer  # noqa: E402
 
 CFG = TINY.replace(vocab_size=32000, max_seq_len=512)
 CONTEXT = 256
-MODEL = "tiny-chat"
+MODEL = "tiny-base"  # lm-eval warns about chat templates for a name with "chat"
 BOS = 1
 ROLLING_MAX_LENGTH = 40  # lm-eval's max_length for the perplexity run: windows of 38 tokens
-LP_TOL = 2e-4  # per scored token: the server's logprobs against `forward` (as test_serve)
+
+
+def tol(n_tokens: int) -> float:
+    """Tolerance on a sum of n tokens' logprobs, server against `forward` (they differed by
+    2e-6 per token at most when this was written)."""
+    return max(1e-4, 1e-5 * n_tokens)
+
 
 # Multiple choice: prompts with a trailing space or newline (lm-eval moves it into the
 # continuation), choices with a leading space, digits, accents and an emoji (byte tokens).
@@ -76,7 +83,9 @@ ROLLING_DOCS = [
     {"text": "The llama (Lama glama) is a domesticated South American camelid, widely used "
              "as a meat and pack animal by Andean cultures since the pre-Columbian era. "
              "Llamas are social animals and live with others as a herd. Their wool is soft "
-             "and contains only a small amount of lanolin."},
+             "and contains only a small amount of lanolin. Llamas can learn simple tasks "
+             "after a few repetitions; when using a pack, they can carry about 25 to 30% "
+             "of their body weight for 8 to 13 km."},
     {"text": "Über den Wolken muss die Freiheit wohl grenzenlos sein. 🦙 The alpaca is "
              "smaller than the llama,\nand its fibre is used for knitted and woven items, "
              "similar to sheep's wool; 12 colours are recognised in Peru."},
@@ -85,49 +94,23 @@ ROLLING_DOCS = [
 
 # -- a local Hugging Face tokenizer equal to the SentencePiece model ---------------------------
 def hf_tokenizer_dir(model_file: str, out) -> str:
-    """A tokenizer directory AutoTokenizer loads offline, tokenizing as `model_file` does.
-
-    transformers' own conversion (tokenizer.model -> tokenizer.json) differs from
-    SentencePiece wherever spaces repeat: it ranks merges by token id, while SentencePiece
-    merges the pair whose piece scores highest, and Llama 2's whitespace-only pieces ("▁▁"
-    is id 259) score -1e9; and its Metaspace pre-tokenizer adds no "▁" before a text that
-    starts with a space, where SentencePiece's dummy prefix always does. So: BPE with the
-    merges ranked by their piece's score, the dummy prefix as a normalizer, BOS added.
-    """
-    import sentencepiece as spm
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
-    sp = spm.SentencePieceProcessor(model_file=model_file)
-    vocab = {sp.IdToPiece(i): i for i in range(sp.vocab_size())}
-    plain = {p for p, i in vocab.items()
-             if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i))}
-    merges = sorted(((p[:k], p[k:], p) for p in plain for k in range(1, len(p))
-                     if p[:k] in plain and p[k:] in plain),
-                    key=lambda m: (-sp.GetScore(vocab[m[2]]), vocab[m[2]], len(m[0])))
-    tok = Tokenizer(BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges],
-                        unk_token=sp.IdToPiece(sp.unk_id()), fuse_unk=True, byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
-                                           normalizers.Replace(" ", "▁")])
-    tok.pre_tokenizer = None
-    bos, eos, unk = (sp.IdToPiece(i) for i in (sp.bos_id(), sp.eos_id(), sp.unk_id()))
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in (unk, bos, eos)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
-                            unk_token=unk).save_pretrained(out)
+    """A tokenizer directory AutoTokenizer loads offline (what the HF export writes)."""
+    save_hf_tokenizer(model_file, str(out))
     return str(out)
 
 
 # -- the local tasks ---------------------------------------------------------------------------
 def write_tasks(root, ll_docs) -> str:
-    """Task YAMLs and their JSONL data under `root`; returns the include_path."""
+    """Task YAMLs and their JSONL data under `root` (the datasets cache too); returns the
+    include_path."""
     tasks, cache = root / "tasks", root / "datasets_cache"
     tasks.mkdir()
+    def metrics(**aggregations):
+        return "metric_list:\n" + "".join(
+            f"  - metric: {m}\n    aggregation: {a}\n"
+            f"    higher_is_better: {str(a == 'mean').lower()}\n"
+            for m, a in aggregations.items())
+
     common = ("dataset_path: json\n"
               "test_split: test\n"
               "dataset_kwargs:\n"
@@ -141,23 +124,18 @@ def write_tasks(root, ll_docs) -> str:
                              "doc_to_text: prompt\n"
                              "doc_to_choice: choices\n"
                              "doc_to_target: label\n"
-                             "metric_list:\n"
-                             "  - metric: acc\n"
-                             "  - metric: acc_norm\n"
-                             "  - metric: acc_mutual_info\n"),
+                             + metrics(acc="mean", acc_norm="mean",
+                                       acc_mutual_info="mean")),
         "tiny_ll": (ll_docs, "output_type: loglikelihood\n"
                              "doc_to_text: context\n"
                              "doc_to_target: target\n"
-                             "metric_list:\n"
-                             "  - metric: perplexity\n"
-                             "  - metric: acc\n"),
+                             + metrics(perplexity="perplexity", acc="mean")),
         "tiny_ppl": (ROLLING_DOCS, "output_type: loglikelihood_rolling\n"
                                    'doc_to_text: ""\n'
                                    "doc_to_target: text\n"
-                                   "metric_list:\n"
-                                   "  - metric: word_perplexity\n"
-                                   "  - metric: byte_perplexity\n"
-                                   "  - metric: bits_per_byte\n"),
+                                   + metrics(word_perplexity="weighted_perplexity",
+                                             byte_perplexity="weighted_perplexity",
+                                             bits_per_byte="bits_per_byte")),
     }
     for name, (docs, spec) in specs.items():
         data = tasks / f"{name}.jsonl"
@@ -323,14 +301,26 @@ def test_hf_tokenizer_is_the_sentencepiece_model(hf_tokenizer, tokenizer):
     assert (hf.bos_token_id, hf.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
 
 
-def test_lm_eval_scores_equal_forward(lm_server, ref, tokenizer, hf_tokenizer, tmp_path,
-                                      local_only, sent):
-    scorer = Scorer(ref)
-    ll_docs = LL_DOCS + greedy_docs(scorer, tokenizer)
-    include = write_tasks(tmp_path, ll_docs)
+@pytest.fixture(scope="module")
+def scorer(ref):
+    return Scorer(ref)
 
-    # Multiple choice and loglikelihood: BOS + text, as Llama was trained (add_bos_token).
-    out = evaluate(lm_server, hf_tokenizer, include, ["tiny_mc", "tiny_ll"],
+
+@pytest.fixture(scope="module")
+def ll_docs(scorer, tokenizer):
+    return LL_DOCS + greedy_docs(scorer, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory, ll_docs):
+    return write_tasks(tmp_path_factory.mktemp("lm_eval_tasks"), ll_docs)
+
+
+def test_multiple_choice_and_loglikelihood_equal_forward(lm_server, scorer, tokenizer,
+                                                         hf_tokenizer, tasks_dir, ll_docs,
+                                                         local_only, sent):
+    # BOS + text, as Llama was trained (add_bos_token); one continuation per request.
+    out = evaluate(lm_server, hf_tokenizer, tasks_dir, ["tiny_mc", "tiny_ll"],
                    add_bos_token=True, batch_size=1)
     results, samples = out["results"], out["samples"]
 
@@ -348,7 +338,7 @@ def test_lm_eval_scores_equal_forward(lm_server, ref, tokenizer, hf_tokenizer, t
         n_tokens = [len(t) for _, t in pairs + uncond]
         assert len(got) == len(scored), by_doc[i]
         for g, (ll, _), n in zip(got, scored, n_tokens):
-            assert g == pytest.approx(ll, abs=LP_TOL * n), (doc, got, scored)
+            assert g == pytest.approx(ll, abs=tol(n)), (doc, got, scored)
         lls = np.array([ll for ll, _ in scored[:len(pairs)]])
         mi = lls - np.array([ll for ll, _ in scored[len(pairs):]])
         norm = lls / np.array([len(c) for c in doc["choices"]], dtype=float)
@@ -368,7 +358,7 @@ def test_lm_eval_scores_equal_forward(lm_server, ref, tokenizer, hf_tokenizer, t
         ll, is_greedy = scorer.score(ctx, cont)
         expected_seqs.append(tuple(ctx + cont))
         got_ll, got_greedy = by_doc[i]["filtered_resps"][0]
-        assert float(got_ll) == pytest.approx(ll, abs=LP_TOL * len(cont)), doc
+        assert float(got_ll) == pytest.approx(ll, abs=tol(len(cont))), doc
         assert bool(got_greedy) == is_greedy, (doc, ll)
         lls.append(ll)
         greedy.append(is_greedy)
@@ -376,17 +366,20 @@ def test_lm_eval_scores_equal_forward(lm_server, ref, tokenizer, hf_tokenizer, t
     n_max = max(len(encode_pair(tokenizer, d["context"], d["target"])[1]) for d in ll_docs)
     assert results["tiny_ll"]["acc,none"] == pytest.approx(np.mean(greedy), abs=1e-9)
     assert results["tiny_ll"]["perplexity,none"] == pytest.approx(
-        math.exp(-np.mean(lls)), rel=LP_TOL * n_max)
+        math.exp(-np.mean(lls)), rel=tol(n_max))
 
     # What lm-eval sent: exactly these token-id sequences, one per continuation.
     assert sent_sequences(sent) == sorted(expected_seqs)
     assert {p["max_tokens"] for p in sent} == {1}  # lm-eval's [ctxlen:-1] drops 1 token
 
-    # Rolling perplexity: add_bos_token=False, lm-eval adds BOS itself (its prefix token)
-    # before the first window (with True, the text's ids would start with a second BOS).
-    # Windows of 38 tokens, several windows per request, requests concurrently.
-    sent.clear()
-    out = evaluate(lm_server, hf_tokenizer, include, ["tiny_ppl"], add_bos_token=False,
+
+
+def test_rolling_perplexity_equals_forward(lm_server, scorer, tokenizer, hf_tokenizer,
+                                           tasks_dir, local_only, sent):
+    # add_bos_token=False: lm-eval puts BOS (its prefix token) before the first window itself;
+    # with True the text's ids would start with a second BOS, scored as a token of the text.
+    # Windows of 38 tokens, several windows per request (batch_size), requests concurrently.
+    out = evaluate(lm_server, hf_tokenizer, tasks_dir, ["tiny_ppl"], add_bos_token=False,
                    max_length=ROLLING_MAX_LENGTH, batch_size=4, num_concurrent=2)
     window = ROLLING_MAX_LENGTH - 2
     total_ll, words, n_bytes, n_tokens, expected_seqs = 0.0, 0, 0, 0, []
@@ -399,7 +392,7 @@ def test_lm_eval_scores_equal_forward(lm_server, ref, tokenizer, hf_tokenizer, t
             expected_seqs.append(tuple(seq))
         got = by_doc[i]["filtered_resps"][0]
         got = got[0] if isinstance(got, (list, tuple)) else got
-        assert float(got) == pytest.approx(ll, abs=LP_TOL * len(ids)), doc
+        assert float(got) == pytest.approx(ll, abs=tol(len(ids))), doc
         total_ll += ll
         words += len(re.split(r"\s+", doc["text"]))
         n_bytes += len(doc["text"].encode("utf-8"))
@@ -407,7 +400,7 @@ def test_lm_eval_scores_equal_forward(lm_server, ref, tokenizer, hf_tokenizer, t
     assert len(rolling_windows(tokenizer.encode(ROLLING_DOCS[1]["text"], bos=False),
                                window)) > 2
     assert sent_sequences(sent) == sorted(expected_seqs)
-    rel = LP_TOL * n_tokens
+    rel = tol(n_tokens)
     r = out["results"]["tiny_ppl"]
     assert r["word_perplexity,none"] == pytest.approx(math.exp(-total_ll / words),
                                                       rel=rel / words)

@@ -20,7 +20,8 @@ import pytest
 import llama2_jax
 from llama2_jax.model import checkpoint
 from llama2_jax.model.config import TINY
-from tests.conftest import GOLDEN, TOKENIZER
+from llama2_jax.inference.params import SamplingParams
+from tests.conftest import GOLDEN, TOKENIZER, penalized_greedy
 from benchmarks.serving import ServerProcess
 
 CFG = TINY.replace(vocab_size=32000, max_seq_len=512)
@@ -202,6 +203,58 @@ def test_echo_of_text_prompts_streamed_and_not(client, ref, tokenizer):
     assert "".join(tokens) == whole and len(lps) == len(ids) + 6 and lps[0] is None
 
 
+def test_penalties_and_biases_through_the_server_equal_hf_processors(client, ref, tokenizer):
+    """OpenAI's penalties and logit_bias, and vLLM's repetition_penalty / min_tokens, each
+    request's answer that of HF's processors on the forward pass's logits, while plain
+    requests in the same batch keep their plain answers."""
+    messages = [{"role": "user", "content": "Count the llamas, then count them again."}]
+    ids = chat_ids(tokenizer, messages)
+    forward = lambda seq: llama2_jax.forward(ref, seq)
+    plain = greedy(ref, ids, 16)
+    eos = tokenizer.eos_id
+    cases = [
+        ({"frequency_penalty": 1.5, "presence_penalty": 0.5},
+         SamplingParams(frequency_penalty=1.5, presence_penalty=0.5)),
+        ({"logit_bias": {str(plain[0]): -100, "29871": 7.5}},
+         SamplingParams(logit_bias=((plain[0], -100.0), (29871, 7.5)))),
+        ({"extra_body": {"repetition_penalty": 1.8, "min_tokens": 12},
+          "logit_bias": {str(eos): 100}},
+         SamplingParams(repetition_penalty=1.8, min_tokens=12, logit_bias=((eos, 100.0),))),
+        ({}, SamplingParams()),
+    ]
+
+    def ask(kwargs):
+        extra = {"return_token_ids": True, **kwargs.pop("extra_body", {})}
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                           temperature=0, extra_body=extra, **kwargs)
+        return r.choices[0]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, [dict(k) for k, _ in cases]))
+    for choice, (_, s) in zip(got, cases):
+        want = [t for t in penalized_greedy(forward, ids, 16, s, eos)]
+        if eos in want:  # the answer stops there
+            want = want[:want.index(eos)]
+        assert choice.token_ids == want, s
+    assert got[-1].token_ids == plain[:len(got[-1].token_ids)]
+    # EOS, forced by its bias, held back by min_tokens until then
+    assert got[2].finish_reason == "stop" and len(got[2].token_ids) == 12
+
+
+def test_echo_shows_the_stop_token_that_ended_the_answer(server, tokenizer):
+    """lm-eval reads token_logprobs[ctxlen:-1]: the stop token must be there when the
+    answer is EOS (its logprob the model's)."""
+    ids = tokenizer.encode("The llama is", bos=True)
+    status, r = server.post("/v1/completions", {
+        "model": MODEL, "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1,
+        "temperature": 0, "logit_bias": {str(tokenizer.eos_id): 100}})
+    assert status == 200, r
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert len(choice["logprobs"]["token_logprobs"]) == len(ids) + 1
+    assert choice["logprobs"]["token_logprobs"][-1] < 0  # the model's, not the biased one
+
+
 def test_stop_strings_end_the_answer_before_them(client, ref, tokenizer):
     messages = [{"role": "user", "content": "Tell me a story."}]
     full = tokenizer.decode(greedy(ref, chat_ids(tokenizer, messages), 40))
@@ -378,12 +431,31 @@ BAD = {
                  "top_p": 0}, 400, "top_p", "greater than 0"),
     "top_p over 1": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                       "top_p": 1.5}, 400, "top_p", "less than or equal to 1"),
-    "five stop strings": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                           "stop": list("abcde")}, 400, "stop", "at most 4"),
+    "17 stop strings": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                         "stop": list("abcdefghijklmnopq")}, 400, "stop", "at most 16"),
     "unknown model": ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]},
                       404, "model", "'gpt-4' does not exist"),
-    "penalty": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                 "frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
+    "penalty over 2": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                        "frequency_penalty": 2.5}, 400, "frequency_penalty", "less than or"),
+    "presence penalty a string": ({"model": MODEL, "messages": [
+        {"role": "user", "content": "hi"}], "presence_penalty": "lots"}, 400,
+        "presence_penalty", "valid number"),
+    "repetition_penalty 0": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "repetition_penalty": 0}, 400, "repetition_penalty",
+                             "greater than 0"),
+    "min_p over 1": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                      "min_p": 1.5}, 400, "min_p", "less than or equal to 1"),
+    "min_tokens over max_tokens": ({"model": MODEL, "messages": [
+        {"role": "user", "content": "hi"}], "min_tokens": 9, "max_tokens": 4}, 400,
+        "min_tokens", "min_tokens (9) is over max_tokens (4)"),
+    "bias outside the vocabulary": ({"model": MODEL, "messages": [
+        {"role": "user", "content": "hi"}], "logit_bias": {"32000": 5}}, 400, "logit_bias",
+        "token id 32000 is outside the vocabulary"),
+    "bias key not an id": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                            "logit_bias": {"hello": 5}}, 400, "logit_bias",
+                           "'hello' is not a token id"),
+    "bias over 100": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                       "logit_bias": {"5": 101}}, 400, "logit_bias", "must be in [-100, 100]"),
     "top_logprobs without logprobs": ({"model": MODEL, "messages": [
         {"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs",
         "needs logprobs: true"),

@@ -152,9 +152,11 @@ class Shapes:
         """(rows, attend) of every decode step."""
         return [(r, a) for r in self.row_buckets() for a in self.attend_buckets()]
 
-    def compiled_steps(self, shared_stage: bool = False) -> int:
-        """How many steps a warm-up compiles: the prefills, a commit, an extract and an insert
-        per number of position blocks (no commit where the staging row is the slot's own),
-        the decodes."""
+    def compiled_steps(self, shared_stage: bool = False, score: bool = False) -> int:
+        """How many steps a warm-up compiles: the prefills (twice with `score`: those that
+        return every position's logits too), a commit, an extract and an insert per number
+        of position blocks (no commit where the staging row is the slot's own), the
+        decodes."""
         per_block = (2 if shared_stage else 3) * len(self.blocks)
-        return len(self.prefill_shapes()) + per_block + len(self.decode_shapes())
+        prefills = len(self.prefill_shapes()) * (2 if score else 1)
+        return prefills + per_block + len(self.decode_shapes())

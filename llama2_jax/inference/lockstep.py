@@ -36,7 +36,8 @@ from llama2_jax import distributed
 from llama2_jax.distributed import DistributedError
 from llama2_jax.inference.params import SamplingParams
 from llama2_jax.inference.scheduler import REPLAYED
-from llama2_jax.inference.slots import Prefix, Slots
+from llama2_jax.inference.slots import Slots
+from llama2_jax.inference.step_io import Prefix
 
 BLOCK = 256  # messages per key directory: deleted a directory at a time
 POLL_MS = 1000  # a follower waits this long per try for the next message (then checks again)
@@ -129,6 +130,10 @@ def _encode(value):
         return {"params": dataclasses.asdict(value)}
     if isinstance(value, SharedPrefix):
         return {"prefix": value.id}
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):  # a bitmask of allowed tokens
+        return {"int32": value.astype(np.int32).tolist()}
     if isinstance(value, (list, tuple)):
         return [int(v) for v in value]
     if isinstance(value, (bool, np.bool_)):
@@ -140,6 +145,8 @@ def _decode(value, prefixes: dict[int, Prefix]):
     if isinstance(value, dict):
         if "params" in value:
             return SamplingParams(**value["params"])
+        if "int32" in value:
+            return np.asarray(value["int32"], np.int32)
         return prefixes[value["prefix"]]
     return value
 

@@ -11,6 +11,22 @@ from typing import Callable, Protocol, Sequence
 from llama2_jax.inference.params import SamplingParams
 
 
+def mask_words(vocab_size: int) -> int:
+    """int32 words of an allowed-token bitmask (bit t % 32 of word t // 32: token t)."""
+    return (vocab_size + 31) // 32
+
+
+class Constraint(Protocol):
+    """A request's grammar (llama2_jax.serve.grammar.Grammar): which tokens may come next,
+    as a bitmask, and the tokens drawn. Called on the scheduler's thread only."""
+
+    def fill_mask(self, out) -> None: ...  # out: int32 [mask_words(vocab)], written
+    def consume(self, token: int) -> bool: ...  # False: the grammar refuses it
+
+    @property
+    def complete(self) -> bool: ...  # only the end may follow
+
+
 class ContextError(ValueError):
     """A prompt (and its answer) that does not fit the context."""
 
@@ -83,7 +99,9 @@ class Request:
     `reuse`: the first `reuse` prompt tokens are already in the row of the slot the request
     gets (a conversation's earlier turns in a one-slot scheduler: see `Session`).
     `score_prompt`: the request gets PromptLogprobs (its prompt is prefilled in full, never
-    from the prefix cache). max_tokens 0: no answer token is delivered."""
+    from the prefix cache), and the stop token that ends it as a Token too. max_tokens 0: no
+    answer token is delivered. `constraint`: each token is drawn from what it allows; the
+    request ends ("stop") when its grammar is complete."""
 
     prompt: Sequence[int]
     max_tokens: int
@@ -92,6 +110,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset({2})
     reuse: int = 0
     score_prompt: bool = False
+    constraint: Constraint | None = None
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     cancelled: bool = False
     # set by the loop

@@ -35,7 +35,8 @@ class RowSampling(NamedTuple):
 
     temperature [B] float32 (0 = greedy), top_p [B] float32 in (0, 1], top_k [B] int32 (0 = off),
     key [B, 2] uint32 (the row's own PRNG key), count [B] int32 (tokens the row has drawn: its
-    n-th token uses fold_in(key, n), so a row's draws depend on its own key alone).
+    n-th token uses fold_in(key, n), so a row's draws depend on its own key alone), min_p [B]
+    float32 (0 = off; None: off for every row).
     """
 
     temperature: jax.Array
@@ -43,6 +44,7 @@ class RowSampling(NamedTuple):
     top_k: jax.Array
     key: jax.Array
     count: jax.Array
+    min_p: jax.Array | None = None
 
 
 def sample_rows(logits: jax.Array, s: RowSampling) -> jax.Array:
@@ -51,6 +53,7 @@ def sample_rows(logits: jax.Array, s: RowSampling) -> jax.Array:
     Greedy rows (temperature 0) take the argmax. Sampled rows: logits / temperature, then
     top-k (tokens at least as probable as the k-th), then Meta's top-p over what is left
     (tokens in order of probability are kept while the mass before them is at most top_p),
+    and of those the ones at least min_p times as probable as the most probable token,
     drawn with `uniform(fold_in(key, count))` (`draw`). The sampled work runs only when some
     row samples.
     """
@@ -60,10 +63,25 @@ def sample_rows(logits: jax.Array, s: RowSampling) -> jax.Array:
     def sampled():
         x = logits.astype(f32) / jnp.where(sampling, s.temperature, 1.0)[:, None]
         floor = nucleus_floor(x, s.top_k, s.top_p, sampling)
+        if s.min_p is not None:  # p >= min_p * p_max, in logits
+            least = x.max(axis=-1) + jnp.log(jnp.where(s.min_p > 0, s.min_p, 1.0))
+            floor = jnp.maximum(floor, jnp.where(s.min_p > 0, least, -jnp.inf)[:, None])
         u = uniforms(s.key, s.count)
         return jnp.where(sampling, draw(x, floor, u), greedy)
 
     return jax.lax.cond(jnp.any(sampling), sampled, lambda: greedy)
+
+
+def mask_rows(logits: jax.Array, constrained: jax.Array, allowed: jax.Array) -> jax.Array:
+    """logits [B, V] with -inf where a constrained row's bitmask allowed [B, W] int32 (bit
+    t % 32 of word t // 32 for token t) leaves a token out; rows not `constrained` [B] keep
+    theirs. Only computed when some row is constrained."""
+    def masked():
+        v = jnp.arange(logits.shape[-1])
+        bits = (jnp.take(allowed, v // 32, axis=1) >> (v % 32).astype(i32)) & 1  # [B, V]
+        return jnp.where(constrained[:, None] & (bits == 0), -jnp.inf, logits)
+
+    return jax.lax.cond(jnp.any(constrained), masked, lambda: logits)
 
 
 def uniforms(key: jax.Array, count: jax.Array) -> jax.Array:

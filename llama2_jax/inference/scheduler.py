@@ -27,10 +27,11 @@ import numpy as np
 from llama2_jax.inference.params import SamplingParams
 from llama2_jax.inference.prefix_cache import PrefixCache
 from llama2_jax.inference.requests import (ContextError, Done, Event, Observer, PromptLogprobs,
-                                           QueueFull, Quiet, Request, ShuttingDown, Token)
+                                           QueueFull, Quiet, Request, ShuttingDown, Token,
+                                           mask_words)
 
 if TYPE_CHECKING:
-    from llama2_jax.inference.slots import Prefix, PromptScores, StepOut
+    from llama2_jax.inference.step_io import Prefix, PromptScores, StepOut
 
 
 class Stepper(Protocol):
@@ -43,11 +44,11 @@ class Stepper(Protocol):
     compile_count: int
 
     def prefill(self, slot: int, tokens: Sequence[int], start: int, final: bool,
-                params: SamplingParams) -> "StepOut": ...
+                params: SamplingParams, allowed=None) -> "StepOut": ...
     def prefill_scored(self, slot: int, tokens: Sequence[int], start: int, final: bool,
-                       params: SamplingParams, following: int
+                       params: SamplingParams, following: int, allowed=None
                        ) -> "tuple[StepOut, PromptScores]": ...
-    def decode(self) -> "StepOut": ...
+    def decode(self, allowed=None) -> "StepOut": ...
     def release(self, slot: int) -> None: ...
     def resume(self, slot: int, length: int) -> None: ...
     def extract(self, slot: int, length: int) -> "Prefix": ...
@@ -188,13 +189,34 @@ class Scheduler:
         self._drop_cancelled()
         self._admit()
         dispatched = self._prefill_one(pending)
-        decoding = [(s, r) for s, r in self._running.items()
-                    if r.cursor == len(r.prompt) and not r.done]
+        decoding = self._decoding()
+        allowed = None
+        if any(r.constraint is not None for _, r in decoding):
+            # A grammar's next mask needs the token before: no step runs ahead of its rows.
+            while pending:
+                self._deliver(*pending.popleft())
+            decoding = self._decoding()
+            allowed = self._masks(decoding)
         if decoding:
-            pending.append((self.slots.decode(), decoding))
+            pending.append((self.slots.decode(allowed) if allowed is not None
+                            else self.slots.decode(), decoding))
             dispatched = True
         while len(pending) > (1 if dispatched else 0):
             self._deliver(*pending.popleft())
+
+    def _decoding(self) -> list[tuple[int, Request]]:
+        return [(s, r) for s, r in self._running.items()
+                if r.cursor == len(r.prompt) and not r.done]
+
+    def _masks(self, decoding) -> np.ndarray | None:
+        """Each constrained slot's bitmask of allowed tokens (zero rows: unconstrained)."""
+        rows = [(s, r) for s, r in decoding if r.constraint is not None]
+        if not rows:
+            return None
+        masks = np.zeros((self.slots.max_slots, mask_words(self.vocab_size)), np.int32)
+        for s, r in rows:
+            r.constraint.fill_mask(masks[s])
+        return masks
 
     def _main(self) -> None:
         try:
@@ -265,13 +287,14 @@ class Scheduler:
                     r.cursor = r.cached = hit
             chunk = list(r.prompt[r.cursor:r.cursor + slots.chunk])
             final = r.cursor + len(chunk) == len(r.prompt)
+            mask = () if not (final and r.constraint) else (self._first_mask(r),)
             if r.score_prompt:
                 following = 0 if final else int(r.prompt[r.cursor + len(chunk)])
                 out, scores = slots.prefill_scored(r.slot, chunk, r.cursor, final, r.params,
-                                                   following)
+                                                   following, *mask)
                 pending.append((scores, [(r.cursor, len(chunk) - (1 if final else 0), r)]))
             else:
-                out = slots.prefill(r.slot, chunk, r.cursor, final, r.params)
+                out = slots.prefill(r.slot, chunk, r.cursor, final, r.params, *mask)
         except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
             traceback.print_exc()
             self._finish(r, "error", error=f"{type(e).__name__}: {e}", store=False)
@@ -281,6 +304,11 @@ class Scheduler:
             pending.append((out, [(0, r)]))
             self._store(r, list(r.prompt))
         return True
+
+    def _first_mask(self, r: Request) -> np.ndarray:
+        mask = np.zeros(mask_words(self.vocab_size), np.int32)
+        r.constraint.fill_mask(mask)
+        return mask
 
     def _deliver(self, out, rows) -> None:
         """Hand the tokens of one step to their requests, finishing those that are done."""
@@ -295,8 +323,7 @@ class Scheduler:
         for a in arrays:  # all transfers under way before the first wait
             a.copy_to_host_async()
         tokens, lps, *top = [np.asarray(a) for a in arrays]
-        if want_top:
-            top_ids, top_lps = top
+        top_ids, top_lps = top if want_top else (None, None)
         now = time.perf_counter()
         for row, r in live:
             t = int(tokens[row])
@@ -304,11 +331,12 @@ class Scheduler:
                 self._finish(r, "length")
                 continue
             if t in r.stop_ids:
+                if r.score_prompt:  # echo's logprobs show the stop token too (OpenAI's do)
+                    self._emit(r, [Token(t, float(lps[row]), self._top(r, top_ids, top_lps,
+                                                                       row, want_top))])
                 self._finish(r, "stop")
                 continue
-            top = None
-            if r.params.top_logprobs:
-                top = tuple(zip(top_ids[row].tolist(), top_lps[row].tolist()))
+            top = self._top(r, top_ids, top_lps, row, want_top)
             r.generated.append(t)
             if len(r.generated) == 1:
                 self.observer.first_token(now - r.arrival)
@@ -316,8 +344,18 @@ class Scheduler:
                 self.observer.inter_token(now - r.last_time)
             r.last_time = now
             self._emit(r, [Token(t, float(lps[row]), top)])
-            if len(r.generated) >= r.max_tokens:
+            if r.constraint is not None and not r.constraint.consume(t):
+                self._finish(r, "error", error=f"the grammar refused token {t}")
+            elif r.constraint is not None and r.constraint.complete:
+                self._finish(r, "stop")  # the answer is whole: nothing but EOS may follow
+            elif len(r.generated) >= r.max_tokens:
                 self._finish(r, "length")
+
+    @staticmethod
+    def _top(r: Request, top_ids, top_lps, row: int, want_top: bool):
+        if not (want_top and r.params.top_logprobs):
+            return None
+        return tuple(zip(top_ids[row].tolist(), top_lps[row].tolist()))
 
     def _deliver_scores(self, scores, start: int, n: int, r: Request) -> None:
         if r.done or r.cancelled or n == 0:

@@ -25,60 +25,24 @@ This class owns the device state and is driven by one thread; nothing here is th
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llama2_jax.inference import penalties
 from llama2_jax.inference.buckets import Shapes
 from llama2_jax.inference.params import TOP_LOGPROBS, SamplingParams
-from llama2_jax.inference.sampling import RowSampling, logprobs, sample_rows
+from llama2_jax.inference.requests import mask_words
+from llama2_jax.inference.sampling import RowSampling, logprobs, mask_rows, sample_rows
+from llama2_jax.inference.step_io import Prefix, PromptScores, SlotState, StepOut
 from llama2_jax.inference.weights import Weights
 from llama2_jax.model import kv_cache, sharding
 from llama2_jax.model.kv_cache import Blocks, KVCache
 
 i32 = jnp.int32
-
-
-class SlotState(NamedTuple):
-    """Per-slot decode state, replicated on every device."""
-
-    tokens: jax.Array  # [S] int32, the token each slot feeds next
-    positions: jax.Array  # [S] int32, where it goes; the cache length when the slot is idle
-    sampling: RowSampling
-    want_top: jax.Array  # [S] bool, the slot's request wants top log-probabilities
-
-
-class StepOut(NamedTuple):
-    """What one step drew for each of its rows (device arrays until read)."""
-
-    tokens: jax.Array  # [R] int32
-    logprob: jax.Array  # [R] float32, log-probability of the token under the model
-    top_ids: jax.Array  # [R, TOP_LOGPROBS] int32 (zeros unless some row asked)
-    top_logprobs: jax.Array  # [R, TOP_LOGPROBS] float32
-
-
-class PromptScores(NamedTuple):
-    """Log-probabilities of a prompt chunk's tokens under the model (device arrays until read):
-    position i of the chunk scores the token after it (the chunk's next token, or the one
-    after the chunk); the last position of a prompt's last chunk scores nothing (its token
-    is the answer's first)."""
-
-    logprob: jax.Array  # [T] float32 (the chunk's bucket; its first n are real)
-    top_ids: jax.Array  # [T, TOP_LOGPROBS] int32
-    top_logprobs: jax.Array  # [T, TOP_LOGPROBS] float32
-
-
-class Prefix(NamedTuple):
-    """Keys/values of a slot's first `length` positions, copied out of the cache: the whole
-    position blocks that hold them, one row (nbytes is what they hold on the devices)."""
-
-    kv: object  # like the staging cache, with only the first `blocks` position blocks
-    length: int
-    blocks: int
-    nbytes: int
 
 
 class Slots:
@@ -152,8 +116,10 @@ class Slots:
             tokens=np.zeros(s, np.int32), positions=np.full(s, self.length, np.int32),
             sampling=RowSampling(temperature=np.zeros(s, np.float32),
                                  top_p=np.ones(s, np.float32), top_k=np.zeros(s, np.int32),
-                                 key=np.zeros((s, 2), np.uint32), count=np.zeros(s, np.int32)),
-            want_top=np.zeros(s, bool))
+                                 key=np.zeros((s, 2), np.uint32), count=np.zeros(s, np.int32),
+                                 min_p=np.zeros(s, np.float32)),
+            want_top=np.zeros(s, bool),
+            penalties=penalties.empty(s, self.config.vocab_size))
         if self.abstract:
             return jax.tree.map(self._abstract, state)
         return jax.device_put(state, self._replicated)
@@ -182,10 +148,13 @@ class Slots:
         return self._replicate(StepOut(tokens, *logprobs(logits, tokens, want_top)))
 
     # -- the jitted steps --------------------------------------------------------------------
-    def _decode_fn(self, weights, cache, state: SlotState, active, rows: int, attend: int):
+    def _decode_fn(self, weights, cache, state: SlotState, active, allowed, rows: int,
+                   attend: int):
         self.compile_count += 1
         model, unstacked = self.weights.model(weights)
-        live = jax.tree.map(lambda x: x[:rows], state)  # slots 0..rows-1; the rest keep theirs
+        pen = state.penalties  # [S, V] rows: read and updated in place, not sliced
+        live = jax.tree.map(lambda x: x[:rows], state._replace(penalties=None))  # slots
+        # 0..rows-1; the rest keep theirs
         act = active[:rows]
         # Idle rows feed at the cache's end (their writes are dropped) and draw greedily: what
         # a released slot last asked for costs the others nothing.
@@ -195,18 +164,22 @@ class Slots:
         logits, cache = model(live.tokens[:, None], positions[:, None], cache, attend=attend,
                               unstacked=unstacked)
         logits = logits[:, 0]  # [rows, V]
-        tokens = sample_rows(logits, s)
+        penalized = act & pen.on[:rows]
+        x = penalties.apply(logits, pen, penalized, s.count)
+        x = mask_rows(x, act & jnp.any(allowed[:rows] != 0, axis=-1), allowed[:rows])
+        tokens = sample_rows(x, s)
         live = SlotState(tokens, jnp.minimum(positions + 1, self.length),
-                         live.sampling._replace(count=s.count + 1), want_top)
+                         live.sampling._replace(count=s.count + 1), want_top, None)
         state = jax.tree.map(
             lambda full, part: jax.lax.dynamic_update_slice(full, part, (0,) * full.ndim),
-            state, live)
+            state._replace(penalties=None), live)
+        state = state._replace(penalties=penalties.record(pen, tokens, penalized))
         return (self._out(logits, tokens, want_top), self._replicate(state),
                 kv_cache.constrain(cache))
 
     def _prefill_fn(self, weights, stage, state: SlotState, slot, tokens, start, n, final,
-                    temperature, top_p, top_k, key, want_top, following, attend: int,
-                    score: bool = False):
+                    temperature, top_p, top_k, min_p, key, want_top, row_penalties, allowed,
+                    following, attend: int, score: bool = False):
         """Feed tokens [1, T] (the first n real) at positions start.. of the staging row.
         With `score`, also the PromptScores of the chunk (`following`: the token after it)."""
         self.compile_count += 1
@@ -223,8 +196,10 @@ class Slots:
             logits, stage = model(tokens, positions, stage, logits_at=(n - 1)[None],
                                   attend=attend, unstacked=unstacked)  # [1, V]
         sampling = RowSampling(temperature[None], top_p[None], top_k[None], key[None],
-                               jnp.zeros(1, i32))
-        first = sample_rows(logits, sampling)
+                               jnp.zeros(1, i32), min_p[None])
+        x = penalties.apply(logits, row_penalties, row_penalties.on, jnp.zeros(1, i32))
+        x = mask_rows(x, jnp.any(allowed != 0)[None], allowed[None])
+        first = sample_rows(x, sampling)
         s = state.sampling
 
         def put(array, value):
@@ -234,8 +209,11 @@ class Slots:
             tokens=put(state.tokens, first[0]),
             positions=put(state.positions, jnp.where(final, start + n, self.length)),
             sampling=RowSampling(put(s.temperature, temperature), put(s.top_p, top_p),
-                                 put(s.top_k, top_k), put(s.key, key), put(s.count, 1)),
-            want_top=put(state.want_top, want_top))
+                                 put(s.top_k, top_k), put(s.key, key), put(s.count, 1),
+                                 put(s.min_p, min_p)),
+            want_top=put(state.want_top, want_top),
+            penalties=penalties.put(state.penalties, slot, penalties.record(
+                row_penalties, first, row_penalties.on)))
         out = (self._out(logits, first, want_top[None]), self._replicate(state),
                kv_cache.constrain(stage))
         return (*out, scores) if score else out
@@ -272,23 +250,25 @@ class Slots:
             raise ValueError(f"slot {slot} out of range 0..{self.max_slots - 1}")
 
     def prefill(self, slot: int, tokens: Sequence[int], start: int, final: bool,
-                params: SamplingParams) -> StepOut:
+                params: SamplingParams, allowed=None) -> StepOut:
         """Write `tokens` (at most `chunk`) at positions start.. of `slot`; with `final`, the
         slot starts decoding from the token drawn after them (returned, one row). A prompt's
         chunks come in order from start 0 (or from up to a Prefix's length after `insert`,
-        or what `resume` kept), and one slot's prompt is prefilled at a time."""
-        return self._prefill_call(slot, tokens, start, final, params, None)
+        or what `resume` kept), and one slot's prompt is prefilled at a time. `allowed`: the
+        bitmask of the tokens the first may be (int32 [mask_words(vocab)]; None: any)."""
+        return self._prefill_call(slot, tokens, start, final, params, None, allowed)
 
     def prefill_scored(self, slot: int, tokens: Sequence[int], start: int, final: bool,
-                       params: SamplingParams, following: int) -> tuple[StepOut, PromptScores]:
+                       params: SamplingParams, following: int,
+                       allowed=None) -> tuple[StepOut, PromptScores]:
         """`prefill`, and the log-probabilities of the chunk's tokens after its first and of
         `following` (the prompt's token after the chunk; ignored when `final`): position i
         of the PromptScores scores the token at start + i + 1. A step of its own per chunk
         bucket (logits at every position), compiled when first used or by `warm_up(score=
         True)`."""
-        return self._prefill_call(slot, tokens, start, final, params, int(following))
+        return self._prefill_call(slot, tokens, start, final, params, int(following), allowed)
 
-    def _prefill_call(self, slot, tokens, start, final, params, following):
+    def _prefill_call(self, slot, tokens, start, final, params, following, allowed):
         self._check_slot(slot)
         n = len(tokens)
         if not 0 < n <= self.chunk:
@@ -308,9 +288,11 @@ class Slots:
                 self.weights.leaves, self.stage, self.state,
                 np.int32(slot), padded, np.int32(start), np.int32(n), np.bool_(final),
                 np.float32(params.temperature), np.float32(params.top_p),
-                np.int32(params.top_k), params.key(), np.bool_(params.top_logprobs),
-                np.int32(following or 0), attend=self.shapes.attend_bucket(start + n),
-                score=score)
+                np.int32(params.top_k), np.float32(params.min_p), params.key(),
+                np.bool_(params.top_logprobs),
+                penalties.of(params, self.config.vocab_size), self._mask(allowed, ()),
+                np.int32(following or 0),
+                attend=self.shapes.attend_bucket(start + n), score=score)
             if self.shared_stage:
                 self.cache = self.stage
             elif final:  # the prompt's keys/values into the slot's row, where decode reads
@@ -338,9 +320,30 @@ class Slots:
         else:
             self.insert(slot, self.extract(slot, length))
 
-    def decode(self) -> StepOut:
+    def _mask(self, allowed, rows: tuple[int, ...]) -> np.ndarray:
+        """Bitmask(s) as an int32 array [*rows, W] (all zeros, no constraint, for None)."""
+        shape = (*rows, mask_words(self.config.vocab_size))
+        if allowed is None:
+            return np.zeros(shape, np.int32)
+        allowed = np.asarray(allowed, np.int32)
+        if allowed.shape != shape:
+            raise ValueError(f"allowed-token bitmask of shape {allowed.shape}, expected {shape}")
+        return allowed
+
+    def _decode_mask(self, allowed):
+        """Bitmasks on the devices, replicated as warm-up's were (the same compiled step)."""
+        if allowed is not None:
+            return jax.device_put(self._mask(allowed, (self.max_slots,)), self._replicated)
+        if not hasattr(self, "_no_masks"):  # on the device once, not sent every step
+            self._no_masks = jax.device_put(self._mask(None, (self.max_slots,)),
+                                            self._replicated)
+        return self._no_masks
+
+    def decode(self, allowed=None) -> StepOut:
         """One step of the slots up to the highest active one (its row bucket), attending over
-        the bucket of the longest; the output has a row per computed slot."""
+        the bucket of the longest; the output has a row per computed slot. `allowed`: int32
+        [max_slots, W] bitmasks of the tokens each slot may draw (a row of zeros: any; None:
+        no slot constrained)."""
         active = self.positions < self.length
         live = np.flatnonzero(active)
         rows = self.shapes.row_bucket(int(live[-1]) + 1 if live.size else 1)
@@ -348,7 +351,8 @@ class Slots:
             int(self.positions[live].max()) + 1 if live.size else 1)
         with jax.set_mesh(self.weights.mesh):
             out, self.state, self.cache = self._decode(self.weights.leaves, self.cache,
-                                                       self.state, active, rows=rows,
+                                                       self.state, active,
+                                                       self._decode_mask(allowed), rows=rows,
                                                        attend=attend)
         if self.shared_stage:
             self.stage = self.cache
@@ -424,8 +428,11 @@ class Slots:
                 t, attend = self.shapes.bucket(n), self.shapes.attend_bucket(start + n)
                 out.append((f"prefill {t} tokens, attend {attend}", self._prefill.lower(
                     self.weights.leaves, self.stage, self.state, i32_,
-                    a(np.zeros((1, t), np.int32)), i32_, i32_, b_, f32_, f32_, i32_,
-                    a(np.zeros(2, np.uint32)), b_, i32_, attend=attend)))
+                    a(np.zeros((1, t), np.int32)), i32_, i32_, b_, f32_, f32_, i32_, f32_,
+                    a(np.zeros(2, np.uint32)), b_,
+                    jax.tree.map(a, penalties.empty(1, self.config.vocab_size)),
+                    a(self._mask(None, ())), i32_,
+                    attend=attend)))
             for n in block_counts:
                 if not self.shared_stage:
                     out.append((f"commit {n} blocks", self._commit.lower(
@@ -438,5 +445,6 @@ class Slots:
             for rows, attend in decodes:
                 out.append((f"decode {rows} rows, attend {attend}", self._decode.lower(
                     self.weights.leaves, self.cache, self.state,
-                    a(np.zeros(self.max_slots, bool)), rows=rows, attend=attend)))
+                    a(np.zeros(self.max_slots, bool)), a(self._mask(None, (self.max_slots,))),
+                    rows=rows, attend=attend)))
         return out

@@ -12,23 +12,25 @@ only talk to the scheduler's thread-safe methods: nothing here calls JAX.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import time
-import uuid
 
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama2_jax.inference.params import SamplingParams
 from llama2_jax.inference.requests import ContextError
 from llama2_jax.inference.scheduler import Scheduler
-from llama2_jax.serve import schemas
-from llama2_jax.serve.generation import APIError, Generation, join_logprobs, random_seed
+from llama2_jax.serve import responses, schemas
+from llama2_jax.serve.grammar import Grammar, GrammarError, Grammars
+from llama2_jax.serve.generation import APIError, Generation, random_seed
 from llama2_jax.serve.metrics import Metrics
 from llama2_jax.tokenizer import DialogError, Tokenizer, encode_dialog
 
@@ -50,6 +52,10 @@ class Server:
     @property
     def context(self) -> int:
         return self.scheduler.length
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        return Grammars(self.tokenizer, self.scheduler.vocab_size)
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -119,9 +125,6 @@ def create_app(server: Server) -> FastAPI:
         for name in ("tools", "tool_choice"):
             if getattr(req, name):
                 raise APIError(400, f"{name} is not supported by this server", param=name)
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format type 'text' is supported",
-                           param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         dialog = [{"role": msg.role, "content": msg.text()} for msg in req.messages]
@@ -131,10 +134,11 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, str(e), param="messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
-        gen = _generation(server, [prompt], req, max_tokens, top, "messages")
+        grammar = await _grammar(server, req)
+        gen = _generation(server, [prompt], req, max_tokens, top, "messages", grammar=grammar)
         if req.stream:
-            return _stream(gen, _chat_chunks(server, gen, req, top))
-        return await _chat_body(server, gen, req, top, request)
+            return responses.stream(gen, responses.chat_chunks(server.model_name, gen, req, top))
+        return await responses.chat_body(server.model_name, gen, req, top, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -149,12 +153,14 @@ def create_app(server: Server) -> FastAPI:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of must equal n (or be left out)", param="best_of")
         prompts, texts = _completion_prompts(server, req.prompt)
+        grammar = await _grammar(server, req)
         gen = _generation(server, prompts, req, req.max_tokens, req.logprobs, "prompt",
-                          score_prompt=req.echo and req.logprobs is not None)
+                          score_prompt=req.echo and req.logprobs is not None, grammar=grammar)
         echo = texts if req.echo else None
         if req.stream:
-            return _stream(gen, _completion_chunks(server, gen, req, echo))
-        return await _completion_body(server, gen, req, request, echo)
+            return responses.stream(gen, responses.completion_chunks(server.model_name, gen, req,
+                                                                     echo))
+        return await responses.completion_body(server.model_name, gen, req, request, echo)
 
     return app
 
@@ -208,11 +214,6 @@ def _check_common(server: Server, req) -> None:
     if req.model != server.model_name:
         raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
                        f"'{server.model_name}'", param="model", code="model_not_found")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise APIError(400, f"{name} is not supported by this server (only 0)", param=name)
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
     if len(req.stop_strings()) > schemas.MAX_STOP:
         raise APIError(400, f"stop takes at most {schemas.MAX_STOP} strings", param="stop")
 
@@ -240,7 +241,7 @@ def _completion_prompts(server: Server, prompt) -> tuple[list[list[int]], list[s
 
 
 def _generation(server: Server, prompts, req, max_tokens, top, prompt_param,
-                score_prompt: bool = False) -> Generation:
+                score_prompt: bool = False, grammar: Grammar | None = None) -> Generation:
     """The request's choices, checked against the context and submitted."""
     scheduler = server.scheduler
     if not scheduler.accepting:
@@ -258,16 +259,24 @@ def _generation(server: Server, prompts, req, max_tokens, top, prompt_param,
             raise APIError(400, str(e), param="max_tokens" if max_tokens else prompt_param,
                            code="context_length_exceeded") from None
     longest = max(len(p) for p in prompts)
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({req.min_tokens}) is over max_tokens ({max_tokens})",
+                       param="min_tokens")
+    stop_ids = frozenset() if req.ignore_eos else frozenset({server.tokenizer.eos_id})
     params = SamplingParams(
         temperature=server.temperature if req.temperature is None else req.temperature,
         top_p=server.top_p if req.top_p is None else req.top_p, top_k=req.top_k or 0,
         seed=random_seed() if req.seed is None else req.seed,
-        top_logprobs=bool(top))
+        top_logprobs=bool(top), min_p=req.min_p or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_tokens=req.min_tokens, logit_bias=_logit_bias(server, req.logit_bias),
+        banned=tuple(stop_ids) if req.min_tokens else ())
     gen = Generation(scheduler, server.tokenizer, prompts, req.n,
                      max_tokens if max_tokens is not None else server.context - longest,
                      params, req.stop_strings(),
-                     stop_ids=frozenset() if req.ignore_eos else None,
-                     score_prompt=score_prompt)
+                     stop_ids=stop_ids, score_prompt=score_prompt, grammar=grammar)
     if max_tokens is None:  # each prompt's own room
         for c in gen.choices:
             c.request.max_tokens = server.context - len(c.prompt)
@@ -275,164 +284,62 @@ def _generation(server: Server, prompts, req, max_tokens, top, prompt_param,
     return gen
 
 
-# -- responses --------------------------------------------------------------------------------
-def _sse(payload) -> str:
-    data = payload.model_dump_json() if isinstance(payload, pydantic.BaseModel) else \
-        json.dumps(payload)
-    return f"data: {data}\n\n"
+GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+          "guided_grammar": "lark"}
 
 
-def _stream(gen: Generation, chunks) -> StreamingResponse:
-    async def body():
-        try:
-            async for chunk in chunks:
-                yield _sse(chunk)
-        except APIError as e:  # the stream has begun: report it in the stream
-            yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param,
-                                  "code": e.code}})
-        finally:
-            gen.cancel()  # a client that went away frees its slots (no-op when all ended)
-        yield "data: [DONE]\n\n"
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
-
-
-def _disconnected(request: Request):
-    async def check() -> bool:
-        return await request.is_disconnected()
-    return check
-
-
-async def _chat_chunks(server: Server, gen: Generation, req, top):
-    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    usage_chunks = bool(req.stream_options and req.stream_options.include_usage)
-    begun: set[int] = set()  # choices whose first tokens went out
-
-    def ids(tokens):
-        return _ids(tokens) if req.return_token_ids and tokens else None
-
-    def chunk(choices, usage=None):
-        return schemas.ChatCompletionChunk(id=ident, created=created, model=server.model_name,
-                                           choices=choices, usage=usage)
-
-    yield chunk([schemas.ChatChunkChoice(index=c.index, delta=schemas.Delta(role="assistant",
-                                                                            content=""))
-                 for c in gen.choices])
-    async for u in gen.updates():
-        logprobs = None
-        if top is not None and u.tokens:
-            logprobs = {"content": gen.chat_logprobs(u.tokens, top, u.index not in begun)}
-        if u.tokens:
-            begun.add(u.index)
-        unsent = u.tokens  # logprobs and ids go with the first chunk of the update
-        if u.text or u.finish_reason is None:
-            yield chunk([schemas.ChatChunkChoice(index=u.index, delta=schemas.Delta(
-                content=u.text), logprobs=logprobs, token_ids=ids(unsent))])
-            logprobs, unsent = None, []
-        if u.finish_reason is not None:
-            yield chunk([schemas.ChatChunkChoice(index=u.index, delta=schemas.Delta(),
-                                                 logprobs=logprobs,
-                                                 finish_reason=u.finish_reason,
-                                                 token_ids=ids(unsent))])
-    if usage_chunks:
-        yield chunk([], usage=gen.usage)
-
-
-async def _chat_body(server: Server, gen: Generation, req, top, request: Request):
-    texts = {c.index: [] for c in gen.choices}
-    tokens = {c.index: [] for c in gen.choices}
-    async for u in gen.updates(_disconnected(request)):
-        texts[u.index].append(u.text)
-        tokens[u.index] += u.tokens
-    choices = []
-    for c in gen.choices:
-        logprobs = None
-        if top is not None:
-            logprobs = {"content": gen.chat_logprobs(tokens[c.index], top, True)}
-        choices.append(schemas.ChatChoice(
-            index=c.index, message=schemas.AssistantMessage(content="".join(texts[c.index])),
-            logprobs=logprobs, finish_reason=c.finish_reason,
-            token_ids=_ids(tokens[c.index]) if req.return_token_ids else None))
-    return schemas.ChatCompletion(
-        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=server.model_name,
-        choices=choices, usage=gen.usage,
-        prompt_token_ids=gen.prompts if req.return_token_ids else None).model_dump()
-
-
-def _echo_head(gen: Generation, req, c, echo: list[str],
-               first: list) -> tuple[str, int, dict | None]:
-    """What an `echo` choice starts with: its prompt's text and, when its answer's first
-    token begins with the space a standalone decoding drops, that space (`first`: the
-    answer's tokens, or none yet); where the answer's first token starts in it; the prompt's
-    logprobs."""
-    text = echo[c.index // gen.n]
-    logprobs = gen.echo_logprobs(c, req.logprobs) if req.logprobs is not None else None
-    return text + (gen.dropped_space(first[0].id) if first else ""), len(text), logprobs
-
-
-async def _completion_chunks(server: Server, gen: Generation, req, echo: list[str] | None):
-    """Streamed choices; with `echo`, each choice's first chunk starts with its prompt."""
-    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    usage_chunks = bool(req.stream_options and req.stream_options.include_usage)
-    offsets = {c.index: 0 for c in gen.choices}
-    begun: set[int] = set()
-    async for u in gen.updates():
-        head, start, head_lps = "", 0, None
-        if u.index not in begun and (u.tokens or u.finish_reason):
-            begun.add(u.index)
-            at_start = True
-            if echo is not None:
-                head, start, head_lps = _echo_head(gen, req, gen.choices[u.index], echo,
-                                                   u.tokens)
-                at_start = False
+async def _grammar(server: Server, req) -> Grammar | None:
+    """The request's structured-output grammar, compiled off the device thread (None: free
+    text); a 400 naming the parameter for a bad or uncompilable one."""
+    asked = [(name, getattr(req, name)) for name in GUIDED if getattr(req, name) is not None]
+    kind_of = {"json_object": "json_schema", "json_schema": "json_schema"}
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        kind = fmt.get("type")
+        if kind not in kind_of:
+            raise APIError(400, f"response_format type {kind!r} is not one of 'text', "
+                           "'json_object', 'json_schema'", param="response_format")
+        if kind == "json_object":
+            spec = {"type": "object"}
         else:
-            at_start = False
-        logprobs = None
-        if req.logprobs is not None:
-            offset = offsets[u.index] + start
-            logprobs = gen.completion_logprobs(u.tokens, req.logprobs, offset, at_start)
-            if head_lps is not None:
-                logprobs = join_logprobs(head_lps, logprobs)
-        text = head + u.text
-        offsets[u.index] += len(text)
-        yield schemas.Completion(id=ident, created=created, model=server.model_name,
-                                 choices=[schemas.CompletionChoice(
-                                     index=u.index, text=text, logprobs=logprobs,
-                                     finish_reason=u.finish_reason,
-                                     token_ids=_ids(u.tokens) if req.return_token_ids
-                                     else None)])
-    if usage_chunks:
-        yield schemas.Completion(id=ident, created=created, model=server.model_name,
-                                 choices=[], usage=gen.usage)
+            spec = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(spec, dict):
+                raise APIError(400, "response_format json_schema needs json_schema.schema, a "
+                               "JSON Schema object", param="response_format")
+        asked.append(("response_format", spec))
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise APIError(400, "give one structured-output parameter, not "
+                       + " and ".join(name for name, _ in asked), param=asked[1][0])
+    name, spec = asked[0]
+    if name == "guided_json" and isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"guided_json is not valid JSON: {e}", param=name) from None
+    kind = "json_schema" if name == "response_format" else GUIDED[name]
+    try:
+        return await asyncio.to_thread(server.grammars.compile, kind, spec)
+    except GrammarError as e:
+        raise APIError(400, f"{name}: the grammar does not compile: {e}", param=name) from None
 
 
-async def _completion_body(server: Server, gen: Generation, req, request: Request,
-                           echo: list[str] | None):
-    texts = {c.index: [] for c in gen.choices}
-    tokens = {c.index: [] for c in gen.choices}
-    async for u in gen.updates(_disconnected(request)):
-        texts[u.index].append(u.text)
-        tokens[u.index] += u.tokens
-    choices = []
-    for c in gen.choices:
-        head, start, head_lps = "", 0, None
-        if echo is not None:
-            head, start, head_lps = _echo_head(gen, req, c, echo, tokens[c.index])
-        logprobs = None
-        if req.logprobs is not None:
-            logprobs = gen.completion_logprobs(tokens[c.index], req.logprobs, start,
-                                               echo is None)
-            if head_lps is not None:
-                logprobs = join_logprobs(head_lps, logprobs)
-        choices.append(schemas.CompletionChoice(
-            index=c.index, text=head + "".join(texts[c.index]), logprobs=logprobs,
-            finish_reason=c.finish_reason,
-            token_ids=_ids(tokens[c.index]) if req.return_token_ids else None))
-    return schemas.Completion(
-        id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=server.model_name,
-        choices=choices, usage=gen.usage,
-        prompt_token_ids=gen.prompts if req.return_token_ids else None).model_dump()
-
-
-def _ids(tokens) -> list[int]:
-    return [t.id for t in tokens]
+def _logit_bias(server: Server, bias: dict[str, float] | None) -> tuple:
+    """OpenAI's logit_bias (token id as a string -> -100..100) as (id, bias) pairs."""
+    out = []
+    vocab = server.tokenizer.vocab_size
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias: key {key!r} is not a token id",
+                           param="logit_bias") from None
+        if not 0 <= token < vocab:
+            raise APIError(400, f"logit_bias: token id {token} is outside the vocabulary "
+                           f"0..{vocab - 1}", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias: the bias of token {token} must be in "
+                           f"[-100, 100], got {value}", param="logit_bias")
+        out.append((token, float(value)))
+    return tuple(out)

@@ -16,6 +16,7 @@ from llama2_jax.inference.params import SamplingParams
 from llama2_jax.inference.requests import (Done, PromptLogprobs, QueueFull, Request,
                                            ShuttingDown, Token)
 from llama2_jax.inference.scheduler import Scheduler
+from llama2_jax.serve.grammar import Grammar
 from llama2_jax.serve.text import TextStream, logprob_texts
 from llama2_jax.tokenizer import Tokenizer
 
@@ -70,11 +71,13 @@ class Generation:
       stops: stop strings (not returned).
       stop_ids: tokens that end a choice (not returned); default the tokenizer's EOS.
       score_prompt: the choices get their prompt tokens' log-probabilities (`echo`).
+      grammar: what every choice's tokens must follow (each choice gets its own copy).
     """
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, prompts: list[list[int]],
                  n: int, max_tokens: int, params: SamplingParams, stops: Sequence[str],
-                 stop_ids: frozenset[int] | None = None, score_prompt: bool = False):
+                 stop_ids: frozenset[int] | None = None, score_prompt: bool = False,
+                 grammar: Grammar | None = None):
         self.scheduler, self.tokenizer = scheduler, tokenizer
         self.prompts, self.n = prompts, n
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -83,10 +86,13 @@ class Generation:
         for i, prompt in enumerate(prompts):
             for j in range(n):
                 index = i * n + j
-                s = dataclasses.replace(params, seed=params.seed + index)
+                s = dataclasses.replace(params, seed=params.seed + index, prompt_tokens=tuple(
+                    sorted(set(prompt))) if params.repetition_penalty != 1 else ())
                 request = Request(prompt, max_tokens, sink=self._sink(index), params=s,
                                   stop_ids=frozenset({tokenizer.eos_id}) if stop_ids is None
-                                  else stop_ids, score_prompt=score_prompt)
+                                  else stop_ids, score_prompt=score_prompt,
+                                  constraint=None if grammar is None
+                                  else grammar if index == 0 else grammar.copy())
                 self.choices.append(Choice(index, prompt, request, TextStream(tokenizer, stops)))
 
     def _sink(self, index: int):

@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.temperature = 0.6  # for requests that leave it out (Meta's chat defaults)
     c.top_p = 0.9
     c.warmup = True  # compile every step at start, so no request waits for a compile
+    # ... including the prefill steps that return every prompt position's logits (`echo` with
+    # `logprobs`, as lm-eval asks); False: those compile when the first such request comes
+    c.warmup_prompt_logprobs = True
     c.shutdown_grace_s = 30.0
     c.log_requests = False  # uvicorn's access log
     return c
@@ -112,7 +115,7 @@ def make_server(config: ml_collections.ConfigDict, err: TextIO,
             err.write(f"compiling the steps of {config.max_slots} slots x {length} positions"
                       " ...\n")
             err.flush()
-            slots.warm_up()
+            slots.warm_up(config.warmup_prompt_logprobs)
         err.write(f"ready in {time.perf_counter() - t0:.1f} s: serving '{name}' on "
                   f"http://{config.host}:{config.port}/v1 ({slots.compile_count} compiled "
                   "steps)\n")

@@ -1,8 +1,8 @@
 """Request and response bodies of the OpenAI-compatible API, as pydantic models.
 
 Requests ignore fields they do not know (clients send many); the documented parameters this
-server cannot honour (penalties, logit_bias, tools, suffix, best_of > n) are refused by
-the routes with a 400 naming the parameter, rather than silently ignored.
+server cannot honour (tools, suffix, best_of > n) are refused by the routes with a 400 naming
+the parameter, rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-MAX_STOP = 4
+MAX_STOP = 16  # OpenAI takes 4; lm-eval's generation tasks send more
 
 
 class _Request(BaseModel):
@@ -36,9 +36,21 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted, ignored
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id -> -100..100 (checked by the route)
+    # Extensions (as vLLM's): CTRL's repetition penalty over prompt and answer (1 = off),
+    # min_p (0 = off), and min_tokens (no stop before that many tokens).
+    repetition_penalty: float | None = Field(1.0, gt=0, le=10)
+    min_p: float | None = Field(0.0, ge=0, le=1)
+    min_tokens: int = Field(0, ge=0)
+    # Structured output: OpenAI's response_format (text | json_object | json_schema), and
+    # vLLM's guided_json (a schema), guided_regex, guided_choice and guided_grammar (Lark).
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # An extension (as vLLM's): the prompt's token ids and each choice's, in the response.
     return_token_ids: bool = False
     # An extension (as vLLM's): do not stop at EOS; generate max_tokens (benchmarks).
@@ -76,7 +88,6 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
