@@ -29,6 +29,13 @@ after the other on the same prompts, so each has the machine to itself:
             same sampling (temperature -> top-k -> top-p only), `ignore_eos`, streamed. Without
             cmake / a compiler, or when the build fails, the column is skipped with the reason.
 
+  features  (`--features`) ours again on the same prompts, with the server features of issue 20
+            switched on: every even request JSON-constrained (`response_format` json_schema:
+            an object whose one string is too long to close within `new_tokens`, so every
+            request still runs its `new_tokens` steps with a grammar mask in each), every odd
+            one with presence / frequency / repetition penalties, a logit bias and min_p. Its
+            ratio to the plain run is the features' cost (LoRA adapters: not built yet).
+
 For each: output tok/s = output tokens / (first submit -> last token), time to first token
 (submit -> first token) and inter-token latency (gaps between consecutive tokens of one
 request) p50/p95. Then a `mixed` phase: `--mixed_requests` requests from 16 clients with random
@@ -92,11 +99,16 @@ flags.DEFINE_list("llama_cpp_args", [], "More llama-server arguments, e.g. -ctk,
 flags.DEFINE_enum("sampling", "greedy", list(SAMPLING),
                   "Our requests' settings: greedy, Meta's chat defaults (temperature 0.6, top_p "
                   "0.9), or those and top_k 40 (each request seeded by its index).")
+flags.DEFINE_bool("features", False, "Also run ours with structured output and penalties "
+                  "on (see the docstring).")
 flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads (torch; XLA via affinity).")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and prompts.")
 flags.DEFINE_string("json", "", "Also write every number to this JSON file.")
 
 MODEL = "bench"
+# A JSON answer that cannot end within new_tokens (each token holds at most a few characters).
+LONG_JSON = {"type": "object", "properties": {"text": {"type": "string", "minLength": 4000}},
+             "required": ["text"], "additionalProperties": False}
 TOKENIZER = os.path.join(ROOT, "tests", "data", "tokenizer.model")  # a file, not an import
 
 
@@ -119,8 +131,15 @@ def request_body(side: str, i: int, prompt: list[int], new_tokens: int) -> dict:
     seeded by `i`, streamed with every token's id."""
     if side == "llama_cpp":
         return llama_cpp_peer.request_body(prompt, new_tokens, i, SAMPLING[FLAGS.sampling])
-    return dict(model=MODEL, prompt=prompt, max_tokens=new_tokens, stream=True,
+    body = dict(model=MODEL, prompt=prompt, max_tokens=new_tokens, stream=True,
                 ignore_eos=True, return_token_ids=True, seed=i, **SAMPLING[FLAGS.sampling])
+    if side == "features" and i % 2 == 0:
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "long", "schema": LONG_JSON}}
+    elif side == "features":
+        body.update(frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.1,
+                    logit_bias={"13": -5, "29871": 2}, min_p=0.05)
+    return body
 
 
 async def _stream_one(client: httpx.AsyncClient, url: str, body: dict):
@@ -313,6 +332,11 @@ def run() -> dict:
                     out["levels"][c]["ours"] = summary(r)
                     out["levels"][c]["ours_tokens"] = r["tokens"]
                     print(f"ours       {c:3d} clients: {r['tok_s']:7.1f} tok/s", flush=True)
+                    if FLAGS.features:
+                        f = serve_run(server, prompt_sets[c], new, c, side="features")
+                        out["levels"][c]["features"] = summary(f)
+                        print(f"features   {c:3d} clients: {f['tok_s']:7.1f} tok/s "
+                              f"({f['tok_s'] / r['tok_s']:.2f}x ours)", flush=True)
                 out["compiles_after_runs"] = server.metric("llama2_jax_compiles")
                 if FLAGS.mixed_requests:
                     m = asyncio.run(_mixed(server.url + "/v1/completions", FLAGS.mixed_requests,
@@ -388,7 +412,8 @@ def run() -> dict:
 def table(out: dict) -> str:
     rows = ["| clients | requests | side | output tok/s | TTFT p50 / p95 ms | ITL p50 / p95 ms "
             "| ours / HF | ours / llama.cpp |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
-    names = {"ours": "ours", "hf": "hf", "llama_cpp": "llama.cpp"}
+    names = {"ours": "ours", "features": "ours, features on", "hf": "hf",
+             "llama_cpp": "llama.cpp"}
     for c, lv in out["levels"].items():
         for side in names:
             if side not in lv:
@@ -396,6 +421,8 @@ def table(out: dict) -> str:
             s = lv[side]
             ratios = [f"**{s['tok_s'] / lv[peer]['tok_s']:.2f}x**"
                       if side == "ours" and peer in lv else "" for peer in ("hf", "llama_cpp")]
+            if side == "features":
+                ratios = [f"{s['tok_s'] / lv['ours']['tok_s']:.2f}x of ours", ""]
             name = names[side] + (f" -np {s['np']}" if "np" in s else "")
             rows.append(f"| {c} | {s['requests']} | {name} | {s['tok_s']:.1f} | "
                         f"{s['ttft_p50_ms']:.0f} / {s['ttft_p95_ms']:.0f} | "
