@@ -201,6 +201,44 @@ def copy_rows(dst: np.ndarray, src: np.ndarray, block: int = 64) -> None:
         dst[i:i + block] = src[i:i + block]
 
 
+# -- LoRA adapters in Hugging Face PEFT's layout ------------------------------------------------
+PEFT_PREFIX = "base_model.model."  # PeftModel's wrapper around LlamaForCausalLM
+
+
+def peft_module(target: str) -> str:
+    """A LoRA target (wq, ..., w3) -> its HF module ("self_attn.q_proj"); the last part is
+    PEFT's `target_modules` name."""
+    [name] = [hf for (_, weight), hf in LAYER_HF.items() if weight == target]
+    return name.removesuffix(".weight")
+
+
+def peft_names(target: str, layer: int) -> tuple[str, str]:
+    """PEFT's tensor names of one layer's adapter of `target`: (lora_A, lora_B)."""
+    stem = f"{PEFT_PREFIX}model.layers.{layer}.{peft_module(target)}"
+    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+
+
+def lora_to_peft(target: str, a: np.ndarray, b: np.ndarray, cfg, dtype=None):
+    """One layer's a [in, r] and b [r, out] -> PEFT's lora_A.weight [r, in] and lora_B.weight
+    [out, r] (torch Linear layouts), contiguous and cast to `dtype`.
+
+    B's rows are the weight's output rows, so q/k's take HF's rotate-half permutation, as the
+    base's do (jax_to_hf); A's columns are the input (the hidden state), never permuted.
+    """
+    heads = qk_heads((target,), cfg)
+    b_rows = hf_permute(b.T, heads) if heads else b.T
+    return (np.ascontiguousarray(a.T, dtype or a.dtype),
+            np.ascontiguousarray(b_rows, dtype or b.dtype))
+
+
+def peft_to_lora(target: str, lora_a: np.ndarray, lora_b: np.ndarray, cfg, dtype=None):
+    """Inverse of lora_to_peft: (a [in, r], b [r, out]) in llama2_jax's layout."""
+    heads = qk_heads((target,), cfg)
+    b_rows = hf_unpermute(lora_b, heads) if heads else lora_b
+    return (np.ascontiguousarray(lora_a.T, dtype or lora_a.dtype),
+            np.ascontiguousarray(b_rows.T, dtype or lora_b.dtype))
+
+
 def hf_config_dict(cfg, dtype: str) -> dict:
     """A Hugging Face `config.json` (LlamaForCausalLM) describing `cfg`; inverse of
     llama2_jax.model.config.from_hf_config."""

@@ -17,6 +17,8 @@ Everything a run writes is under `output_dir`:
   events/          the same as TensorBoard scalars (`tensorboard --logdir <output_dir>/events`)
   final/           the fine-tuned model (adapters merged) as a llama2_jax checkpoint, which
                    `llama2_jax.load` and the chat app read directly
+  final_adapter/   LoRA runs: the adapters alone with their rank, alpha, targets and base
+                   (llama2_jax.model.adapter; convert.adapter_to_peft exports them to PEFT)
 Running the same command again resumes from the newest checkpoint, with the weights an
 uninterrupted run would have had. `checkpoint_dir` is only read.
 """
@@ -33,9 +35,9 @@ from llama2_jax import cli, distributed, settings
 from llama2_jax.settings import USER_ERRORS
 from llama2_jax.training import data
 # The run's names, re-exported for the app's users (tests, benchmarks, notebooks).
-from llama2_jax.training.trainer import (CHECKPOINTS_DIR, EVENTS_DIR, FINAL_DIR,  # noqa: F401
-                                         METRICS_FILE, RUN_FILE, FinetuneError, NonFiniteLoss,
-                                         Trainer, check_settings)
+from llama2_jax.training.trainer import (ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_DIR,  # noqa: F401
+                                         FINAL_DIR, METRICS_FILE, RUN_FILE, FinetuneError,
+                                         NonFiniteLoss, Trainer, check_settings)
 
 
 def base_config() -> ml_collections.ConfigDict:

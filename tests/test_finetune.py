@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from tests.conftest import ROOT, load_config_file, xla_flags
-from llama2_jax.model import checkpoint
+from llama2_jax.model import adapter, checkpoint
 from llama2_jax.training import data, lora, train_step
 from llama2_jax import finetune
 from llama2_jax.training.data import DataError
@@ -171,6 +171,17 @@ def test_lora_run_trains_adapters_only_and_never_writes_the_base(tmp_path):
     old, new = read_params(base_dir), read_params(summary["final"])
     changed = {"/".join(p) for p, a, b in _pairs(old, new) if not np.array_equal(a, b)}
     assert changed == {"layers/attention/wq", "layers/feed_forward/w2"}
+    # The adapters alone, beside the merged model: they and their base give it again.
+    assert summary["adapter"] == str(tmp_path / "run" / finetune.ADAPTER_DIR)
+    trained = adapter.load(summary["adapter"])
+    assert (trained.rank, trained.alpha, trained.targets) == (4, config.lora.alpha, ("wq", "w2"))
+    assert trained.base["checkpoint_dir"] == str(base_dir)
+    assert trained.base["model"] == checkpoint.read_config(base_dir).to_dict()
+    assert trained.base["quantization"] == "none"
+    one = checkpoint.default_mesh(mcfg, jax.devices()[:1])
+    merged = adapter.merge(checkpoint.load(base_dir, mesh=one), trained)
+    for path, a, b in _pairs(new, jax.tree.map(np.asarray, checkpoint.params_of(merged))):
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg="/".join(path))
     with pytest.raises(FinetuneError, match="overlap"):
         finetune.train(tiny_config(tmp_path, checkpoint_dir=str(base_dir),
                                    output_dir=str(base_dir / "out"), model_preset=""),

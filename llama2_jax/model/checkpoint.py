@@ -12,6 +12,7 @@ It is written under a temporary name and renamed when complete, so a directory w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,9 @@ from llama2_jax.model.transformer import Transformer, abstract_model, init_model
 META_FILE = "llama2_jax.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
+# The marker of a LoRA adapter directory (llama2_jax.model.adapter): named here so that loading
+# one as a model says what it is.
+ADAPTER_META_FILE = "llama2_jax_adapter.json"
 FORMAT = 1
 # Quantized checkpoints get their own format number, so loaders that predate quantization
 # refuse them by format instead of by their unexpected parameter names.
@@ -132,13 +136,7 @@ def save(directory: str | os.PathLike, model: Transformer, *,
     An existing directory is refused unless `overwrite`; it is replaced only once the new
     checkpoint is complete. Quantized weights are saved quantized.
     """
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory) and not overwrite:
-        raise CheckpointError(f"{directory} already exists; pass overwrite=True to replace it")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{_shared_suffix()}")
-    try:
+    with staged_dir(directory, overwrite) as tmp:
         ckptr = ocp.StandardCheckpointer()
         params = params_of(model)
         ckptr.save(os.path.join(tmp, PARAMS_DIR), quant.to_tree(params))
@@ -147,12 +145,31 @@ def save(directory: str | os.PathLike, model: Transformer, *,
             if tokenizer_path is not None:
                 shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
             write_config(tmp, model.config, quant.method_of(params))
+    return os.path.abspath(os.fspath(directory))
+
+
+@contextlib.contextmanager
+def staged_dir(directory: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary sibling of `directory` (the same name in every process, which all
+    write into it); when the block ends, process 0 renames it to `directory`.
+
+    An existing `directory` is refused unless `overwrite`, and replaced only by a complete
+    new one; an error (or a kill) leaves it as it was.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not overwrite:
+        raise CheckpointError(f"{directory} already exists; pass overwrite=True to replace it")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{_shared_suffix()}")
+    try:
+        yield tmp
+        if jax.process_index() == 0:
             replace_dir(tmp, directory)
         _sync("llama2_jax_checkpoint_save")
     finally:
         if jax.process_index() == 0 and os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    return directory
 
 
 def write_config(directory: str, cfg: ModelConfig, quantization: str = "none",
@@ -208,6 +225,9 @@ def read_meta(directory: str | os.PathLike) -> tuple[ModelConfig, str]:
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory not found: {directory}")
     path = os.path.join(directory, META_FILE)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(directory, ADAPTER_META_FILE)):
+        raise CheckpointError(f"{directory} is a LoRA adapter, not a model: load the base model "
+                              "it names and apply it (llama2_jax.model.adapter)")
     if not os.path.isfile(path):
         raise CheckpointError(
             f"{directory} is not a llama2_jax checkpoint (no {META_FILE}); convert weights with "

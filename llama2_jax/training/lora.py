@@ -16,13 +16,13 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from llama2_jax.model.adapter import TARGETS, merge_adapters  # noqa: F401 (re-exported)
 from llama2_jax.model.transformer import linear
-from llama2_jax.model.quant import QArray
 
-# Where each LoRA target lives and how many leading (input) axes its weight has.
-LORA_TARGETS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention", 1),
-                "wo": ("attention", 2), "w1": ("feed_forward", 1), "w2": ("feed_forward", 1),
-                "w3": ("feed_forward", 1)}
+# The targets and the merge are the adapter format's (llama2_jax.model.adapter), which the
+# apps that apply adapters read without the training code.
+LORA_TARGETS = TARGETS
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -62,6 +62,7 @@ class LoRA:
 
 
 def lora_scale(config) -> float:
+    """alpha / rank: PEFT's lora_alpha / r (without rsLoRA), and `Adapter.scale`."""
     return float(config.lora.alpha) / int(config.lora.rank)
 
 
@@ -90,13 +91,3 @@ def _with_adapters(params: dict, adapters: dict, fn: Callable) -> dict:
 def apply_adapters(params: dict, adapters: dict, scale: float) -> dict:
     """`params` with each adapted weight replaced by its LoRA object (for training)."""
     return _with_adapters(params, adapters, lambda w, ab: LoRA(w, ab["a"], ab["b"], scale))
-
-
-def merge_adapters(params: dict, adapters: dict, scale: float, dtype=None) -> dict:
-    """`params` with W + scale * a @ b folded in (in float32, stored in `dtype`, default W's;
-    an 8-bit W is dequantized first)."""
-    def merge(w, ab):
-        delta = jnp.einsum("lir,lro->lio", ab["a"], ab["b"]).reshape(w.shape)
-        full = w.dequantize(jnp.float32) if isinstance(w, QArray) else w.astype(jnp.float32)
-        return (full + scale * delta).astype(dtype or w.dtype)
-    return _with_adapters(params, adapters, merge)

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llama2_jax.model import checkpoint, quant, sharding
+from llama2_jax.model import adapter, checkpoint, quant, sharding
 from llama2_jax import distributed
 from llama2_jax.model.config import DTYPES
 from llama2_jax.model.transformer import abstract_model
@@ -41,6 +41,8 @@ METRICS_FILE = "metrics.jsonl"
 EVENTS_DIR = "events"  # TensorBoard: tensorboard --logdir <output_dir>/events
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
+# A LoRA run's adapters on their own (llama2_jax.model.adapter), beside the merged final/.
+ADAPTER_DIR = "final_adapter"
 # Settings a resumed run may change without changing what it computes.
 _RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "log_every", "keep_checkpoints",
                       "compilation_cache_dir", "multihost", "progress", "coordinator_address",
@@ -54,8 +56,6 @@ class FinetuneError(ValueError):
 
 class NonFiniteLoss(FinetuneError):
     """Loss or gradient became NaN/inf; the last checkpoint is the last good state."""
-
-
 
 
 # -- LoRA settings ---------------------------------------------------------------------------
@@ -92,6 +92,7 @@ class Trainer:
         self.out = os.path.abspath(os.path.expanduser(c.output_dir))
         self.lora_scale = lora_scale(c) if c.lora.rank else None
         self._stop_signal: int | None = None
+        self.base_dir = prepared.checkpoint_dir
         if prepared.checkpoint_dir:
             _check_not_inside(self.out, os.path.abspath(prepared.checkpoint_dir))
         self.base_cfg = prepared.model_config
@@ -210,7 +211,7 @@ class Trainer:
 
     # -- the loop
     def run(self) -> dict:
-        """Train (or resume) to `config.steps`, then export `<output_dir>/final`.
+        """Train (or resume) to `config.steps`, then export `final/` (and LoRA's `final_adapter/`).
 
         Returns a summary: steps, final loss and eval loss, the final checkpoint's path.
         """
@@ -292,10 +293,13 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
             manager.close()
-        self._say(f"\nfine-tuned model written to {final}; chat with it:\n  python -m "
-                  f"llama2_jax.chat --config configs/llama2_7b_chat.py "
-                  f"--config.checkpoint_dir={final}")
-        return {"final": final, "steps": progress.step, "resumed": resumed, **last}
+        adapter_dir = os.path.join(self.out, ADAPTER_DIR) if self.lora_scale else None
+        self._say(f"\nfine-tuned model written to {final}"
+                  + (f" (the adapters alone: {adapter_dir})" if adapter_dir else "")
+                  + f"; chat with it:\n  python -m llama2_jax.chat --config "
+                  f"configs/llama2_7b_chat.py --config.checkpoint_dir={final}")
+        return {"final": final, "adapter": adapter_dir, "steps": progress.step,
+                "resumed": resumed, **last}
 
     def evaluate(self, trainable, frozen) -> float:
         """Mean token loss over the eval set (nan when there is none)."""
@@ -319,15 +323,19 @@ class Trainer:
                 for k, v in batch.items()}
 
     def _export(self, trainable, frozen, final: str) -> None:
+        if self.lora_scale is not None:  # before final/, whose marker says the run is done
+            c = self.config
+            base = adapter.base_record(self.base_cfg, self.base_dir, self.quantization,
+                                       **({} if self.base_dir else {"seed": c.seed}))
+            adapter.save(os.path.join(self.out, ADAPTER_DIR), adapter.Adapter(
+                trainable, c.lora.rank, c.lora.alpha, base), overwrite=True)
         out_dtype = self.base_cfg.weight_dtype
         params = (trainable if self.lora_scale is None
                   else merge_adapters(frozen, trainable, self.lora_scale, out_dtype))
         params = quant.dequantize_params(params, out_dtype)  # the 8-bit weights LoRA left
         params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(out_dtype), p),
                          out_shardings=self.param_shardings)(params)
-        cfg = self.base_cfg
-        abstract = abstract_model(cfg)
-        graphdef, state = nnx.split(abstract)
+        graphdef, state = nnx.split(abstract_model(self.base_cfg))
         checkpoint.save(final, bind(graphdef, state, params), tokenizer_path=self.tokenizer_path)
 
     # -- the output directory
