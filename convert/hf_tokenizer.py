@@ -1,14 +1,7 @@
-"""A Hugging Face fast tokenizer (tokenizer.json) that tokenizes exactly as Meta's SentencePiece
-model does, for the HF export (convert/orbax_to_hf.py) and tools that load a tokenizer by
-directory (lm-evaluation-harness's `tokenizer=`).
-
-transformers' own conversion (tokenizer.model -> tokenizer.json) differs from SentencePiece
-wherever spaces repeat: it ranks merges by token id, while SentencePiece merges the pair whose
-piece scores highest, and Llama 2's whitespace-only pieces ("▁▁" is id 259) score -1e9; and its
-Metaspace pre-tokenizer adds no "▁" before a text that starts with a space, where
-SentencePiece's dummy prefix always does (" Hello": [15043] against SentencePiece's
-[29871, 15043]). So: BPE with the merges ranked by their piece's score, byte fallback, the
-dummy prefix as a normalizer, BOS added by the post-processor.
+"""A Hugging Face fast tokenizer directory (tokenizer.json + tokenizer_config.json) that
+tokenizes exactly as Meta's SentencePiece model does, for the HF export (convert/orbax_to_hf.py)
+and tools that load a tokenizer by directory (lm-evaluation-harness's `tokenizer=`). Why
+transformers' own conversion will not do, and how this one is built: llama2_jax.tokenizer_json.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Shared fixtures. Eight simulated CPU devices, so multi-device code runs in the same process."""
 
+import contextlib
 import os
 import sys
 
@@ -118,3 +119,22 @@ def penalized_greedy(forward, prompt, n, s, eos=2):
         x = x.numpy()[0] - s.frequency_penalty * counts - s.presence_penalty * (counts > 0)
         seq.append(int(np.argmax(x)))
     return seq[len(prompt):]
+
+
+def save_random(tmp_path_factory, mesh, name: str, cfg, seed: int):
+    """A random model of `cfg` saved as checkpoint `name` with the real tokenizer."""
+    from llama2_jax.model import checkpoint
+    path = tmp_path_factory.mktemp(name) / name
+    checkpoint.save(path, checkpoint.random_model(cfg, mesh, seed=seed), tokenizer_path=TOKENIZER)
+    return path
+
+
+@contextlib.contextmanager
+def serving(path, name: str, **settings):
+    """`python -m llama2_jax.serve` of the checkpoint at `path`, ready; it must exit cleanly."""
+    from benchmarks.serving import ServerProcess
+    s = ServerProcess(checkpoint_dir=path, train_config="", model_name=name, **settings)
+    try:
+        yield s.wait_ready()
+    finally:
+        assert s.terminate() == 0, s.output()

@@ -31,8 +31,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 import llama2_jax  # noqa: E402
 from llama2_jax.model import checkpoint  # noqa: E402
 from llama2_jax.model.config import TINY  # noqa: E402
-from tests.conftest import TOKENIZER  # noqa: E402
-from benchmarks.serving import ServerProcess  # noqa: E402
+from tests.conftest import TOKENIZER, save_random, serving  # noqa: E402
 from convert.hf_tokenizer import save as save_hf_tokenizer  # noqa: E402
 
 CFG = TINY.replace(vocab_size=32000, max_seq_len=512)
@@ -150,20 +149,14 @@ def write_tasks(root, ll_docs) -> str:
 # -- fixtures --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, one_device_mesh):
-    path = tmp_path_factory.mktemp("lm_eval_model") / MODEL
-    checkpoint.save(path, checkpoint.random_model(CFG, one_device_mesh, seed=5),
-                    tokenizer_path=TOKENIZER)
-    return path
+    return save_random(tmp_path_factory, one_device_mesh, MODEL, CFG, seed=5)
 
 
 @pytest.fixture(scope="module")
 def lm_server(tiny_dir):
-    s = ServerProcess(checkpoint_dir=tiny_dir, train_config="", model_name=MODEL, max_slots=4,
-                      context_length=CONTEXT, prefill_chunk=32, prefix_cache_mb=8)
-    try:
-        yield s.wait_ready()
-    finally:
-        assert s.terminate() == 0, s.output()
+    with serving(tiny_dir, MODEL, max_slots=4, context_length=CONTEXT, prefill_chunk=32,
+                 prefix_cache_mb=8) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

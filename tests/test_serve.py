@@ -21,8 +21,7 @@ import llama2_jax
 from llama2_jax.model import checkpoint
 from llama2_jax.model.config import TINY
 from llama2_jax.inference.params import SamplingParams
-from tests.conftest import GOLDEN, TOKENIZER, penalized_greedy
-from benchmarks.serving import ServerProcess
+from tests.conftest import GOLDEN, TOKENIZER, penalized_greedy, save_random, serving
 
 CFG = TINY.replace(vocab_size=32000, max_seq_len=512)
 CONTEXT = 256
@@ -32,20 +31,14 @@ SYSTEM = {"role": "system", "content": "You are a terse assistant."}
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, one_device_mesh):
-    path = tmp_path_factory.mktemp("serve") / MODEL
-    checkpoint.save(path, checkpoint.random_model(CFG, one_device_mesh, seed=5),
-                    tokenizer_path=TOKENIZER)
-    return path
+    return save_random(tmp_path_factory, one_device_mesh, MODEL, CFG, seed=5)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    s = ServerProcess(checkpoint_dir=tiny_dir, train_config="", model_name=MODEL, max_slots=4,
-                      context_length=CONTEXT, prefill_chunk=32, prefix_cache_mb=8)
-    try:
-        yield s.wait_ready()
-    finally:
-        assert s.terminate() == 0, s.output()
+    with serving(tiny_dir, MODEL, max_slots=4, context_length=CONTEXT, prefill_chunk=32,
+                 prefix_cache_mb=8) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ import pytest
 import llama2_jax
 from llama2_jax.model import checkpoint
 from llama2_jax.model.config import TINY
-from tests.conftest import TOKENIZER
-from benchmarks.serving import ServerProcess
+from tests.conftest import save_random, serving
 
 CFG = TINY.replace(vocab_size=32000, max_seq_len=512)
 MODEL = "tiny-structured"
@@ -38,20 +37,13 @@ SCHEMAS = [
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, one_device_mesh):
-    path = tmp_path_factory.mktemp("structured") / MODEL
-    checkpoint.save(path, checkpoint.random_model(CFG, one_device_mesh, seed=9),
-                    tokenizer_path=TOKENIZER)
-    return path
+    return save_random(tmp_path_factory, one_device_mesh, MODEL, CFG, seed=9)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    s = ServerProcess(checkpoint_dir=tiny_dir, train_config="", model_name=MODEL, max_slots=4,
-                      context_length=256, prefill_chunk=32)
-    try:
-        yield s.wait_ready()
-    finally:
-        assert s.terminate() == 0, s.output()
+    with serving(tiny_dir, MODEL, max_slots=4, context_length=256, prefill_chunk=32) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -312,7 +312,7 @@ class Scheduler:
 
     def _deliver(self, out, rows) -> None:
         """Hand the tokens of one step to their requests, finishing those that are done."""
-        if not isinstance(out, tuple) or not hasattr(out, "tokens"):  # a chunk's PromptScores
+        if not hasattr(out, "tokens"):  # a prompt chunk's PromptScores
             self._deliver_scores(out, *rows[0])
             return
         live = [(row, r) for row, r in rows if not r.done and not r.cancelled]

@@ -21,17 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from llama2_jax.inference.requests import mask_words
 from llama2_jax.tokenizer import Tokenizer
 from llama2_jax.tokenizer_json import fast_tokenizer
 
 
 class GrammarError(ValueError):
     """A grammar or schema llguidance cannot compile (HTTP 400)."""
-
-
-def mask_words(vocab_size: int) -> int:
-    """int32 words of a bitmask over the vocabulary (bit t % 32 of word t // 32: token t)."""
-    return (vocab_size + 31) // 32
 
 
 class Grammars:
@@ -101,7 +97,3 @@ class Grammar:
     def complete(self) -> bool:
         """Nothing but the end may follow (the answer is whole)."""
         return self.matcher.is_stopped()
-
-    @property
-    def error(self) -> str:
-        return self.matcher.get_error()

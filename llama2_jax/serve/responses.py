@@ -78,12 +78,18 @@ async def chat_chunks(model: str, gen: Generation, req, top):
         yield chunk([], usage=gen.usage)
 
 
-async def chat_body(model: str, gen: Generation, req, top, request: Request):
+async def _collect(gen: Generation, request: Request) -> tuple[dict, dict]:
+    """Every choice's text pieces and tokens, once all have ended (or the client left)."""
     texts = {c.index: [] for c in gen.choices}
     tokens = {c.index: [] for c in gen.choices}
     async for u in gen.updates(_disconnected(request)):
         texts[u.index].append(u.text)
         tokens[u.index] += u.tokens
+    return texts, tokens
+
+
+async def chat_body(model: str, gen: Generation, req, top, request: Request):
+    texts, tokens = await _collect(gen, request)
     choices = []
     for c in gen.choices:
         logprobs = None
@@ -148,11 +154,7 @@ async def completion_chunks(model: str, gen: Generation, req, echo: list[str] | 
 
 async def completion_body(model: str, gen: Generation, req, request: Request,
                            echo: list[str] | None):
-    texts = {c.index: [] for c in gen.choices}
-    tokens = {c.index: [] for c in gen.choices}
-    async for u in gen.updates(_disconnected(request)):
-        texts[u.index].append(u.text)
-        tokens[u.index] += u.tokens
+    texts, tokens = await _collect(gen, request)
     choices = []
     for c in gen.choices:
         head, start, head_lps = "", 0, None
