@@ -1,6 +1,7 @@
 """Structured output: the cost of the allowed-token bitmask per generated token, and of compiling
 a JSON schema, with llguidance, xgrammar and outlines-core on Llama 2's vocabulary (32000 tokens).
 
+  pip install xgrammar outlines-core   # the two peers (llguidance is the server's dependency)
   JAX_PLATFORMS=cpu python benchmarks/bench_grammar.py
   JAX_PLATFORMS=cpu python benchmarks/bench_grammar.py --schemas=person,json_object --repeats=5
 
