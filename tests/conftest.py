@@ -138,3 +138,19 @@ def serving(path, name: str, **settings):
         yield s.wait_ready()
     finally:
         assert s.terminate() == 0, s.output()
+
+
+def random_adapter(cfg, targets=None, rank=4, alpha=8.0, seed=0, base_dir=None):
+    """A LoRA Adapter for a model of `cfg` with non-zero a and b on every target (default: all),
+    large enough to move the logits."""
+    import numpy as np
+    from convert import mapping
+    from llama2_jax.model import adapter
+    targets = tuple(adapter.TARGETS) if targets is None else targets
+    rng = np.random.default_rng(seed)
+    params = {}
+    for t, (a_shape, b_shape) in adapter.shapes(cfg, targets, rank).items():
+        mapping.set_path(params, ("layers", adapter.TARGETS[t][0], t), {
+            "a": rng.normal(0, a_shape[1] ** -0.5, a_shape).astype(np.float32),
+            "b": rng.normal(0, 0.05, b_shape).astype(np.float32)})
+    return adapter.Adapter(params, rank, alpha, adapter.base_record(cfg, base_dir))

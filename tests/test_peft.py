@@ -21,23 +21,12 @@ from convert.sources import SourceError
 from llama2_jax.model import adapter, checkpoint
 from llama2_jax.model.config import TINY_GQA
 from tests import hf_reference as ref
-from tests.conftest import ROOT, xla_flags
+from tests.conftest import ROOT, random_adapter, xla_flags
 
 CFG = TINY_GQA  # 4 query heads, 2 KV heads: q and k permuted over different head counts
 TOKENS = [1, 17, 99, 3, 250, 42, 7, 128, 64, 5]
 ALL = tuple(adapter.TARGETS)
 HF_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def random_adapter(cfg, targets=ALL, rank=4, alpha=8.0, seed=0, base_dir=None):
-    """Non-zero a and b on every target, large enough to move the logits."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for t, (a_shape, b_shape) in adapter.shapes(cfg, targets, rank).items():
-        mapping.set_path(params, ("layers", adapter.TARGETS[t][0], t), {
-            "a": rng.normal(0, a_shape[1] ** -0.5, a_shape).astype(np.float32),
-            "b": rng.normal(0, 0.05, b_shape).astype(np.float32)})
-    return adapter.Adapter(params, rank, alpha, adapter.base_record(cfg, base_dir))
 
 
 @pytest.fixture(scope="module")

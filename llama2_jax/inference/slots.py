@@ -33,10 +33,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama2_jax.inference import penalties
+from llama2_jax.inference.adapters import AdapterStack, Limits
 from llama2_jax.inference.buckets import Shapes
 from llama2_jax.inference.params import TOP_LOGPROBS, SamplingParams
-from llama2_jax.inference.requests import mask_words
 from llama2_jax.inference.sampling import RowSampling, logprobs, mask_rows, sample_rows
+from llama2_jax.inference import step_io
 from llama2_jax.inference.step_io import Prefix, PromptScores, SlotState, StepOut
 from llama2_jax.inference.weights import Weights
 from llama2_jax.model import kv_cache, sharding
@@ -58,11 +59,13 @@ class Slots:
         (the offline doors, which never report them).
       abstract: allocate nothing (the cache and state are ShapeDtypeStructs): for `lower_steps`
         on weights of ShapeDtypeStructs, e.g. for devices of a TPU topology (llama2_jax.aot).
+      adapters: room for LoRA adapters served per row (llama2_jax.inference.adapters); None:
+        the base alone.
     """
 
     def __init__(self, weights: Weights, max_slots: int, length: int, *, chunk: int = 256,
                  min_bucket: int = 16, kv_block: int | None = None, row_growth: int = 4,
-                 logprobs: bool = True, abstract: bool = False):
+                 logprobs: bool = True, abstract: bool = False, adapters: Limits | None = None):
         cfg = weights.config
         if not 0 < length <= cfg.max_seq_len:
             raise ValueError(f"slot length {length} must be in 1..{cfg.max_seq_len}")
@@ -73,7 +76,7 @@ class Slots:
         self.max_slots, self.length, self.chunk = max_slots, length, self.shapes.chunk
         self.shared_stage = max_slots == 1  # the staging row is the slot's own row
         self.logprobs, self.abstract = logprobs, abstract
-        self.compile_count = 0  # traces of every step below
+        self._traces = 0  # of every step below
         self._replicated = NamedSharding(weights.mesh, PartitionSpec())
         jit = functools.partial(jax.jit, compiler_options=weights.compiler_options)
         self._decode = jit(self._decode_fn, static_argnames=("rows", "attend"),
@@ -84,51 +87,18 @@ class Slots:
                            donate_argnames=("cache",))
         self._insert = jit(self._insert_fn, donate_argnames=("stage", "state"))
         self._extract = jit(self._extract_fn, static_argnames=("n",))
-        self.cache = self._new_cache(self.shapes.groups)
-        self.stage = self.cache if self.shared_stage else self._new_cache((1,))
-        self.state = self._initial_state()
+        self.adapters = AdapterStack(weights, adapters, abstract) if adapters else None
+        self.row_adapter = np.zeros(max_slots, np.int32)  # each slot's adapter (0: the base)
+        self.cache = step_io.new_cache(weights, self.shapes, self.shapes.groups, abstract)
+        self.stage = (self.cache if self.shared_stage else
+                      step_io.new_cache(weights, self.shapes, (1,), abstract))
+        self.state = step_io.initial_state(max_slots, length, cfg.vocab_size,
+                                           self._replicated, abstract)
         self.positions = np.full(max_slots, length, np.int64)  # host mirror; length = idle
         self._staged = (-1, 0)  # (slot, positions) the staging row holds for that slot
 
-    # -- device state ------------------------------------------------------------------------
-    def _new_cache(self, groups):
-        cfg, per_layer = self.config, self.weights.per_layer
-
-        def make():
-            def one():
-                return kv_cache.init_blocks(None if per_layer else cfg.n_layers, groups,
-                                            self.shapes.blocks, cfg.n_kv_heads, cfg.head_dim,
-                                            cfg.compute_dtype)
-            return tuple(one() for _ in range(cfg.n_layers)) if per_layer else one()
-
-        shapes = jax.eval_shape(make)
-        shardings = jax.tree.map(
-            lambda x: sharding.named_sharding(self.weights.mesh, KVCache.axes(x.ndim), x.shape),
-            shapes)
-        if self.abstract:
-            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                shapes, shardings)
-        return jax.jit(make, out_shardings=shardings)()
-
-    def _initial_state(self) -> SlotState:
-        s = self.max_slots
-        state = SlotState(
-            tokens=np.zeros(s, np.int32), positions=np.full(s, self.length, np.int32),
-            sampling=RowSampling(temperature=np.zeros(s, np.float32),
-                                 top_p=np.ones(s, np.float32), top_k=np.zeros(s, np.int32),
-                                 key=np.zeros((s, 2), np.uint32), count=np.zeros(s, np.int32),
-                                 min_p=np.zeros(s, np.float32)),
-            want_top=np.zeros(s, bool),
-            penalties=penalties.empty(s, self.config.vocab_size))
-        if self.abstract:
-            return jax.tree.map(self._abstract, state)
-        return jax.device_put(state, self._replicated)
-
     def _abstract(self, x) -> jax.ShapeDtypeStruct:
-        """A replicated ShapeDtypeStruct like `x` (an array, or a numpy dtype for a scalar)."""
-        if isinstance(x, (np.dtype, type)):
-            return jax.ShapeDtypeStruct((), x, sharding=self._replicated)
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self._replicated)
+        return step_io.abstract_like(x, self._replicated)
 
     def _map_layers(self, fn, *caches):
         """fn over each layer's Blocks (per-layer caches) or over the stacked Blocks."""
@@ -148,10 +118,17 @@ class Slots:
         return self._replicate(StepOut(tokens, *logprobs(logits, tokens, want_top)))
 
     # -- the jitted steps --------------------------------------------------------------------
-    def _decode_fn(self, weights, cache, state: SlotState, active, allowed, rows: int,
-                   attend: int):
-        self.compile_count += 1
+    def _model(self, weights, lora, index):
+        """(model, per-layer states) in a step; with adapters, rows use theirs (index [B])."""
         model, unstacked = self.weights.model(weights)
+        if self.adapters is None:
+            return model, unstacked
+        return self.adapters.bind(model, unstacked, lora, self.adapters.select(index))
+
+    def _decode_fn(self, weights, lora, cache, state: SlotState, active, allowed, index,
+                   rows: int, attend: int):
+        self._traces += 1
+        model, unstacked = self._model(weights, lora, None if index is None else index[:rows])
         pen = state.penalties  # [S, V] rows: read and updated in place, not sliced
         live = jax.tree.map(lambda x: x[:rows], state._replace(penalties=None))  # slots
         # 0..rows-1; the rest keep theirs
@@ -177,13 +154,13 @@ class Slots:
         return (self._out(logits, tokens, want_top), self._replicate(state),
                 kv_cache.constrain(cache))
 
-    def _prefill_fn(self, weights, stage, state: SlotState, slot, tokens, start, n, final,
+    def _prefill_fn(self, weights, lora, stage, state: SlotState, slot, tokens, start, n, final,
                     temperature, top_p, top_k, min_p, key, want_top, row_penalties, allowed,
-                    following, attend: int, score: bool = False):
+                    following, index, attend: int, score: bool = False):
         """Feed tokens [1, T] (the first n real) at positions start.. of the staging row.
         With `score`, also the PromptScores of the chunk (`following`: the token after it)."""
-        self.compile_count += 1
-        model, unstacked = self.weights.model(weights)
+        self._traces += 1
+        model, unstacked = self._model(weights, lora, None if index is None else index[None])
         positions = start + jnp.arange(tokens.shape[1], dtype=i32)[None]  # [1, T]
         if score:
             every, stage = model(tokens, positions, stage, attend=attend,
@@ -220,14 +197,14 @@ class Slots:
 
     def _commit_fn(self, cache, stage, slot, blocks: int):
         """The cache with the staging row's first `blocks` position blocks in row `slot`."""
-        self.compile_count += 1
+        self._traces += 1
         return kv_cache.constrain(
             self._map_layers(lambda c, s: kv_cache.copy_row(c, s, slot, blocks), cache, stage))
 
     def _insert_fn(self, stage, state: SlotState, kv, slot):
         """The staging row with a prefix's blocks (copies) in front; `slot` idles until its
         prefill (so a step in between cannot write into the row it is about to get)."""
-        self.compile_count += 1
+        self._traces += 1
 
         def put(st: Blocks, prefix: Blocks) -> Blocks:
             blocks = list(st.groups[0])
@@ -241,8 +218,12 @@ class Slots:
 
     def _extract_fn(self, cache, slot, n: int):
         """The first n position blocks of row `slot`, one row."""
-        self.compile_count += 1
+        self._traces += 1
         return self._map_layers(lambda c: kv_cache.take_row(c, slot, n), cache)
+
+    def _lora(self, index):
+        """What a step takes for the adapters: (the stack, a copy of the rows' indices)."""
+        return (None, None) if self.adapters is None else (self.adapters.arrays, np.copy(index))
 
     # -- what the drivers call ---------------------------------------------------------------
     def _check_slot(self, slot: int) -> None:
@@ -284,14 +265,15 @@ class Slots:
         padded[0, :n] = tokens
         score = following is not None
         with jax.set_mesh(self.weights.mesh):
+            lora, index = self._lora(self.row_adapter[slot])
             out, self.state, self.stage, *scores = self._prefill(
-                self.weights.leaves, self.stage, self.state,
+                self.weights.leaves, lora, self.stage, self.state,
                 np.int32(slot), padded, np.int32(start), np.int32(n), np.bool_(final),
                 np.float32(params.temperature), np.float32(params.top_p),
                 np.int32(params.top_k), np.float32(params.min_p), params.key(),
                 np.bool_(params.top_logprobs),
                 penalties.of(params, self.config.vocab_size), self._mask(allowed, ()),
-                np.int32(following or 0),
+                np.int32(following or 0), index,
                 attend=self.shapes.attend_bucket(start + n), score=score)
             if self.shared_stage:
                 self.cache = self.stage
@@ -308,6 +290,27 @@ class Slots:
         self._check_slot(slot)
         self.positions[slot] = self.length
 
+    max_adapters = property(lambda self: self.adapters.limits.max_adapters if self.adapters
+                            else 0)
+
+    def set_adapter(self, slot: int, index: int) -> None:
+        """`slot`'s next prompt and answer run with adapter `index` (0: the base); set before
+        its first prefill (a Prefix from another adapter holds another model's keys)."""
+        self._check_slot(slot)
+        if not 0 <= index <= self.max_adapters:
+            raise ValueError(f"adapter index {index} out of range 0..{self.max_adapters}")
+        self.row_adapter[slot] = index
+
+    def load_adapter(self, index: int, directory: str) -> None:
+        """Put the adapter in `directory` at `index` (1..max_adapters) of the stack, replacing
+        what was there (no slot may be using it): AdapterError names what does not fit."""
+        if self.adapters is None:
+            raise ValueError("these slots were built without room for adapters")
+        self.adapters.load(index, directory)
+
+    compile_count = property(lambda self: self._traces + (  # each trace compiles once
+        self.adapters.traces if self.adapters else 0))
+
     def resume(self, slot: int, length: int) -> None:
         """Start `slot`'s next prompt after the first `length` positions its row holds (a
         conversation's earlier turns): its next prefill starts at position `length`."""
@@ -321,14 +324,7 @@ class Slots:
             self.insert(slot, self.extract(slot, length))
 
     def _mask(self, allowed, rows: tuple[int, ...]) -> np.ndarray:
-        """Bitmask(s) as an int32 array [*rows, W] (all zeros, no constraint, for None)."""
-        shape = (*rows, mask_words(self.config.vocab_size))
-        if allowed is None:
-            return np.zeros(shape, np.int32)
-        allowed = np.asarray(allowed, np.int32)
-        if allowed.shape != shape:
-            raise ValueError(f"allowed-token bitmask of shape {allowed.shape}, expected {shape}")
-        return allowed
+        return step_io.bitmasks(allowed, rows, self.config.vocab_size)
 
     def _decode_mask(self, allowed):
         """Bitmasks on the devices, replicated as warm-up's were (the same compiled step)."""
@@ -349,11 +345,12 @@ class Slots:
         rows = self.shapes.row_bucket(int(live[-1]) + 1 if live.size else 1)
         attend = self.shapes.attend_bucket(
             int(self.positions[live].max()) + 1 if live.size else 1)
+        lora, index = self._lora(self.row_adapter)
         with jax.set_mesh(self.weights.mesh):
-            out, self.state, self.cache = self._decode(self.weights.leaves, self.cache,
+            out, self.state, self.cache = self._decode(self.weights.leaves, lora, self.cache,
                                                        self.state, active,
-                                                       self._decode_mask(allowed), rows=rows,
-                                                       attend=attend)
+                                                       self._decode_mask(allowed), index,
+                                                       rows=rows, attend=attend)
         if self.shared_stage:
             self.stage = self.cache
         self.positions[active] += 1
@@ -408,6 +405,8 @@ class Slots:
             self.positions[rows - 1] = attend - 1  # the highest slot sets the rows
             self.decode()
             self.positions[rows - 1] = self.length
+        if self.adapters is not None:
+            self.adapters.warm_up()
         jax.block_until_ready((self.cache, self.stage))
         return self.compile_count - before
 
@@ -423,15 +422,16 @@ class Slots:
             prefills = [max(prefills, key=lambda p: (self.shapes.bucket(p[0]), sum(p)))]
             decodes, block_counts = decodes[-1:], block_counts[-1:]
         out = []
+        lora = self.adapters and self.adapters.arrays
         with jax.set_mesh(self.weights.mesh):
             for n, start in prefills:
                 t, attend = self.shapes.bucket(n), self.shapes.attend_bucket(start + n)
                 out.append((f"prefill {t} tokens, attend {attend}", self._prefill.lower(
-                    self.weights.leaves, self.stage, self.state, i32_,
+                    self.weights.leaves, lora, self.stage, self.state, i32_,
                     a(np.zeros((1, t), np.int32)), i32_, i32_, b_, f32_, f32_, i32_, f32_,
                     a(np.zeros(2, np.uint32)), b_,
                     jax.tree.map(a, penalties.empty(1, self.config.vocab_size)),
-                    a(self._mask(None, ())), i32_,
+                    a(self._mask(None, ())), i32_, lora and i32_,
                     attend=attend)))
             for n in block_counts:
                 if not self.shared_stage:
@@ -444,7 +444,7 @@ class Slots:
                     self.stage, self.state, prefix, i32_)))
             for rows, attend in decodes:
                 out.append((f"decode {rows} rows, attend {attend}", self._decode.lower(
-                    self.weights.leaves, self.cache, self.state,
+                    self.weights.leaves, lora, self.cache, self.state,
                     a(np.zeros(self.max_slots, bool)), a(self._mask(None, (self.max_slots,))),
-                    rows=rows, attend=attend)))
+                    lora and a(self.row_adapter), rows=rows, attend=attend)))
         return out

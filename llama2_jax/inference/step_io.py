@@ -6,9 +6,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import numpy as np
 
 from llama2_jax.inference import penalties
+from llama2_jax.inference.requests import mask_words
 from llama2_jax.inference.sampling import RowSampling
+from llama2_jax.model import kv_cache, sharding
+from llama2_jax.model.kv_cache import KVCache
 
 
 class SlotState(NamedTuple):
@@ -49,3 +53,60 @@ class Prefix(NamedTuple):
     length: int
     blocks: int
     nbytes: int
+
+
+def new_cache(weights, shapes, groups, abstract: bool = False):
+    """A zero KV cache of row `groups` x the position blocks of `shapes` (a Shapes) for the
+    Weights: one per layer when they run per layer. `abstract`: ShapeDtypeStructs."""
+    cfg, per_layer = weights.config, weights.per_layer
+
+    def make():
+        def one():
+            return kv_cache.init_blocks(None if per_layer else cfg.n_layers, groups,
+                                        shapes.blocks, cfg.n_kv_heads, cfg.head_dim,
+                                        cfg.compute_dtype)
+        return tuple(one() for _ in range(cfg.n_layers)) if per_layer else one()
+
+    found = jax.eval_shape(make)
+    shardings = jax.tree.map(
+        lambda x: sharding.named_sharding(weights.mesh, KVCache.axes(x.ndim), x.shape), found)
+    if abstract:
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            found, shardings)
+    return jax.jit(make, out_shardings=shardings)()
+
+
+def initial_state(slots: int, length: int, vocab_size: int, replicated,
+                  abstract: bool = False) -> SlotState:
+    """Every slot idle (at position `length`), greedy, unpenalized; on `replicated`."""
+    s = slots
+    state = SlotState(
+        tokens=np.zeros(s, np.int32), positions=np.full(s, length, np.int32),
+        sampling=RowSampling(temperature=np.zeros(s, np.float32),
+                             top_p=np.ones(s, np.float32), top_k=np.zeros(s, np.int32),
+                             key=np.zeros((s, 2), np.uint32), count=np.zeros(s, np.int32),
+                             min_p=np.zeros(s, np.float32)),
+        want_top=np.zeros(s, bool),
+        penalties=penalties.empty(s, vocab_size))
+    if abstract:
+        return jax.tree.map(lambda x: abstract_like(x, replicated), state)
+    return jax.device_put(state, replicated)
+
+
+def abstract_like(x, replicated) -> jax.ShapeDtypeStruct:
+    """A ShapeDtypeStruct like `x` (an array, or a numpy dtype for a scalar) on `replicated`."""
+    if isinstance(x, (np.dtype, type)):
+        return jax.ShapeDtypeStruct((), x, sharding=replicated)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated)
+
+
+def bitmasks(allowed, rows: tuple[int, ...], vocab_size: int) -> np.ndarray:
+    """Allowed-token bitmask(s) as an int32 array [*rows, W] (all zeros, no constraint, for
+    None); ValueError for another shape."""
+    shape = (*rows, mask_words(vocab_size))
+    if allowed is None:
+        return np.zeros(shape, np.int32)
+    allowed = np.asarray(allowed, np.int32)
+    if allowed.shape != shape:
+        raise ValueError(f"allowed-token bitmask of shape {allowed.shape}, expected {shape}")
+    return allowed
