@@ -112,8 +112,9 @@ def test_decode_step_reads_whole_cache_arrays_only(engine):
     assert slots.shapes.groups == (1, 3, 4) and slots.shapes.row_buckets() == [1, 4, 8]
     active = np.ones(8, bool)
     with jax.set_mesh(engine.mesh):
-        hlo = slots._decode.lower(engine.weights.leaves, slots.cache, slots.state, active,
-                                  slots._decode_mask(None), rows=4, attend=32).as_text()
+        hlo = slots._decode.lower(engine.weights.leaves, None, slots.cache, slots.state,
+                                  active, slots._decode_mask(None), None, rows=4,
+                                  attend=32).as_text()
         assert not _cache_slices(hlo, slots.cache)
         # the check sees slices where there are: one [8 rows, 128 positions] array per layer
         shape = (8, CFG.n_kv_heads, 128, CFG.head_dim)

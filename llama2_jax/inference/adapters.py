@@ -91,6 +91,16 @@ class Limits:
     def columns(self) -> int:
         return self.max_adapters * self.max_rank
 
+    def check(self, meta: dict, directory) -> None:
+        """AdapterError unless the adapter of `meta` (its metadata file) fits these limits."""
+        if meta["rank"] > self.max_rank:
+            raise AdapterError(f"{directory}: rank {meta['rank']} is over the server's "
+                               f"max_lora_rank {self.max_rank}")
+        extra = [t for t in meta["targets"] if t not in self.targets]
+        if extra:
+            raise AdapterError(f"{directory}: adapts {', '.join(extra)}, outside the server's "
+                               f"lora_targets ({', '.join(self.targets)})")
+
 
 def limits_for(directories, max_adapters: int = 0, max_rank: int = 0,
                targets: tuple[str, ...] = ()) -> Limits:
@@ -98,10 +108,13 @@ def limits_for(directories, max_adapters: int = 0, max_rank: int = 0,
     they need (their count, their highest rank, their targets), or, with none given, 1 slot,
     rank 16 and every target."""
     metas = [adapter_format.read_meta(d) for d in directories]
-    return Limits(max_adapters or max(len(metas), 1),
-                  max_rank or max((m["rank"] for m in metas), default=16),
-                  tuple(targets) or tuple({t for m in metas for t in m["targets"]})
-                  or tuple(TARGETS))
+    limits = Limits(max_adapters or max(len(metas), 1),
+                    max_rank or max((m["rank"] for m in metas), default=16),
+                    tuple(targets) or tuple({t for m in metas for t in m["targets"]})
+                    or tuple(TARGETS))
+    for meta, directory in zip(metas, directories):
+        limits.check(meta, directory)
+    return limits
 
 
 class AdapterStack:
@@ -176,15 +189,7 @@ class AdapterStack:
         """The columns of the adapter in `directory` (numpy, rank padded, scale folded into
         b), checked against the served model and these limits: AdapterError names what does
         not fit."""
-        meta = adapter_format.read_meta(directory)
-        lim = self.limits
-        if meta["rank"] > lim.max_rank:
-            raise AdapterError(f"{directory}: rank {meta['rank']} is over the server's "
-                               f"max_lora_rank {lim.max_rank}")
-        extra = [t for t in meta["targets"] if t not in lim.targets]
-        if extra:
-            raise AdapterError(f"{directory}: adapts {', '.join(extra)}, outside the server's "
-                               f"lora_targets ({', '.join(lim.targets)})")
+        self.limits.check(adapter_format.read_meta(directory), directory)
         local = sharding.make_mesh(devices=jax.local_devices()[:1])
         loaded = adapter_format.load(directory, mesh=local)
         adapter_format.check_fits(loaded, self.config, where=str(directory))

@@ -35,7 +35,7 @@ import numpy as np
 from llama2_jax import distributed
 from llama2_jax.distributed import DistributedError
 from llama2_jax.inference.params import SamplingParams
-from llama2_jax.inference.scheduler import REPLAYED
+from llama2_jax.inference.stepper import REPLAYED
 from llama2_jax.inference.slots import Slots
 from llama2_jax.inference.step_io import Prefix
 
@@ -136,6 +136,8 @@ def _encode(value):
         return {"int32": value.astype(np.int32).tolist()}
     if isinstance(value, (list, tuple)):
         return [int(v) for v in value]
+    if isinstance(value, str):  # an adapter's directory
+        return value
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     return int(value)
@@ -167,6 +169,7 @@ class Leader:
     chunk = property(lambda self: self.slots.chunk)
     length = property(lambda self: self.slots.length)
     compile_count = property(lambda self: self.slots.compile_count)
+    max_adapters = property(lambda self: self.slots.max_adapters)
 
     def prefix_bytes(self, length: int) -> int:
         return self.slots.prefix_bytes(length)

@@ -101,7 +101,8 @@ class Request:
     `score_prompt`: the request gets PromptLogprobs (its prompt is prefilled in full, never
     from the prefix cache), and the stop token that ends it as a Token too. max_tokens 0: no
     answer token is delivered. `constraint`: each token is drawn from what it allows; the
-    request ends ("stop") when its grammar is complete."""
+    request ends ("stop") when its grammar is complete. `adapter`: the name of a LoRA adapter
+    the scheduler holds (llama2_jax.inference.adapter_names), "" for the base model."""
 
     prompt: Sequence[int]
     max_tokens: int
@@ -111,6 +112,7 @@ class Request:
     reuse: int = 0
     score_prompt: bool = False
     constraint: Constraint | None = None
+    adapter: str = ""
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     cancelled: bool = False
     # set by the loop
@@ -122,6 +124,7 @@ class Request:
     generated: list[int] = dataclasses.field(default_factory=list)
     last_time: float = 0.0
     done: bool = False
+    lora: object = None  # the adapter_names.Loaded it holds (released when done)
 
     def cancel(self) -> None:
         self.cancelled = True

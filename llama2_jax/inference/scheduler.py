@@ -17,50 +17,20 @@ prompt plus `max_tokens` fits the slot always fits (checked by `submit`).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from llama2_jax.inference.params import SamplingParams
+from llama2_jax.inference.adapter_names import AdapterNames
 from llama2_jax.inference.prefix_cache import PrefixCache
 from llama2_jax.inference.requests import (ContextError, Done, Event, Observer, PromptLogprobs,
                                            QueueFull, Quiet, Request, ShuttingDown, Token,
                                            mask_words)
-
-if TYPE_CHECKING:
-    from llama2_jax.inference.step_io import Prefix, PromptScores, StepOut
-
-
-class Stepper(Protocol):
-    """What the scheduler drives: the Slots (llama2_jax.inference.slots), or lockstep's
-    Leader, which replays each call of REPLAYED on every process first."""
-
-    max_slots: int
-    length: int
-    chunk: int
-    compile_count: int
-
-    def prefill(self, slot: int, tokens: Sequence[int], start: int, final: bool,
-                params: SamplingParams, allowed=None) -> "StepOut": ...
-    def prefill_scored(self, slot: int, tokens: Sequence[int], start: int, final: bool,
-                       params: SamplingParams, following: int, allowed=None
-                       ) -> "tuple[StepOut, PromptScores]": ...
-    def decode(self, allowed=None) -> "StepOut": ...
-    def release(self, slot: int) -> None: ...
-    def resume(self, slot: int, length: int) -> None: ...
-    def extract(self, slot: int, length: int) -> "Prefix": ...
-    def insert(self, slot: int, prefix: "Prefix") -> None: ...
-    def warm_up(self) -> int: ...
-    def prefix_bytes(self, length: int) -> int: ...
-
-
-# The calls that change device or host state, which every process must make in order.
-REPLAYED = ("prefill", "prefill_scored", "decode", "release", "resume", "extract", "insert",
-            "warm_up")
-
+from llama2_jax.inference.stepper import REPLAYED, Stepper  # noqa: F401 (re-exported)
 
 class Scheduler:
     """Drives `Slots` (or any Stepper); see the module docstring. The server runs it on its
@@ -74,11 +44,15 @@ class Scheduler:
       max_queue: requests that may wait for a slot; one more is refused with QueueFull.
       prefix_cache_bytes: device bytes for cached prefixes (0: no prefix caching).
       observer: receives timings and counts (default: nothing).
+      adapters: (name, directory) of LoRA adapters to load when the slots are built (they
+        need room: Slots(adapters=...)); more come and go with `load_adapter` / `unload_adapter`,
+        and a Request names the one it runs with.
     """
 
     def __init__(self, load: Callable[[], Stepper], *, length: int, vocab_size: int,
                  max_queue: int = 64, prefix_cache_bytes: int = 0,
-                 observer: Observer | None = None, idle_wait: float = 0.05):
+                 observer: Observer | None = None, idle_wait: float = 0.05,
+                 adapters: Sequence[tuple[str, str]] = ()):
         self.length, self.vocab_size, self.max_queue = length, vocab_size, max_queue
         self.observer = observer or Quiet()
         self.prefix = PrefixCache(prefix_cache_bytes)
@@ -91,6 +65,9 @@ class Scheduler:
         self._deadline = float("inf")
         self.slots: Stepper | None = None
         self._pending: collections.deque = collections.deque()  # (StepOut, [(row, request)])
+        self._startup_adapters = tuple(adapters)
+        self.adapters = AdapterNames(0)  # its capacity is the slots', known when they are built
+        self._loads: collections.deque = collections.deque()  # (Loaded, Future) to make
         self.ready = threading.Event()
         self.error: str | None = None  # why loading failed
         self.compiles_at_ready = 0
@@ -124,9 +101,29 @@ class Scheduler:
                 raise ShuttingDown("the server is shutting down")
             if len(self._inbox) + len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting for a slot")
+            if request.adapter:  # UnknownAdapter if it is not (or no longer) loaded
+                request.lora = self.adapters.acquire(request.adapter)
             request.arrival = time.perf_counter()
             self._inbox.append(request)
             self._cond.notify()
+
+    def load_adapter(self, name: str, directory: str) -> concurrent.futures.Future:
+        """Load the LoRA adapter in `directory` as `name`, on the loop's thread between two
+        steps: the future ends when requests may name it (or with the error that stopped it:
+        AdapterConflict at once, AdapterError / ValueError from the directory)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            entry = self.adapters.reserve(name, directory)
+            self._loads.append((entry, future))
+            self._cond.notify()
+        return future
+
+    def unload_adapter(self, name: str) -> None:
+        """New requests cannot name it; those running finish with it (UnknownAdapter if no
+        such adapter is loaded)."""
+        self.adapters.unload(name)
 
     def cancel(self, request: Request) -> None:
         request.cancel()
@@ -169,6 +166,11 @@ class Scheduler:
     def open(self) -> None:
         """Build the slots (`load`); then requests can be stepped."""
         self.slots = self._load()
+        self.adapters = AdapterNames(self.slots.max_adapters)
+        for name, directory in self._startup_adapters:
+            entry = self.adapters.reserve(name, directory)
+            self.slots.load_adapter(entry.index, directory)
+            self.adapters.ready(entry)
         self.compiles_at_ready = self.slots.compile_count
         self._free = list(range(self.slots.max_slots))[::-1]  # pop() gives the lowest slot
         self.ready.set()
@@ -176,7 +178,8 @@ class Scheduler:
     @property
     def busy(self) -> bool:
         """Whether some request is waiting, running or has tokens on their way."""
-        return bool(self._inbox or self._waiting or self._running or self._pending)
+        return bool(self._inbox or self._waiting or self._running or self._pending
+                    or self._loads)
 
     def step(self) -> None:
         """One turn: admit waiting requests to free slots, dispatch one prefill chunk and one
@@ -185,6 +188,16 @@ class Scheduler:
         with self._cond:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
+            loads = [self._loads.popleft() for _ in range(len(self._loads))]
+        for entry, future in loads:  # between steps: no slot uses a free index
+            try:
+                self.slots.load_adapter(entry.index, entry.directory)
+            except Exception as e:  # noqa: BLE001 -- the caller's error, the loop goes on
+                self.adapters.abort(entry)
+                future.set_exception(e)
+            else:
+                self.adapters.ready(entry)
+                future.set_result(entry.name)
         pending = self._pending
         self._drop_cancelled()
         self._admit()
@@ -263,6 +276,8 @@ class Scheduler:
             r = self._waiting.popleft()
             r.slot = self._free.pop()
             self._running[r.slot] = r
+            if self.slots.max_adapters:  # the slot is idle until its prefill: safe to switch
+                self.slots.set_adapter(r.slot, r.lora.index if r.lora else 0)
 
     def _prefill_one(self, pending) -> bool:
         """Dispatch the next prompt chunk of the oldest request still prefilling."""
@@ -280,7 +295,9 @@ class Scheduler:
                 r.looked_up = True
             if not r.looked_up:  # at its first chunk, so a prefix stored just before is found
                 r.looked_up = True
-                hit, handle = self.prefix.lookup(r.prompt, len(r.prompt) - 1)
+                key = self._prefix_key(r, r.prompt)
+                hit, handle = self.prefix.lookup(key, len(key) - 1)
+                hit = max(hit - (len(key) - len(r.prompt)), 0)
                 self.observer.prefix_lookup(len(r.prompt), hit)
                 if hit:
                     slots.insert(r.slot, handle)
@@ -372,17 +389,25 @@ class Scheduler:
 
     def _store(self, r: Request, tokens: list[int]) -> None:
         """Keep the keys/values of `tokens` (valid in r's slot) in the prefix cache."""
-        slots = self.slots
-        if not self.prefix.budget or not self.prefix.wants(tokens, slots.prefix_bytes(len(tokens))):
+        slots, key = self.slots, self._prefix_key(r, tokens)
+        if not self.prefix.budget or not self.prefix.wants(key, slots.prefix_bytes(len(tokens))):
             return
         handle = slots.extract(r.slot, len(tokens))
-        self.prefix.store(tokens, handle, handle.nbytes)  # dropped handles are freed by GC
+        self.prefix.store(key, handle, handle.nbytes)  # dropped handles are freed by GC
+
+    @staticmethod
+    def _prefix_key(r: Request, tokens) -> list[int]:
+        """What the prefix cache files `tokens` of r under: an adapter's keys and values are
+        its own, so its prefixes start with a mark of its load (never a token id)."""
+        return list(tokens) if r.lora is None else [-r.lora.generation, *tokens]
 
     def _finish(self, r: Request, reason: str, error: str | None = None,
                 store: bool = True) -> None:
         if r.done:
             return
         r.done = True
+        if r.lora is not None:
+            self.adapters.release(r.lora)
         if r.slot is not None and self._running.get(r.slot) is r:
             if store:  # what the slot's cache holds for sure: the prompt, and the answer
                 # but for its newest token (which may not have been fed yet), or all of the

@@ -2,7 +2,9 @@
 
   POST /v1/chat/completions   messages in Meta's chat format (encode_dialog), nothing added
   POST /v1/completions        raw text (BOS + text) or token ids, no template
-  GET  /v1/models             the one model served (and /v1/models/{id})
+  GET  /v1/models             the model served and its LoRA adapters (and /v1/models/{id})
+  POST /v1/load_lora_adapter  {"lora_name", "lora_path"}: serve another adapter (vLLM's route)
+  POST /v1/unload_lora_adapter {"lora_name"}
   GET  /health                200 when ready, 503 while loading or shutting down
   GET  /metrics               Prometheus text
 
@@ -25,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llama2_jax.inference.adapter_names import AdapterConflict, UnknownAdapter
 from llama2_jax.inference.params import SamplingParams
 from llama2_jax.inference.requests import ContextError
 from llama2_jax.inference.scheduler import Scheduler
@@ -52,6 +55,24 @@ class Server:
     @property
     def context(self) -> int:
         return self.scheduler.length
+
+    def cards(self) -> list[schemas.ModelCard]:
+        """The base model, then each adapter a request may name."""
+        base = schemas.ModelCard(id=self.model_name, created=self.created,
+                                 max_model_len=self.context)
+        return [base] + [base.model_copy(update={"id": name, "parent": self.model_name})
+                         for name, _ in self.scheduler.adapters.names()]
+
+    def adapter_of(self, model: str) -> str:
+        """The adapter a request's `model` names ("" for the base); 404 for neither."""
+        if model == self.model_name:
+            return ""
+        names = [name for name, _ in self.scheduler.adapters.names()]
+        if model in names:
+            return model
+        served = ", ".join(f"'{n}'" for n in [self.model_name, *names])
+        raise APIError(404, f"the model '{model}' does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
 
     @functools.cached_property
     def grammars(self) -> Grammars:
@@ -104,18 +125,49 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         _authorize(server, request)
-        card = schemas.ModelCard(id=server.model_name, created=server.created,
-                                 max_model_len=server.context)
-        return schemas.ModelList(data=[card]).model_dump()
+        return schemas.ModelList(data=server.cards()).model_dump(exclude_none=True)
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         _authorize(server, request)
-        if model_id != server.model_name:
-            raise APIError(404, f"the model '{model_id}' does not exist; this server serves "
-                           f"'{server.model_name}'", param="model", code="model_not_found")
-        return schemas.ModelCard(id=server.model_name, created=server.created,
-                                 max_model_len=server.context).model_dump()
+        server.adapter_of(model_id)  # 404 unless served
+        card, = [c for c in server.cards() if c.id == model_id]
+        return card.model_dump(exclude_none=True)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        _authorize(server, request)
+        req = await _parse(server, request, schemas.LoadLoRAAdapterRequest)
+        scheduler = server.scheduler
+        _check_accepting(scheduler)
+        if not scheduler.adapters.capacity:
+            raise APIError(400, "this server has no room for LoRA adapters: start it with "
+                           "max_loras >= 1", param="lora_name")
+        if req.lora_name == server.model_name:
+            raise APIError(400, f"'{req.lora_name}' is the base model's name",
+                           param="lora_name")
+        try:
+            future = scheduler.load_adapter(req.lora_name, req.lora_path)
+        except AdapterConflict as e:
+            raise APIError(400, str(e), param="lora_name") from None
+        try:
+            await asyncio.wrap_future(future)
+        except (ValueError, OSError) as e:  # AdapterError is a ValueError
+            raise APIError(400, f"lora_path: {e}", param="lora_path") from None
+        return Response(f"Success: LoRA adapter '{req.lora_name}' added successfully.",
+                        media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        _authorize(server, request)
+        req = await _parse(server, request, schemas.UnloadLoRAAdapterRequest)
+        try:
+            server.scheduler.unload_adapter(req.lora_name)
+        except UnknownAdapter:
+            raise APIError(404, f"the LoRA adapter '{req.lora_name}' cannot be found",
+                           param="lora_name", code="model_not_found") from None
+        return Response(f"Success: LoRA adapter '{req.lora_name}' removed successfully.",
+                        media_type="text/plain")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -137,8 +189,8 @@ def create_app(server: Server) -> FastAPI:
         grammar = await _grammar(server, req)
         gen = _generation(server, [prompt], req, max_tokens, top, "messages", grammar=grammar)
         if req.stream:
-            return responses.stream(gen, responses.chat_chunks(server.model_name, gen, req, top))
-        return await responses.chat_body(server.model_name, gen, req, top, request)
+            return responses.stream(gen, responses.chat_chunks(req.model, gen, req, top))
+        return await responses.chat_body(req.model, gen, req, top, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -158,9 +210,8 @@ def create_app(server: Server) -> FastAPI:
                           score_prompt=req.echo and req.logprobs is not None, grammar=grammar)
         echo = texts if req.echo else None
         if req.stream:
-            return responses.stream(gen, responses.completion_chunks(server.model_name, gen, req,
-                                                                     echo))
-        return await responses.completion_body(server.model_name, gen, req, request, echo)
+            return responses.stream(gen, responses.completion_chunks(req.model, gen, req, echo))
+        return await responses.completion_body(req.model, gen, req, request, echo)
 
     return app
 
@@ -211,9 +262,7 @@ def _validation(errors) -> APIError:
 
 
 def _check_common(server: Server, req) -> None:
-    if req.model != server.model_name:
-        raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
-                       f"'{server.model_name}'", param="model", code="model_not_found")
+    server.adapter_of(req.model)
     if len(req.stop_strings()) > schemas.MAX_STOP:
         raise APIError(400, f"stop takes at most {schemas.MAX_STOP} strings", param="stop")
 
@@ -244,10 +293,7 @@ def _generation(server: Server, prompts, req, max_tokens, top, prompt_param,
                 score_prompt: bool = False, grammar: Grammar | None = None) -> Generation:
     """The request's choices, checked against the context and submitted."""
     scheduler = server.scheduler
-    if not scheduler.accepting:
-        status = "shutting down" if scheduler.ready.is_set() else "still loading the model"
-        raise APIError(503, f"the server is {status}", type="server_error",
-                       code="unavailable")
+    _check_accepting(scheduler)
     for p in prompts:
         tokens = max_tokens if max_tokens is not None else server.context - len(p)
         if max_tokens is None and tokens < 1:
@@ -276,12 +322,20 @@ def _generation(server: Server, prompts, req, max_tokens, top, prompt_param,
     gen = Generation(scheduler, server.tokenizer, prompts, req.n,
                      max_tokens if max_tokens is not None else server.context - longest,
                      params, req.stop_strings(),
-                     stop_ids=stop_ids, score_prompt=score_prompt, grammar=grammar)
+                     stop_ids=stop_ids, score_prompt=score_prompt, grammar=grammar,
+                     adapter=server.adapter_of(req.model))
     if max_tokens is None:  # each prompt's own room
         for c in gen.choices:
             c.request.max_tokens = server.context - len(c.prompt)
     gen.submit()
     return gen
+
+
+def _check_accepting(scheduler: Scheduler) -> None:
+    if not scheduler.accepting:
+        status = "shutting down" if scheduler.ready.is_set() else "still loading the model"
+        raise APIError(503, f"the server is {status}", type="server_error",
+                       code="unavailable")
 
 
 GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",

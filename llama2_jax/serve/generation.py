@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import AsyncIterator, Sequence
 
+from llama2_jax.inference.adapter_names import UnknownAdapter
 from llama2_jax.inference.params import SamplingParams
 from llama2_jax.inference.requests import (Done, PromptLogprobs, QueueFull, Request,
                                            ShuttingDown, Token)
@@ -72,12 +73,13 @@ class Generation:
       stop_ids: tokens that end a choice (not returned); default the tokenizer's EOS.
       score_prompt: the choices get their prompt tokens' log-probabilities (`echo`).
       grammar: what every choice's tokens must follow (each choice gets its own copy).
+      adapter: the LoRA adapter the choices run with ("" for the base model).
     """
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, prompts: list[list[int]],
                  n: int, max_tokens: int, params: SamplingParams, stops: Sequence[str],
                  stop_ids: frozenset[int] | None = None, score_prompt: bool = False,
-                 grammar: Grammar | None = None):
+                 grammar: Grammar | None = None, adapter: str = ""):
         self.scheduler, self.tokenizer = scheduler, tokenizer
         self.prompts, self.n = prompts, n
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -92,7 +94,8 @@ class Generation:
                                   stop_ids=frozenset({tokenizer.eos_id}) if stop_ids is None
                                   else stop_ids, score_prompt=score_prompt,
                                   constraint=None if grammar is None
-                                  else grammar if index == 0 else grammar.copy())
+                                  else grammar if index == 0 else grammar.copy(),
+                                  adapter=adapter)
                 self.choices.append(Choice(index, prompt, request, TextStream(tokenizer, stops)))
 
     def _sink(self, index: int):
@@ -113,6 +116,10 @@ class Generation:
         except ShuttingDown as e:
             self.cancel()
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+        except UnknownAdapter as e:  # unloaded since the request was checked
+            self.cancel()
+            raise APIError(404, f"the LoRA adapter '{e.args[0]}' was unloaded", param="model",
+                           code="model_not_found") from None
 
     def cancel(self) -> None:
         for c in self.choices:

@@ -212,6 +212,16 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llama2_jax"
     max_model_len: int | None = None
+    parent: str | None = None  # an adapter's base model (vLLM's field)
+
+
+class LoadLoRAAdapterRequest(_Request):  # vLLM's POST /v1/load_lora_adapter
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    lora_name: str = Field(min_length=1)
 
 
 class ModelList(BaseModel):
