@@ -150,3 +150,54 @@ def test_a_follower_replays_the_scheduler_exactly(engine):  # noqa: F811
     assert live and set(follower.prefixes) == live
     assert store.sent("extract") > len(live)  # some were evicted (and dropped by both)
     assert store.sent("insert") > 0 and store.sent("release") > 0
+
+
+def test_a_follower_replays_adapter_loads_and_rows(engine, tmp_path):  # noqa: F811
+    """Adapters loaded at start and between steps, rows of an adapter beside base rows: the
+    follower's adapter stack, caches and state end as process 0's."""
+    from llama2_jax.inference.adapters import limits_for
+    from llama2_jax.model import adapter
+    from tests.conftest import random_adapter
+    dirs = [str(tmp_path / name) for name in ("a", "b")]
+    for i, d in enumerate(dirs):
+        adapter.save(d, random_adapter(CFG, ("wq", "w2"), rank=2, seed=i))
+    limits = limits_for(dirs)
+    store = Store()
+    to_followers, from_leader = pair(store)
+    make = lambda: Slots(engine.weights, 2, 128, chunk=16, kv_block=32,  # noqa: E731
+                         adapters=limits)
+    mine, theirs = make(), make()
+    leader = lockstep.Leader(mine, to_followers)
+    errors: list[str] = []
+    follower = lockstep.Follower(theirs, from_leader, on_error=errors.append)
+    thread = threading.Thread(target=follower.run)
+    thread.start()
+    sched = Scheduler(lambda: leader, length=128, vocab_size=CFG.vocab_size,
+                      adapters=[("a", dirs[0])]).start()
+    try:
+        assert sched.ready.wait(60)
+        sched.load_adapter("b", dirs[1]).result(60)
+        answers = {}
+        for name in ("", "a", "b"):
+            q = queue.Queue()
+            sched.submit(Request(PROMPTS[5], 6, sink=q.put, params=GREEDY, stop_ids=frozenset(),
+                                 adapter=name))
+            answers[name], done = [], False
+            while not done:
+                for e in q.get(timeout=120):
+                    if isinstance(e, Token):
+                        answers[name].append(e.id)
+                    done = done or not isinstance(e, Token)
+        assert answers[""] == alone(engine, PROMPTS[5], 6)
+        assert answers["a"] != answers[""] and answers["b"] != answers[""]
+    finally:
+        sched.shutdown(0)
+        sched.join(30)
+    leader.stop()
+    thread.join(60)
+    assert not thread.is_alive() and errors == []
+    assert store.sent("load_adapter") == 2 and store.sent("set_adapter") == 3
+    assert np.array_equal(theirs.row_adapter, mine.row_adapter)
+    for a, b in zip(jax.tree.leaves((mine.adapters.arrays, mine.cache, mine.state)),
+                    jax.tree.leaves((theirs.adapters.arrays, theirs.cache, theirs.state))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
