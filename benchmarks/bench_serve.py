@@ -34,7 +34,12 @@ after the other on the same prompts, so each has the machine to itself:
             an object whose one string is too long to close within `new_tokens`, so every
             request still runs its `new_tokens` steps with a grammar mask in each), every odd
             one with presence / frequency / repetition penalties, a logit bias and min_p. Its
-            ratio to the plain run is the features' cost (LoRA adapters: not built yet).
+            ratio to the plain run is the features' cost.
+  adapters  (`--adapters=4`) a second server with that many random LoRA adapters (rank
+            `--adapter_rank` on `--adapter_targets`; max_loras = their count), run twice on the
+            same prompts: `adapter server, base` (every request the base: the fixed cost of
+            the room for adapters, paid by every step) and `adapters + features` (request i
+            names adapter i % (n + 1), 0 the base, with the features above).
 
 For each: output tok/s = output tokens / (first submit -> last token), time to first token
 (submit -> first token) and inter-token latency (gaps between consecutive tokens of one
@@ -101,6 +106,10 @@ flags.DEFINE_enum("sampling", "greedy", list(SAMPLING),
                   "0.9), or those and top_k 40 (each request seeded by its index).")
 flags.DEFINE_bool("features", False, "Also run ours with structured output and penalties "
                   "on (see the docstring).")
+flags.DEFINE_integer("adapters", 0, "LoRA adapters of a second server run (0 = skip).")
+flags.DEFINE_integer("adapter_rank", 16, "Their rank (= the server's max_lora_rank).")
+flags.DEFINE_list("adapter_targets", ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+                  "The weights they adapt.")
 flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads (torch; XLA via affinity).")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and prompts.")
 flags.DEFINE_string("json", "", "Also write every number to this JSON file.")
@@ -133,10 +142,13 @@ def request_body(side: str, i: int, prompt: list[int], new_tokens: int) -> dict:
         return llama_cpp_peer.request_body(prompt, new_tokens, i, SAMPLING[FLAGS.sampling])
     body = dict(model=MODEL, prompt=prompt, max_tokens=new_tokens, stream=True,
                 ignore_eos=True, return_token_ids=True, seed=i, **SAMPLING[FLAGS.sampling])
-    if side == "features" and i % 2 == 0:
+    if side == "adapters":
+        body["model"] = MODEL if i % (FLAGS.adapters + 1) == 0 else \
+            f"adapter{i % (FLAGS.adapters + 1)}"
+    if side in ("features", "adapters") and i % 2 == 0:
         body["response_format"] = {"type": "json_schema", "json_schema": {
             "name": "long", "schema": LONG_JSON}}
-    elif side == "features":
+    elif side in ("features", "adapters"):
         body.update(frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.1,
                     logit_bias={"13": -5, "29871": 2}, min_p=0.05)
     return body
@@ -251,6 +263,46 @@ async def _mixed(url: str, n: int, vocab: int, context: int, seed: int) -> dict:
 
 
 # -- the script ------------------------------------------------------------------------------
+def run_adapters(path, model, prompt_sets, new, context, levels, tmp, out) -> None:
+    """The `adapters` runs: a server with FLAGS.adapters random adapters."""
+    from llama2_jax.model import adapter
+    listed = []
+    rng = np.random.default_rng(FLAGS.seed + 1)
+    for k in range(1, FLAGS.adapters + 1):
+        params: dict = {}
+        for t, (a_shape, b_shape) in adapter.shapes(BENCH_134M, FLAGS.adapter_targets,
+                                                    FLAGS.adapter_rank).items():
+            params.setdefault("layers", {}).setdefault(adapter.TARGETS[t][0], {})[t] = {
+                "a": rng.normal(0, a_shape[1] ** -0.5, a_shape).astype(np.float32),
+                "b": rng.normal(0, 0.02, b_shape).astype(np.float32)}
+        d = os.path.join(tmp, f"adapter{k}")
+        adapter.save(d, adapter.Adapter(params, FLAGS.adapter_rank, 2.0 * FLAGS.adapter_rank,
+                                        adapter.base_record(BENCH_134M, path)))
+        listed.append(f"adapter{k}={d}")
+    t0 = time.perf_counter()
+    server = ServerProcess(
+        checkpoint_dir=path, train_config="", model_name=MODEL, dtype="float32",
+        context_length=context, max_slots=max(levels), max_queue=1024,
+        prefill_chunk=FLAGS.prefill_chunk, prefix_cache_mb=0, adapters=",".join(listed))
+    try:
+        server.wait_ready(timeout=1800)
+        out["adapters"] = dict(count=FLAGS.adapters, rank=FLAGS.adapter_rank,
+                               targets=FLAGS.adapter_targets,
+                               start_s=time.perf_counter() - t0,
+                               compiles_at_ready=server.metric("llama2_jax_compiles"))
+        for c in levels:
+            for side in ("adapter_base", "adapters"):
+                r = serve_run(server, prompt_sets[c], new, c,
+                              side="ours" if side == "adapter_base" else side)
+                out["levels"][c][side] = summary(r)
+                print(f"{side:14s} {c:3d} clients: {r['tok_s']:7.1f} tok/s "
+                      f"({r['tok_s'] / out['levels'][c]['ours']['tok_s']:.2f}x ours)", flush=True)
+        out["adapters"]["compiles_after_runs"] = server.metric("llama2_jax_compiles")
+        out["adapters"]["rss_gb"] = server.rss_bytes() / 1e9
+    finally:
+        out["adapters"]["exit"] = server.terminate()
+
+
 def make_prompts(rng, n: int) -> list[list[int]]:
     lengths = rng.integers(FLAGS.min_prompt, FLAGS.max_prompt + 1, n)
     return [rng.integers(3, BENCH_134M.vocab_size, int(k)).tolist() for k in lengths]
@@ -350,6 +402,8 @@ def run() -> dict:
             finally:
                 code = server.terminate()
                 out["server_exit"] = code
+            if FLAGS.adapters:
+                run_adapters(path, model, prompt_sets, new, context, levels, tmp, out)
 
     if "generate" in FLAGS.sides:
         prompts = prompt_sets[min(levels)]
@@ -412,8 +466,9 @@ def run() -> dict:
 def table(out: dict) -> str:
     rows = ["| clients | requests | side | output tok/s | TTFT p50 / p95 ms | ITL p50 / p95 ms "
             "| ours / HF | ours / llama.cpp |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
-    names = {"ours": "ours", "features": "ours, features on", "hf": "hf",
-             "llama_cpp": "llama.cpp"}
+    names = {"ours": "ours", "features": "ours, features on",
+             "adapter_base": "adapter server, base", "adapters": "adapters + features",
+             "hf": "hf", "llama_cpp": "llama.cpp"}
     for c, lv in out["levels"].items():
         for side in names:
             if side not in lv:
@@ -421,7 +476,7 @@ def table(out: dict) -> str:
             s = lv[side]
             ratios = [f"**{s['tok_s'] / lv[peer]['tok_s']:.2f}x**"
                       if side == "ours" and peer in lv else "" for peer in ("hf", "llama_cpp")]
-            if side == "features":
+            if side in ("features", "adapter_base", "adapters"):
                 ratios = [f"{s['tok_s'] / lv['ours']['tok_s']:.2f}x of ours", ""]
             name = names[side] + (f" -np {s['np']}" if "np" in s else "")
             rows.append(f"| {c} | {s['requests']} | {name} | {s['tok_s']:.1f} | "
@@ -462,6 +517,12 @@ def table(out: dict) -> str:
         lines.append(f"server start {out['server_start_s']:.0f} s; RSS {out['server_rss_gb']:.2f}"
                      f" GB at ready, {out['server_rss_gb_end']:.2f} GB at the end; exit "
                      f"{out['server_exit']}")
+    if "adapters" in out:
+        a = out["adapters"]
+        lines.append(f"adapter server: {a['count']} adapters of rank {a['rank']} on "
+                     f"{','.join(a['targets'])}; ready in {a['start_s']:.0f} s, "
+                     f"{a['compiles_at_ready']:.0f} compiles at ready, "
+                     f"{a['compiles_after_runs']:.0f} after the runs; RSS {a['rss_gb']:.2f} GB")
     return "\n\n".join(lines)
 
 

@@ -125,7 +125,15 @@ class AdapterStack:
         self.limits, self.config = limits, weights.config
         self.replicated = NamedSharding(weights.mesh, PartitionSpec())
         dtype = weights.config.compute_dtype
-        shapes = {t: tuple(jax.ShapeDtypeStruct(s, dtype, sharding=self.replicated) for s in ab)
+        # Per-layer arrays when the layers run one by one (a slice of a stacked array is a
+        # copy on XLA:CPU), else stacked [L, ...] for the scan.
+        self.per_layer = weights.per_layer
+
+        def struct(shape):
+            one = jax.ShapeDtypeStruct(shape[1:], dtype, sharding=self.replicated)
+            return (tuple(one for _ in range(shape[0])) if self.per_layer
+                    else jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated))
+        shapes = {t: tuple(struct(s) for s in ab)
                   for t, ab in self._shapes(limits.columns).items()}
         self.arrays = shapes if abstract else jax.tree.map(
             lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), shapes)
@@ -175,8 +183,12 @@ class AdapterStack:
     def _put_fn(self, arrays: dict, columns: dict, start) -> dict:
         """`arrays` with one adapter's (a [L, in, R], b [L, R, out]) at column `start`."""
         self.traces += 1
-        return {t: (jax.lax.dynamic_update_slice(a, columns[t][0].astype(a.dtype), (0, 0, start)),
-                    jax.lax.dynamic_update_slice(b, columns[t][1].astype(b.dtype), (0, start, 0)))
+        def put(old, new, at):
+            if isinstance(old, tuple):  # per layer
+                return tuple(jax.lax.dynamic_update_slice(o, new[i].astype(o.dtype), at[1:])
+                             for i, o in enumerate(old))
+            return jax.lax.dynamic_update_slice(old, new.astype(old.dtype), at)
+        return {t: (put(a, columns[t][0], (0, 0, start)), put(b, columns[t][1], (0, start, 0)))
                 for t, (a, b) in arrays.items()}
 
     # -- on the host -------------------------------------------------------------------------
