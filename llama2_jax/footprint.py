@@ -61,7 +61,8 @@ class Task:
     """What runs: `name` one of TASKS; chat/serve: `context` positions (`slots` requests at a
     time for serve, `prefill_chunk` tokens per prefill call, `prefix_cache_mb`); sft/lora:
     `batch` sequences of `seq_len` tokens per micro-batch, `lora_rank`, `remat`,
-    `param_dtype` (master weights), `grad_accum`."""
+    `param_dtype` (master weights), `grad_accum`. serve with `max_loras` > 0: room for that
+    many LoRA adapters of rank `lora_rank` on `lora_targets` (llama2_jax.inference.adapters)."""
 
     name: str = "chat"
     context: int = 0  # 0 = the model's max_seq_len
@@ -75,6 +76,7 @@ class Task:
     remat: bool = True
     param_dtype: str = "float32"
     grad_accum: int = 1
+    max_loras: int = 0
 
 
 def _abstract_mesh(mesh: dict[str, int]) -> AbstractMesh:
@@ -162,6 +164,9 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
             (kv_bytes(cfg, mesh, (1,), context) if task.slots > 1 else 0)
         if task.prefix_cache_mb:
             out["prefix cache"] = int(task.prefix_cache_mb * MiB)
+        if task.max_loras:  # the adapter stack, replicated, in the compute dtype
+            out["LoRA adapters"] = cfg.compute_dtype.itemsize * lora_params(
+                cfg, task.lora_rank * task.max_loras, task.lora_targets)
         chunk = min(task.prefill_chunk, context)
         out["temporaries"] = max(step_temporaries(cfg, mesh, task.slots, 1, context),
                                  step_temporaries(cfg, mesh, 1, chunk, context))

@@ -211,7 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=8, help="serve: concurrent requests")
     ap.add_argument("--batch", type=int, default=8, help="sft/lora: sequences per step")
     ap.add_argument("--seq_len", type=int, default=1024, help="sft/lora: tokens per sequence")
-    ap.add_argument("--lora_rank", type=int, default=16)
+    ap.add_argument("--lora_rank", type=int, default=16,
+                    help="lora: the adapters' rank; serve: max_lora_rank")
+    ap.add_argument("--max_loras", type=int, default=0,
+                    help="serve: LoRA adapters held at once (rank --lora_rank, all weights)")
     ap.add_argument("--no_remat", action="store_true", help="sft/lora: keep all activations")
     ap.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     ap.add_argument("--compile", action="store_true",
@@ -234,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"max_seq_len {cfg.max_seq_len}")
         task = Task(args.task, context=args.context_length, slots=args.slots,
                     batch=args.batch, seq_len=args.seq_len, lora_rank=args.lora_rank,
-                    remat=not args.no_remat)
+                    remat=not args.no_remat, max_loras=args.max_loras)
         plan = make_plan(cfg, task, parse_devices(args.devices), model=name,
                          quantization=args.quantization, stored=stored, dtype=args.dtype)
     except (PlanError, ConfigError, checkpoint.CheckpointError, FileNotFoundError) as e:

@@ -24,7 +24,9 @@ from llama2_jax import cli, distributed, plan
 from llama2_jax.model.checkpoint import CheckpointError
 from llama2_jax.model.config import DTYPES, ConfigError, ModelConfig
 from llama2_jax.distributed import DistributedError
+from llama2_jax.inference.adapters import Limits, limits_for
 from llama2_jax.inference.requests import ContextError
+from llama2_jax.model.adapter import AdapterError
 from llama2_jax.model.transformer import Transformer, param_count
 from llama2_jax.model.sharding import ShardingError
 from llama2_jax.tokenizer import DialogError, Tokenizer
@@ -83,12 +85,49 @@ def inference_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def adapter_list(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(name, directory) of each adapter in a serve config's `adapters` ("name=dir,...");
+    SettingsError for a bad one."""
+    out: list[tuple[str, str]] = []
+    for item in filter(None, (x.strip() for x in config.adapters.split(","))):
+        name, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or not name or not path:
+            raise SettingsError(f"adapters: {item!r} is not name=directory")
+        if name in {n for n, _ in out}:
+            raise SettingsError(f"adapters: the name {name!r} is used twice")
+        out.append((name, os.path.abspath(os.path.expanduser(path))))
+    return out
+
+
+def adapter_limits(config: ml_collections.ConfigDict) -> Limits | None:
+    """The room for adapters the settings ask for (None: no adapters); reads the adapters'
+    metadata (AdapterError names a bad directory)."""
+    listed = [d for _, d in adapter_list(config)]
+    if not listed and not config.max_loras:
+        return None
+    targets = tuple(t.strip() for t in config.lora_targets.split(",") if t.strip())
+    try:
+        limits = limits_for(listed, config.max_loras, config.max_lora_rank, targets)
+    except AdapterError:
+        raise
+    except ValueError as e:
+        raise SettingsError(f"max_loras / max_lora_rank / lora_targets: {e}") from None
+    if len(listed) > limits.max_adapters:
+        raise SettingsError(f"adapters lists {len(listed)} adapters, over max_loras="
+                            f"{limits.max_adapters}")
+    return limits
+
+
 def task_of(config: ml_collections.ConfigDict, app: str) -> plan.Task:
     """The planner's Task for an app's config (configs/*.py): app chat, serve or finetune."""
     if app == "serve":
+        limits = adapter_limits(config)
         return plan.Task("serve", context=config.context_length, slots=config.max_slots,
                          prefill_chunk=config.prefill_chunk,
-                         prefix_cache_mb=config.prefix_cache_mb)
+                         prefix_cache_mb=config.prefix_cache_mb,
+                         **({} if limits is None else dict(
+                             max_loras=limits.max_adapters, lora_rank=limits.max_rank,
+                             lora_targets=limits.targets)))
     if app == "finetune":
         lora = config.lora.rank > 0
         return plan.Task("lora" if lora else "sft", batch=config.batch_size // config.grad_accum,

@@ -3,6 +3,7 @@ of the base decode in one compiled step, each giving what its merged model gives
 cache-free forward pass; loading an adapter compiles nothing; bad adapters are named.
 Tiny random models; the server side is tests/test_serve_adapters.py."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -110,3 +111,30 @@ def test_adapters_that_do_not_fit_are_named(setup, tmp_path, one_device_mesh):
         slots.load_adapter(3, made["qv-r2"][0])
     with pytest.raises(ValueError, match="adapter index 5 out of range 0..2"):
         slots.set_adapter(0, 5)
+
+
+def test_the_planner_counts_the_adapter_stack(setup):
+    """The serve plan's "LoRA adapters" bytes are what the stack allocates, and a serve
+    config's adapters reach the plan (settings.task_of)."""
+    from llama2_jax import plan, settings
+    from llama2_jax.serve.main import base_config
+    base, made = setup
+    limits = Limits(3, 8, ("wq", "wv", "w2"))
+    stack = Slots(Weights(base), 2, 32, adapters=limits).adapters
+    allocated = sum(x.nbytes for x in jax.tree.leaves(stack.arrays))
+    task = plan.Task("serve", context=32, slots=2, max_loras=3, lora_rank=8,
+                     lora_targets=limits.targets)
+    bytes_ = plan.make_plan(CFG, task, plan.parse_devices("cpu"), quantization="none",
+                            dtype="float32").per_device
+    assert bytes_["LoRA adapters"] == allocated
+    config = base_config()
+    config.adapters = f"a={made['qv-r2'][0]},b={made['mlp-r8'][0]}"
+    task = settings.task_of(config, "serve")
+    assert (task.max_loras, task.lora_rank, task.lora_targets) == (
+        2, 8, ("wq", "wv", "wo", "w1", "w2", "w3"))
+    config.adapters = "a=x,a=y"
+    with pytest.raises(settings.SettingsError, match="the name 'a' is used twice"):
+        settings.adapter_list(config)
+    config.adapters, config.max_loras = f"a={made['qv-r2'][0]},b={made['mlp-r8'][0]}", 1
+    with pytest.raises(settings.SettingsError, match="lists 2 adapters, over max_loras=1"):
+        settings.adapter_limits(config)

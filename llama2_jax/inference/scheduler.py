@@ -32,6 +32,7 @@ from llama2_jax.inference.requests import (ContextError, Done, Event, Observer, 
                                            mask_words)
 from llama2_jax.inference.stepper import REPLAYED, Stepper  # noqa: F401 (re-exported)
 
+
 class Scheduler:
     """Drives `Slots` (or any Stepper); see the module docstring. The server runs it on its
     own thread (`start`); offline drivers (generate, a chat Session) call `open` and `step`.
@@ -245,6 +246,7 @@ class Scheduler:
             traceback.print_exc()
             for r in [*self._running.values(), *self._waiting, *self._inbox]:
                 self._finish(r, "error", error="internal error: " + self.error, store=False)
+            self._refuse_loads("internal error: " + self.error)
         finally:
             with self._cond:
                 self._stopping = True
@@ -263,6 +265,14 @@ class Scheduler:
             self._deliver(*self._pending.popleft())
         for r in [*self._running.values(), *self._waiting]:
             self._finish(r, "abort", store=False)
+        self._refuse_loads("the server shut down before the adapter was loaded")
+
+    def _refuse_loads(self, why: str) -> None:
+        with self._cond:
+            loads = [self._loads.popleft() for _ in range(len(self._loads))]
+        for entry, future in loads:
+            self.adapters.abort(entry)
+            future.set_exception(ShuttingDown(why))
 
     def _drop_cancelled(self) -> None:
         for r in [r for r in self._waiting if r.cancelled]:

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama2_jax.inference.adapter_names import AdapterConflict, UnknownAdapter
 from llama2_jax.inference.params import SamplingParams
-from llama2_jax.inference.requests import ContextError
+from llama2_jax.inference.requests import ContextError, ShuttingDown
 from llama2_jax.inference.scheduler import Scheduler
 from llama2_jax.serve import responses, schemas
 from llama2_jax.serve.grammar import Grammar, GrammarError, Grammars
@@ -150,10 +150,14 @@ def create_app(server: Server) -> FastAPI:
             future = scheduler.load_adapter(req.lora_name, req.lora_path)
         except AdapterConflict as e:
             raise APIError(400, str(e), param="lora_name") from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e), type="server_error", code="shutting_down") from None
         try:
             await asyncio.wrap_future(future)
         except (ValueError, OSError) as e:  # AdapterError is a ValueError
             raise APIError(400, f"lora_path: {e}", param="lora_path") from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e), type="server_error", code="shutting_down") from None
         return Response(f"Success: LoRA adapter '{req.lora_name}' added successfully.",
                         media_type="text/plain")
 

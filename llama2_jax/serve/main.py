@@ -30,7 +30,6 @@ from llama2_jax import demo
 from llama2_jax import settings as app_build
 from llama2_jax import distributed
 from llama2_jax.inference import lockstep
-from llama2_jax.inference.adapters import Limits, limits_for
 from llama2_jax.inference.slots import Slots
 from llama2_jax.settings import USER_ERRORS, SettingsError
 from llama2_jax.inference.weights import Weights
@@ -85,37 +84,6 @@ def model_name(config: ml_collections.ConfigDict) -> str:
     return f"random-{config.model_preset}"
 
 
-def adapter_list(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
-    """(name, directory) of each adapter in `config.adapters`; SettingsError for a bad one."""
-    out: list[tuple[str, str]] = []
-    for item in filter(None, (x.strip() for x in config.adapters.split(","))):
-        name, sep, path = (x.strip() for x in item.partition("="))
-        if not sep or not name or not path:
-            raise SettingsError(f"adapters: {item!r} is not name=directory")
-        if name in {n for n, _ in out} or name == model_name(config):
-            raise SettingsError(f"adapters: the name {name!r} is used twice (or is the base "
-                                "model's)")
-        out.append((name, os.path.abspath(os.path.expanduser(path))))
-    return out
-
-
-def adapter_limits(config: ml_collections.ConfigDict) -> Limits | None:
-    """The room for adapters the settings ask for (None: no adapters); reads the adapters'
-    metadata (AdapterError names a bad directory)."""
-    listed = [d for _, d in adapter_list(config)]
-    if not listed and not config.max_loras:
-        return None
-    targets = tuple(t.strip() for t in config.lora_targets.split(",") if t.strip())
-    try:
-        limits = limits_for(listed, config.max_loras, config.max_lora_rank, targets)
-    except ValueError as e:
-        raise SettingsError(f"max_loras / max_lora_rank / lora_targets: {e}") from None
-    if len(listed) > limits.max_adapters:
-        raise SettingsError(f"adapters lists {len(listed)} adapters, over max_loras="
-                            f"{limits.max_adapters}")
-    return limits
-
-
 def check(config: ml_collections.ConfigDict) -> None:
     for name, low in (("max_slots", 1), ("max_queue", 0), ("prefill_chunk", 1),
                       ("prefix_cache_mb", 0), ("max_loras", 0), ("max_lora_rank", 0)):
@@ -125,6 +93,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise SettingsError(f"port={config.port} must be in 1..65535")
     if config.max_body_mb <= 0 or config.shutdown_grace_s < 0:
         raise SettingsError("max_body_mb must be > 0 and shutdown_grace_s >= 0")
+    for name, _ in app_build.adapter_list(config):
+        if name == model_name(config):
+            raise SettingsError(f"adapters: {name!r} is the base model's name")
     if not 0 < config.top_p <= 1 or config.temperature < 0:
         raise SettingsError(f"temperature={config.temperature} must be >= 0 and "
                             f"top_p={config.top_p} in (0, 1]")
@@ -134,7 +105,8 @@ def _slots(config: ml_collections.ConfigDict, prepared: app_build.Prepared, leng
            err: TextIO) -> Slots:
     model = prepared.load(err)
     slots = Slots(Weights(model, prepared.mesh), config.max_slots, length,
-                  chunk=config.prefill_chunk, adapters=adapter_limits(config))
+                  chunk=config.prefill_chunk,
+                  adapters=app_build.adapter_limits(config))
     err.write(app_build.banner("serve", model, prepared.source, prepared.mesh, length))
     return slots
 
@@ -144,7 +116,7 @@ def make_server(config: ml_collections.ConfigDict, err: TextIO,
     """The Server `config` describes; its model loads when the scheduler starts. With
     `channel` (process 0 of several), its device calls are replayed by the other processes."""
     check(config)
-    adapter_limits(config)  # a bad adapter fails now, not after the model loaded
+    app_build.adapter_limits(config)  # a bad adapter fails now, not after the model loaded
     demo.ensure_trained(config, err)
     prepared = app_build.prepare(config, err, "serve")
     length = app_build.context_length(prepared.model_config, config.context_length)
@@ -170,7 +142,7 @@ def make_server(config: ml_collections.ConfigDict, err: TextIO,
     scheduler = Scheduler(load, length=length, vocab_size=prepared.model_config.vocab_size,
                           max_queue=config.max_queue,
                           prefix_cache_bytes=int(config.prefix_cache_mb * (1 << 20)),
-                          observer=metrics, adapters=adapter_list(config))
+                          observer=metrics, adapters=app_build.adapter_list(config))
     metrics.watch(scheduler)
     return Server(scheduler, prepared.tokenizer, metrics, name,
                   api_key=config.api_key or os.environ.get(API_KEY_ENV, ""),
