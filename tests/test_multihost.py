@@ -178,10 +178,11 @@ def serve_settings(checkpoint_dir, **extra):
                 context_length=256, prefill_chunk=64, heartbeat_timeout_s=10, **extra)
 
 
-def answers(server) -> dict:
+def answers(server, adapter: str = "") -> dict:
     """What the server answers to a fixed set of requests: greedy chat, a stream, a seeded
     sample, six concurrent requests of different lengths, and a chat again (its prompt from
-    the prefix cache), through the `openai` client."""
+    the prefix cache), through the `openai` client; with `adapter`, the chat by that LoRA
+    adapter too."""
     import concurrent.futures
 
     import openai
@@ -212,31 +213,54 @@ def answers(server) -> dict:
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         out["concurrent"] = list(pool.map(complete, range(6)))
     out["chat again"] = ask(chat)
+    if adapter:
+        out["adapter"] = adapter_chat(server, adapter)
     return out
 
 
-def test_server_in_two_processes_answers_as_one(demo_checkpoint):
+def adapter_chat(server, adapter: str) -> str:
+    import openai
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                           timeout=120)
+    return client.chat.completions.create(
+        model=adapter, messages=[SYSTEM, {"role": "user", "content": "Count to five."}],
+        temperature=0, max_tokens=24).choices[0].message.content
+
+
+def test_server_in_two_processes_answers_as_one(demo_checkpoint, tmp_path):
     """Process 0 serves HTTP and process 1 follows its steps (2 x 4 devices, FSDP over all 8):
-    every answer equals the one-process 8-device server's; a client that leaves mid-stream
-    frees its slot on both; SIGTERM to process 0 finishes the running stream, then both exit
-    0 with the same number of device calls made."""
+    every answer equals the one-process 8-device server's, a LoRA adapter's (listed at start,
+    and loaded at run time) included; a client that leaves mid-stream frees its slot on both;
+    SIGTERM to process 0 finishes the running stream, then both exit 0 with the same number
+    of device calls made."""
     import httpx
 
     from benchmarks.serving import ServerProcess
+    from llama2_jax.model import adapter, checkpoint
+    from tests.conftest import random_adapter
+    tuned = str(tmp_path / "tuned")
+    adapter.save(tuned, random_adapter(checkpoint.read_config(demo_checkpoint), rank=4,
+                                       alpha=32.0, base_dir=demo_checkpoint))
+    settings = serve_settings(demo_checkpoint, adapters=f"tuned={tuned}", max_loras=2)
     # (compiling as requests come, not all at start: the answers are the same)
-    one = ServerProcess(devices=8, warmup=False, **serve_settings(demo_checkpoint))
+    one = ServerProcess(devices=8, warmup=False, **settings)
     try:
-        expected = answers(one.wait_ready())
+        expected = answers(one.wait_ready(), "tuned")
     finally:
         assert one.terminate() == 0, one.output()
-    s = ServerProcess(devices=4, processes=2, warmup=False, **serve_settings(demo_checkpoint))
+    s = ServerProcess(devices=4, processes=2, warmup=False, **settings)
     try:
         s.wait_ready()
         assert "following process 0" in s.output(1)
-        got = answers(s)
+        got = answers(s, "tuned")
         assert got == expected
         assert got["chat"][2] > 0 and len(set(got["concurrent"])) > 1
         assert got["chat again"][3] > 0  # its prompt came from the prefix cache
+        assert got["adapter"] != got["chat"][0]
+        status, body = s.post("/v1/load_lora_adapter", {"lora_name": "again",
+                                                        "lora_path": tuned})
+        assert status == 200, body
+        assert adapter_chat(s, "again") == expected["adapter"]
 
         body = {"model": SERVED, "prompt": "Tell me a long story.", "max_tokens": 200,
                 "temperature": 0, "stream": True, "ignore_eos": True}
