@@ -87,6 +87,8 @@ def test_adapters_and_base_in_one_batch(server, client, references):
     ids = [(m.id, getattr(m, "parent", None)) for m in client.models.list().data]
     assert ids == [(MODEL, None), ("sql", MODEL), ("qv", MODEL)]
     assert client.models.retrieve("qv").parent == MODEL
+    assert server.metric("llama2_jax_lora_adapters") == 2
+    assert server.metric("llama2_jax_lora_adapter_capacity") == 3
 
 
 def test_load_use_and_unload_at_run_time(server, client, made, references):

@@ -65,6 +65,10 @@ class Metrics:
         gauge("prefix_cache_entries", "Prefixes held", lambda: len(scheduler.prefix))
         gauge("prefix_cache_bytes", "Device bytes the prefix cache holds",
               lambda: scheduler.prefix.nbytes)
+        gauge("lora_adapters", "LoRA adapters requests may name",
+              lambda: len(scheduler.adapters.names()))
+        gauge("lora_adapter_capacity", "LoRA adapters the devices have room for (max_loras)",
+              lambda: scheduler.adapters.capacity)
         gauge("ready", "1 when the model is loaded and requests are accepted",
               lambda: 1.0 if scheduler.accepting else 0.0)
 
