@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks.common import pin_threads  # noqa: E402
+from benchmarks.common import pin_threads, save_random_adapters  # noqa: E402
 from llama2_jax.inference.adapters import Limits  # noqa: E402
 from llama2_jax.inference.params import GREEDY  # noqa: E402
 from llama2_jax.inference.slots import Slots  # noqa: E402
@@ -47,22 +47,6 @@ flags.DEFINE_integer("steps", 8, "Decode steps per timing.")
 flags.DEFINE_integer("reps", 5, "Timings per side and round (the best counts).")
 flags.DEFINE_integer("rounds", 3, "Plain / adapters alternations.")
 flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads (via affinity).")
-
-
-def save_adapters(root: str) -> list[str]:
-    rng = np.random.default_rng(0)
-    dirs = []
-    for k in range(FLAGS.adapters):
-        params: dict = {}
-        for t, (a_shape, b_shape) in adapter.shapes(BENCH_134M, FLAGS.targets,
-                                                    FLAGS.rank).items():
-            params.setdefault("layers", {}).setdefault(adapter.TARGETS[t][0], {})[t] = {
-                "a": rng.normal(0, a_shape[1] ** -0.5, a_shape).astype(np.float32),
-                "b": rng.normal(0, 0.02, b_shape).astype(np.float32)}
-        dirs.append(os.path.join(root, f"a{k}"))
-        adapter.save(dirs[-1], adapter.Adapter(params, FLAGS.rank, 2.0 * FLAGS.rank,
-                                               adapter.base_record(BENCH_134M, None)))
-    return dirs
 
 
 def run_side(weights: Weights, limits: Limits | None, dirs: list[str]):
@@ -99,7 +83,8 @@ def main(argv):
     print(f"stack: {FLAGS.adapters} adapters x rank {FLAGS.rank} on {','.join(limits.targets)}"
           f" = {extra / base:.1%} of the layer weights", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = save_adapters(tmp)
+        dirs = save_random_adapters(tmp, BENCH_134M, FLAGS.adapters, FLAGS.rank,
+                                    FLAGS.targets)
         ratios = []
         for r in range(FLAGS.rounds):
             plain, plain_first = run_side(weights, None, dirs)

@@ -76,7 +76,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks import llama_cpp_peer  # noqa: E402
-from benchmarks.common import hf_model_from, pin_threads  # noqa: E402
+from benchmarks.common import hf_model_from, pin_threads, save_random_adapters  # noqa: E402
 from benchmarks.serve_peers import hf_continuous_batching  # noqa: E402
 from llama2_jax.model import checkpoint  # noqa: E402
 from llama2_jax import generate  # noqa: E402
@@ -265,20 +265,9 @@ async def _mixed(url: str, n: int, vocab: int, context: int, seed: int) -> dict:
 # -- the script ------------------------------------------------------------------------------
 def run_adapters(path, model, prompt_sets, new, context, levels, tmp, out) -> None:
     """The `adapters` runs: a server with FLAGS.adapters random adapters."""
-    from llama2_jax.model import adapter
-    listed = []
-    rng = np.random.default_rng(FLAGS.seed + 1)
-    for k in range(1, FLAGS.adapters + 1):
-        params: dict = {}
-        for t, (a_shape, b_shape) in adapter.shapes(BENCH_134M, FLAGS.adapter_targets,
-                                                    FLAGS.adapter_rank).items():
-            params.setdefault("layers", {}).setdefault(adapter.TARGETS[t][0], {})[t] = {
-                "a": rng.normal(0, a_shape[1] ** -0.5, a_shape).astype(np.float32),
-                "b": rng.normal(0, 0.02, b_shape).astype(np.float32)}
-        d = os.path.join(tmp, f"adapter{k}")
-        adapter.save(d, adapter.Adapter(params, FLAGS.adapter_rank, 2.0 * FLAGS.adapter_rank,
-                                        adapter.base_record(BENCH_134M, path)))
-        listed.append(f"adapter{k}={d}")
+    dirs = save_random_adapters(tmp, BENCH_134M, FLAGS.adapters, FLAGS.adapter_rank,
+                                FLAGS.adapter_targets, base_dir=path, seed=FLAGS.seed + 1)
+    listed = [f"adapter{k}={d}" for k, d in enumerate(dirs, 1)]
     t0 = time.perf_counter()
     server = ServerProcess(
         checkpoint_dir=path, train_config="", model_name=MODEL, dtype="float32",

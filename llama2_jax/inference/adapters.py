@@ -28,13 +28,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama2_jax.model import adapter as adapter_format
 from llama2_jax.model import sharding
-from llama2_jax.model.adapter import TARGETS, AdapterError
+from llama2_jax.model.adapter import TARGETS, AdapterError, OverBase
 from llama2_jax.model.transformer import linear
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class RowLoRA:
+class RowLoRA(OverBase):
     """A base weight plus each row's own low-rank update, as `model.linear` takes it.
 
     `base` has the weight's shape (the model reshapes it to its [in, out] view); a [in, M*R],
@@ -45,22 +45,6 @@ class RowLoRA:
     a: jax.Array
     b: jax.Array
     select: jax.Array
-
-    @property
-    def shape(self):
-        return self.base.shape
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    def __getitem__(self, index):
-        if index is not Ellipsis:
-            raise TypeError("a RowLoRA weight is read whole, as w[...]")
-        return self
-
-    def reshape(self, *shape):
-        return dataclasses.replace(self, base=self.base.reshape(*shape))
 
     def einsum(self, eq: str, x: jax.Array, out_dtype=None) -> jax.Array:
         y = linear(eq, x, self.base, out_dtype)  # the base may be 8-bit

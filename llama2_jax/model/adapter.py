@@ -49,6 +49,28 @@ class AdapterError(CheckpointError):
     """An adapter directory that is missing, incomplete, or does not fit the model."""
 
 
+class OverBase:
+    """What a weight standing in for `self.base` (a dataclass field) answers as the model reads
+    it: the base's shape and dtype, `w[...]`, a `reshape` of the base. Shared by the LoRA weights
+    of training (llama2_jax.training.lora) and of serving (llama2_jax.inference.adapters)."""
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError(f"a {type(self).__name__} weight is read whole, as w[...]")
+        return self
+
+    def reshape(self, *shape):
+        return dataclasses.replace(self, base=self.base.reshape(*shape))
+
+
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     """Rank-`rank` updates W + (alpha / rank) * a @ b of some of a base model's weights.

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from llama2_jax.model.adapter import OverBase
 from llama2_jax.model.adapter import TARGETS, merge_adapters  # noqa: F401 (re-exported)
 from llama2_jax.model.transformer import linear
 
@@ -26,7 +27,7 @@ LORA_TARGETS = TARGETS
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class LoRA:
+class LoRA(OverBase):
     """A frozen weight plus a low-rank update, W + scale * a @ b, as `model.linear` takes it.
 
     `base` has the weight's own shape (reshaped by the model to its 2-D [in, out] view);
@@ -37,22 +38,6 @@ class LoRA:
     a: jax.Array
     b: jax.Array
     scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
-
-    @property
-    def shape(self):
-        return self.base.shape
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    def __getitem__(self, index):
-        if index is not Ellipsis:
-            raise TypeError("a LoRA weight is read whole, as w[...]")
-        return self
-
-    def reshape(self, *shape):
-        return dataclasses.replace(self, base=self.base.reshape(*shape))
 
     def einsum(self, eq: str, x: jax.Array, out_dtype=None) -> jax.Array:
         # The contraction is over x's last axis, so the adapter path is two plain matmuls.
