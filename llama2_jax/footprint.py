@@ -48,8 +48,10 @@ CPU_CODE_BYTES = 3_600_000
 # branch, the draw) adds to an inference process on the CPU: its code in every step and the
 # memory XLA:CPU's compiler keeps afterwards (measured with benchmarks/bench_plan.py: the demo
 # chat held 126 MB more than with an argmax; fitted over the demo chat, the 134M chat and the
-# 134M server).
-CPU_SAMPLER_BYTES = 200 * MiB
+# 134M server). Raised from 200 MiB by what CI's machine measured beyond this one's (the demo
+# chat: 478 MB there, 446 MB here; XLA:CPU compiles for the host's instruction set, and its code
+# differs in size between machines), so that neither machine is under by more than 5%.
+CPU_SAMPLER_BYTES = 232 * MiB
 CHAT_CHUNK = 256  # the chat Session's prefill chunk (Slots' default)
 
 TASKS = ("chat", "serve", "sft", "lora")
