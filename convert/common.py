@@ -15,7 +15,7 @@ import numpy as np
 from absl import flags, logging
 from tqdm import tqdm
 
-from llama2_jax.model import checkpoint
+from llama2_jax.model import checkpoint, quant
 from llama2_jax.model.config import DTYPES  # noqa: F401  (the one list; converters' --dtype)
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -34,9 +34,10 @@ def define_import_flags(input_help: str, verify_help: str) -> None:
                       "Weight dtype to write (default: the source's; bfloat16 for Llama 2).")
     flags.DEFINE_string("tokenizer", None, "tokenizer.model to copy in (default: the one in "
                         "input_dir or its parent, if any).")
-    flags.DEFINE_enum("quantization", "none", ["none", "int8", "fp8"],
-                      "Write the projection weights quantized (8 bits and a float32 scale per "
-                      "output channel; embeddings and norms keep --dtype).")
+    flags.DEFINE_enum("quantization", "none", list(quant.METHODS),
+                      "Write the projection weights quantized (int8/fp8: 8 bits and a float32 "
+                      "scale per output channel; int4: 4 bits and a scale per group of 128 "
+                      "inputs and output channel; embeddings and norms keep --dtype).")
     flags.DEFINE_bool("overwrite", False, "Replace output_dir if it exists.")
     flags.DEFINE_bool("verify", False, "Compare the converted model's logits with Hugging Face "
                       f"transformers on {verify_help} (needs ~8 bytes/parameter of RAM).")

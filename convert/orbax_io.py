@@ -186,6 +186,6 @@ def _quantized(source, path, cfg, method: str, stacked: bool) -> dict:
 
     shape = mapping.jax_shape(path, cfg)
     lead = (cfg.n_layers,) if stacked else ()
-    s_shape = quant.scale_shape(path[-1:], shape)  # the per-layer shape: no L axis
+    s_shape = quant.scale_shape(path[-1:], shape, method)  # the per-layer shape: no L axis
     return {"q": Streamed((*lead, *shape), quant.QDTYPE[method], layer, stacked),
             "scale": Streamed((*lead, *s_shape), np.dtype(np.float32), scale, stacked)}

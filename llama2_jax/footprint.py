@@ -35,7 +35,7 @@ from jax.sharding import AbstractMesh
 
 from llama2_jax.devices import MiB, Devices
 from llama2_jax.inference.buckets import Shapes, group_sizes
-from llama2_jax.model import kv_cache, sharding
+from llama2_jax.model import kv_cache, quant, sharding
 from llama2_jax.model.config import ModelConfig
 
 # What a CPU process holds besides its arrays and compiled code: Python, jaxlib, the tokenizer
@@ -86,7 +86,7 @@ def _abstract_mesh(mesh: dict[str, int]) -> AbstractMesh:
 
 
 def _shard_bytes(tree) -> int:
-    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+    return sum(quant.array_bytes(x.sharding.shard_shape(x.shape), x.dtype)
                for x in jax.tree.leaves(tree))
 
 
@@ -122,6 +122,11 @@ def scanned_layer_bytes(cfg: ModelConfig, mesh: dict[str, int], quantization: st
     return weight_bytes(cfg, mesh, quantization)["layers"] // cfg.n_layers + kv
 
 
+def _stored_bits(dtype, quantization: str) -> int:
+    """Bits per weight value as stored: the quantized format's, else `dtype`'s."""
+    return quant.bits(quant.QDTYPE[quantization] if quantization in quant.QDTYPE else dtype)
+
+
 def _split(n: int, k: int) -> int:
     return n // k if n % k == 0 else n
 
@@ -155,8 +160,8 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
             out["per-layer weight copy"] = w["layers"]
         else:
             layer = scanned_layer_bytes(cfg, mesh, quantization)
-            itemsize = 1 if quantization in ("int8", "fp8") else np.dtype(cfg.weight_dtype).itemsize
-            out["scanned layer copy"] = layer * cfg.compute_dtype.itemsize // itemsize + \
+            stored = _stored_bits(cfg.weight_dtype, quantization)
+            out["scanned layer copy"] = layer * 8 * cfg.compute_dtype.itemsize // stored + \
                 scanned_layer_bytes(cfg, mesh, quantization, rows, context)
     else:  # accelerators scan the layers
         out["scanned layer copy"] = scanned_layer_bytes(cfg, mesh, quantization, rows, context)
@@ -239,8 +244,8 @@ def training_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[st
         # and output tables whole as stored (measured with XLA:TPU: benchmarks/bench_tpu.py)
         unsharded = dict(mesh, fsdp=1)
         whole = weight_bytes(master, unsharded, quantization)
-        stored = np.dtype(task.param_dtype).itemsize if quantization == "none" else 1
-        out["FSDP gathered weights"] = whole["layers"] // cfg.n_layers * (stored + e) // stored \
+        stored = _stored_bits(task.param_dtype, quantization)
+        out["FSDP gathered weights"] = whole["layers"] // cfg.n_layers * (stored + 8 * e) // stored \
             + whole["other"]
     # float32 logits, their log-softmax, its gradient and the softmax (measured: 4 copies)
     out["logits"] = 4 * b * T * _split(cfg.vocab_size, t) * 4

@@ -107,7 +107,7 @@ def resolve_quantization(asked: str, stored: str, task: str) -> str:
     """The weight format a task runs with: the one rule for every app and this planner.
 
     asked: AS_STORED ("": as the checkpoint stores them), "auto" (a quantized checkpoint stays
-    so; else the planner tries none, then int8) or a method. `stored`: the checkpoint's format
+    so; else the planner tries none, then int8, then int4) or a method. `stored`: the checkpoint's format
     ("none" for random weights). Full fine-tuning (sft) trains unquantized weights.
     Returns a method or "auto" (for `make_plan` to choose).
     """
@@ -133,7 +133,7 @@ def make_plan(cfg: ModelConfig, task: Task, devices: Devices, *, model: str = ""
     and this module's command line are resolved here, once.
 
     dtype "" is bfloat16 on accelerators and float32 on CPU; `quantization` and the
-    checkpoint's `stored` format as `resolve_quantization` says ("auto": none, then int8);
+    checkpoint's `stored` format as `resolve_quantization` says ("auto": none, int8, int4);
     the mesh is `mesh`, or the first of `meshes` that fits. If nothing fits, the closest plan,
     with notes that say why and what would fit.
     """
@@ -144,7 +144,7 @@ def make_plan(cfg: ModelConfig, task: Task, devices: Devices, *, model: str = ""
         raise PlanError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     cfg = cfg.with_dtype(dtype)
     quantization = resolve_quantization(quantization, stored, task.name)
-    methods = ["none", "int8"] if quantization == "auto" else [quantization]
+    methods = ["none", "int8", "int4"] if quantization == "auto" else [quantization]
     candidates = [mesh] if mesh else meshes(cfg, devices.count, task.name)
     if not candidates:
         raise PlanError(f"no mesh of {devices.count} devices splits the model's "
@@ -168,11 +168,12 @@ def refusal(cfg: ModelConfig, task: Task, devices: Devices, plan: Plan) -> str:
             f"needs {gb(need)} in all ({gb(plan.total)} per device); {devices} have "
             f"{gb(have)}")
     tips = []
-    if plan.quantization == "none" and task.name != "sft":
-        q = estimate(cfg, task, devices, plan.mesh, "int8")
+    smaller = {"none": ("int8", "int4"), "int8": ("int4",), "fp8": ("int4",)}
+    for method in smaller.get(plan.quantization, ()) if task.name != "sft" else ():
+        q = estimate(cfg, task, devices, plan.mesh, method)
         w = q["weights"] if "weights" in q else q.get("frozen base", 0)
         rest = sum(q.values()) - w
-        tips.append(f"quantization=int8 needs {gb(w * devices.count)} + "
+        tips.append(f"quantization={method} needs {gb(w * devices.count)} + "
                     f"{gb(rest * devices.count)} of cache, temporaries and the rest")
     if task.name == "serve" and task.slots > 1:
         tips.append("fewer --slots or a shorter --context_length shrink the KV cache")

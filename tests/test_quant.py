@@ -1,5 +1,5 @@
-"""int8 / FP8 weights: error bounds, logits of quantized tiny models, quantized checkpoints on
-one and eight devices, converter flag vs load-time quantization, bad settings."""
+"""int8 / FP8 / int4 weights: error bounds, logits of quantized tiny models, quantized checkpoints
+on one and eight devices, converter flag vs load-time quantization, bad settings."""
 
 import json
 
@@ -23,7 +23,7 @@ from tests import meta_reference as meta
 from tests.conftest import TOKENIZER
 
 TOKENS = [1, 17, 99, 3, 250, 42, 7, 128, 64, 5, 200, 31]
-METHODS = ("int8", "fp8")
+METHODS = ("int8", "fp8", "int4")
 
 
 def channel_weights(shape, seed=0):
@@ -66,7 +66,7 @@ def test_zero_channel_and_all_zero_weight():
     w[:, 2] = 0
     for method in METHODS:
         qa = quant.quantize(w, method, n_in=1)
-        assert np.asarray(qa.scale)[2] == 1.0 and np.isfinite(dequantized(qa)).all()
+        assert (np.asarray(qa.scale)[..., 2] == 1.0).all() and np.isfinite(dequantized(qa)).all()
         np.testing.assert_array_equal(dequantized(qa)[:, 2], 0)
 
 
@@ -76,17 +76,82 @@ def test_einsum_of_views_equals_dequantized_matmul(method):
     qa = quant.quantize(w, method, n_in=2)
     x = np.random.default_rng(2).standard_normal((2, 3, 32)).astype(np.float32)
     view = qa.reshape(32, 32)
-    assert view.shape == (32, 32) and view.scale.shape == (32,)
+    # int4: wo's input axes [N, H] hold groups of H (8) inputs: a scale per head and channel
+    assert view.shape == (32, 32) and view.scale.shape == ((4, 32) if method == "int4" else (32,))
     got = view.einsum("BTQ,QD->BTD", x)
     want = x @ dequantized(qa).reshape(32, 32)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     wq = quant.quantize(channel_weights((32, 4, 8)), method, n_in=1)  # wq-like [D, N, H]
     flat = wq[...].reshape(32, 32)
-    assert flat.scale.shape == (32,) and flat.n_out == 1
+    assert flat.scale.shape == ((1, 32) if method == "int4" else (32,)) and flat.n_out == 1
     np.testing.assert_allclose(flat.einsum("BTD,DQ->BTQ", x),
                                x @ dequantized(wq).reshape(32, 32), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="does not fit"):
         wq.einsum("BTD,DNH->BTHN", x)  # output axes out of the weight's order
+
+
+def group_weights(shape, seed=0):
+    """[in, out] weights whose groups of 128 inputs differ in size by 100x, and whose output
+    channels differ by 1000x: a scale shared across groups or channels breaks the bounds."""
+    w = channel_weights(shape, seed)
+    return w * np.logspace(-2, 0, shape[0] // 128, dtype=np.float32).repeat(128)[:, None]
+
+
+def test_int4_round_trip_error_is_at_most_half_a_step_of_its_group():
+    w = group_weights((512, 40))
+    qa = quant.quantize(np.stack([w, -w]), "int4", n_in=1, n_lead=1)  # [L, in, out]
+    assert qa.q.dtype == jnp.int4 and qa.group == 128 and qa.scale.shape == (2, 4, 40)
+    scale = np.asarray(qa.scale)
+    np.testing.assert_allclose(scale[0], np.abs(w).reshape(4, 128, 40).max(axis=1) / 7,
+                               rtol=1e-6)
+    q = np.asarray(qa.q).astype(np.int8)
+    assert q.min() >= -7 and q.max() <= 7
+    assert (np.abs(q).reshape(2, 4, 128, 40).max(axis=2) == 7).all()  # every group's range
+    err = np.abs(dequantized(qa) - np.stack([w, -w]))
+    bound = np.repeat(scale, 128, axis=1) * (0.5 + 1e-5)
+    assert (err <= bound).all(), (err / bound).max()
+    # packed two per byte: what the planner counts
+    assert qa.nbytes == 2 * 512 * 40 // 2 + 2 * 4 * 40 * 4
+    assert qa[1].n_lead == 0 and qa[1].scale.shape == (4, 40)
+    # other input lengths: the largest divisor up to 128, or one group per output channel
+    assert [quant.group_size(n) for n in (11008, 352, 192, 64, 16, 257, 134)] == \
+        [128, 88, 96, 64, 16, 257, 67]
+
+
+# A model whose input axes hold several int4 groups of 128 (TINY's are shorter than a group):
+# wq/wk/wv/w1/w3/output 2 groups, w2 4, wo one per head.
+GROUPED = TINY.replace(dim=256, ffn_dim=512, n_heads=2, n_kv_heads=2)
+
+
+def test_int4_model_has_groups_and_equals_its_dequantized_weights(one_device_mesh):
+    hf = ref.hf_model(GROUPED, seed=7)
+    model = checkpoint.from_params(GROUPED, ref.params_from_hf(hf, GROUPED), one_device_mesh)
+    qmodel = quant.quantize_model(model, "int4")
+    params = checkpoint.params_of(qmodel)
+    layers = params["layers"]
+    assert layers["feed_forward"]["w2"].scale.shape == (2, 4, 256)
+    assert layers["attention"]["wo"].scale.shape == (2, 2, 1, 256)
+    assert params["output"].scale.shape == (2, 256)
+    int8 = checkpoint.params_of(quant.quantize_model(model, "int8"))["layers"]
+    qarrays = [[w for w in jax.tree.leaves(p, is_leaf=lambda x: isinstance(x, QArray))
+                if isinstance(w, QArray)] for p in (layers, int8)]
+    nbytes = [sum(w.nbytes for w in ws) for ws in qarrays]
+    assert nbytes[0] == sum(w.q.size // 2 + w.scale.size * 4 for w in qarrays[0])  # packed
+    assert nbytes[0] < 0.55 * nbytes[1]
+    full = llama2_jax.forward(model, TOKENS)
+    got = llama2_jax.forward(qmodel, TOKENS)
+    deq = plain_with(model, quant.dequantize_params(params, jnp.float32))
+    np.testing.assert_allclose(got, llama2_jax.forward(deq, TOKENS), rtol=1e-5, atol=1e-5)
+    # 4 bits on random weights: 18x int8's step; this model's logits move by ~half their
+    # spread (int8: 3%). benchmarks/quant_quality.py measures trained models.
+    rel = np.sqrt(np.mean((got - full) ** 2)) / full.std()
+    assert 0 < rel <= 0.7, rel
+    # the engine's decode (per-layer weights and scanned) gives the dequantized model's tokens
+    for unstack in (True, False):
+        got = Engine(qmodel, unstack=unstack).generate([TOKENS[:6]], max_new_tokens=6,
+                                                       params=GREEDY)
+        assert got == Engine(deq, unstack=unstack).generate([TOKENS[:6]], max_new_tokens=6,
+                                                            params=GREEDY)
 
 
 def plain_with(model, params):
@@ -108,7 +173,7 @@ def models(one_device_mesh):
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_gqa"])
-@pytest.mark.parametrize("method,tol", [("int8", 0.04), ("fp8", 0.15)])
+@pytest.mark.parametrize("method,tol", [("int8", 0.04), ("fp8", 0.15), ("int4", 0.8)])
 def test_quantized_logits_close_to_full_precision(models, name, method, tol):
     model = models[name]
     qmodel = quant.quantize_model(model, method)
@@ -116,7 +181,8 @@ def test_quantized_logits_close_to_full_precision(models, name, method, tol):
     assert quant.method_of(params) == method
     assert not isinstance(params["tok_embeddings"], QArray)
     assert isinstance(params["output"], QArray)
-    assert quant.weight_bytes(qmodel) < 0.45 * quant.weight_bytes(model)
+    assert quant.weight_bytes(qmodel) < (0.3 if method == "int4" else 0.45) * \
+        quant.weight_bytes(model)
     full = llama2_jax.forward(model, TOKENS)
     got = llama2_jax.forward(qmodel, TOKENS)
     # Exactly the model with the dequantized weights: x @ q * scale == x @ (q * scale).
@@ -124,7 +190,7 @@ def test_quantized_logits_close_to_full_precision(models, name, method, tol):
     np.testing.assert_allclose(got, llama2_jax.forward(deq, TOKENS), rtol=1e-5, atol=1e-5)
     span = np.abs(full).max()
     assert 0 < np.abs(got - full).max() <= tol * span, np.abs(got - full).max() / span
-    assert (got.argmax(-1) == full.argmax(-1)).mean() >= 0.8
+    assert (got.argmax(-1) == full.argmax(-1)).mean() >= (0.25 if method == "int4" else 0.8)
 
 
 @pytest.mark.parametrize("unstack", [True, False])
@@ -182,10 +248,12 @@ def test_quantized_checkpoint_on_one_and_eight_devices(saved, models, method):
         leaves_equal(params[mesh.size], checkpoint.params_of(asked))
     leaves_equal(params[1], params[8])
     wq = params[8]["layers"]["attention"]["wq"]
-    # Scales are split like their weight's output axes (heads over `tensor`, here).
+    # Scales are split like their weight's output axes (heads over `tensor`, here); int4's
+    # groups like the input axis, where they divide (tiny_gqa's 64 inputs are one group).
     assert tuple(wq.q.sharding.spec) == (None, "fsdp", "tensor", None)
-    assert tuple(wq.scale.sharding.spec) == (None, "tensor", None)
-    assert tuple(params[8]["output"].scale.sharding.spec) == ("tensor",)
+    grouped = (None,) if method == "int4" else ()
+    assert tuple(wq.scale.sharding.spec) == (None, *grouped, "tensor", None)
+    assert tuple(params[8]["output"].scale.sharding.spec) == (*grouped, "tensor")
 
 
 def test_dequantizing_and_refusing_the_other_format(saved):
@@ -229,18 +297,18 @@ def test_converter_flag_equals_load_time_quantization(kind, method, tmp_path):
 
 
 def test_bad_quantization_values_list_the_valid_ones(saved, models):
-    valid = "quantization must be one of none, int8, fp8, got 'int4'"
+    valid = "quantization must be one of none, int8, fp8, int4, got 'int3'"
     with pytest.raises(ConfigError, match=valid):
-        llama2_jax.load(saved / "none", quantization="int4")
+        llama2_jax.load(saved / "none", quantization="int3")
     with pytest.raises(ConfigError, match=valid):
-        quant.quantize_model(models["tiny"], "int4")
+        quant.quantize_model(models["tiny"], "int3")
     config = chat.base_config()
     config.tokenizer_path = TOKENIZER
     config.model_preset = "tiny"
     config.model = ml_collections.ConfigDict(dict(vocab_size=32000))
     config.max_new_tokens = 16
     config.fsdp, config.tensor = -1, 1
-    config.quantization = "int4"
+    config.quantization = "int3"
     with pytest.raises(chat.USER_ERRORS, match=valid):
         chat.build(config, err=open("/dev/null", "w"))
     config.quantization = "int8"

@@ -1,12 +1,22 @@
-"""Weight-only 8-bit quantization: int8 and FP8 (e4m3) with one scale per output channel.
+"""Weight-only quantization: int8 and FP8 (e4m3) with one scale per output channel, int4 with
+one scale per group of `GROUP` inputs and output channel.
 
-A quantized weight is a `QArray`: `q` holds the weight in 8 bits, `scale` one float32 per
-output channel, and w ~ q * scale (symmetric absmax: the channel's largest |w| maps to 127 for
-int8, to 448, e4m3's largest finite value, for FP8). It is a pytree (`q` and `scale` are its
-leaves), so it sits inside an `nnx.Param`, is sharded, sliced by the layer scan and saved like
-an array; model.py's `linear()` calls its `einsum`, which multiplies by q and then by the
-scale (a per-column factor of the product). Layout: `q` [lead..., in..., out...] and `scale`
-[lead..., out...], where `lead` is the stacked-layer axis L (none for `output`).
+A quantized weight is a `QArray`: `q` holds the weight in 8 or 4 bits, `scale` float32 scales,
+and w ~ q * scale (symmetric absmax: the largest |w| of a channel, or of a group, maps to 127
+for int8, to 448, e4m3's largest finite value, for FP8, to 7 for int4). It is a pytree (`q` and
+`scale` are its leaves), so it sits inside an `nnx.Param`, is sharded, sliced by the layer scan
+and saved like an array; model.py's `linear()` calls its `einsum`. 8-bit weights multiply by q
+and then by the scale (a per-column factor of the product); int4 weights are dequantized to
+the activations' dtype (q * scale per group, fused by XLA) and multiplied. Layout: `q`
+[lead..., in..., out...]; `scale` [lead..., out...] (8-bit) or [lead..., in..., out...] with
+the last input axis divided by the group size (int4), where `lead` is the stacked-layer axis L
+(none for `output`).
+
+int4 is JAX's native `int4` dtype, not two values packed by hand into a byte: XLA keeps it
+packed two per byte in device memory on CPU (measured: 2^28 values take 134 MB), GPU and TPU
+(XLA:TPU's memory_analysis of the weights, benchmarks/bench_tpu.py), orbax writes and reads it,
+and every shape, sharding, layer slice and reshape of the weight works as for int8. NumPy
+copies of it (ml_dtypes.int4) take a byte per value: the loaders quantize on device.
 
 Embeddings (a gather, not a matmul) and norms stay in the model's dtype. The 8-bit weights
 are converted to the compute dtype inside the jitted step (XLA:CPU does this slowly, see
@@ -33,12 +43,32 @@ from llama2_jax.model import sharding
 from llama2_jax.model.config import ConfigError
 
 f32 = jnp.float32
-METHODS = ("none", "int8", "fp8")
-QDTYPE = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
-QMAX = {"int8": 127.0, "fp8": 448.0}
+METHODS = ("none", "int8", "fp8", "int4")
+QDTYPE = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn),
+          "int4": jnp.dtype(jnp.int4)}
+QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}
+GROUP = 128  # int4: inputs per scale (along the weight's last input axis; fewer if it is shorter)
 # Quantized parameters, by their last name, and how many of their axes (after the stacked L
 # axis) are the matmul's inputs: model.py's layouts (wq [D, N, H], wo [N, H, D], output [D, V]).
 INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w2": 1, "w3": 1, "output": 1}
+
+
+def bits(dtype) -> int:
+    """Bits per value of `dtype` as devices and checkpoints hold it (int4: 4; NumPy says 8)."""
+    dtype = jnp.dtype(dtype)
+    return 4 if dtype in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else 8 * dtype.itemsize
+
+
+def array_bytes(shape, dtype) -> int:
+    return (math.prod(shape) * bits(dtype) + 7) // 8
+
+
+def group_size(n: int) -> int:
+    """int4's group along an input axis of n values: the largest divisor of n up to GROUP
+    (128 for every Llama 2 shape; 88 for the demo model's 352), or n itself (one scale per
+    output channel, as int8) where that divisor would be under GROUP / 8."""
+    g = next(d for d in range(min(GROUP, n), 0, -1) if n % d == 0)
+    return g if g * 8 >= min(GROUP, n) else n
 
 
 def check_method(method: str) -> str:
@@ -49,17 +79,21 @@ def check_method(method: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class QArray:
-    """An 8-bit weight and its per-output-channel scales; w ~ q * scale.
+    """A quantized weight and its scales; w ~ q * scale.
 
     `n_out` (static) is the number of trailing output axes of `q`, which `scale` shares.
     `native` (static, FP8 only): multiply FP8 activations (FP8 x FP8 dots, for GPUs with FP8
     matmuls) instead of converting the weight to the activations' dtype.
+    `group` (static, int4): inputs per scale along the last input axis (0: one scale per output
+    channel); `in_axes` (static, with `group`): how many of q's axes are inputs.
     """
 
-    q: Any  # [lead..., in..., out...] int8 or float8_e4m3fn
-    scale: Any  # [lead..., out...] float32
+    q: Any  # [lead..., in..., out...] int8, float8_e4m3fn or int4
+    scale: Any  # [lead..., out...] float32; int4: [lead..., in[:-1]..., in[-1] / group, out...]
     n_out: int = 1
     native: bool = False
+    group: int = 0
+    in_axes: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -75,30 +109,34 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        return self.q.nbytes + self.scale.nbytes
+        return array_bytes(self.q.shape, self.q.dtype) + array_bytes(self.scale.shape, f32)
 
     @property
     def method(self) -> str:
-        return "int8" if self.q.dtype == QDTYPE["int8"] else "fp8"
+        return next(m for m, d in QDTYPE.items() if d == self.q.dtype)
 
     @property
     def n_in(self) -> int:
-        return self.q.ndim - self.scale.ndim
+        return self.in_axes if self.group else self.q.ndim - self.scale.ndim
+
+    @property
+    def n_lead(self) -> int:
+        return self.q.ndim - self.n_in - self.n_out
 
     def __getitem__(self, index):
         """`w[...]` is `w` itself; `w[i]` is layer i of a stacked weight."""
         if index is Ellipsis:
             return self
-        if isinstance(index, int) and self.scale.ndim > self.n_out:
-            return QArray(self.q[index], self.scale[index], self.n_out, self.native)
+        if isinstance(index, int) and self.n_lead:
+            return dataclasses.replace(self, q=self.q[index], scale=self.scale[index])
         raise TypeError(f"a QArray is indexed with ... or a layer index, not {index!r}")
 
     def reshape(self, *shape) -> "QArray":
         """The same weight viewed as `shape`: its last axis holds all the output channels
         (e.g. wq [D, N, H] as the matrix [D, N*H]), or it keeps the output axes as they are."""
         shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
-        lead = self.scale.shape[:self.scale.ndim - self.n_out]
-        out = self.scale.shape[len(lead):]
+        lead = self.q.shape[:self.n_lead]
+        out = self.q.shape[self.q.ndim - self.n_out:]
         if tuple(shape[-len(out):]) == out:
             new_out = out
         elif shape[-1] == math.prod(out):
@@ -108,8 +146,16 @@ class QArray:
                              f"{out} as {shape}")
         if tuple(shape[:len(lead)]) != lead or len(shape) <= len(lead) + len(new_out):
             raise ValueError(f"cannot view a weight of shape {self.shape} as {shape}")
-        return QArray(self.q.reshape(shape), self.scale.reshape(lead + new_out), len(new_out),
-                      self.native)
+        new_in = tuple(shape[len(lead):len(shape) - len(new_out)])
+        if not self.group:
+            return QArray(self.q.reshape(shape), self.scale.reshape(lead + new_out),
+                          len(new_out), self.native)
+        if new_in[-1] % self.group:  # the groups must stay whole along the last input axis
+            raise ValueError(f"cannot view a weight of shape {self.shape} in groups of "
+                             f"{self.group} inputs as {shape}")
+        s_shape = lead + new_in[:-1] + (new_in[-1] // self.group,) + new_out
+        return QArray(self.q.reshape(shape), self.scale.reshape(s_shape), len(new_out),
+                      self.native, self.group, len(new_in))
 
     def einsum(self, eq: str, x: jax.Array, out_dtype=None) -> jax.Array:
         """`jnp.einsum(eq, x, w)` as (x @ q) * scale, accumulated in float32.
@@ -117,10 +163,13 @@ class QArray:
         `eq`'s output must end with the weight's output axes (as every matmul in model.py).
         """
         w_spec, out_spec = eq.split(",")[1].split("->")
-        if (self.scale.ndim != self.n_out or len(w_spec) != self.q.ndim
+        if (self.n_lead or len(w_spec) != self.q.ndim
                 or not out_spec.endswith(w_spec[-self.n_out:])):
-            raise ValueError(f"{eq!r} does not fit a weight {self.shape} with output axes "
-                             f"{self.scale.shape} (stacked weights are used per layer)")
+            raise ValueError(f"{eq!r} does not fit a weight {self.shape} with {self.n_out} "
+                             "output axes (stacked weights are used per layer)")
+        if self.group:
+            return jnp.einsum(eq, x, self.dequantize(x.dtype),
+                              preferred_element_type=f32).astype(out_dtype or x.dtype)
         if self.q.dtype == QDTYPE["fp8"] and self.native:
             # Each row of x to e4m3 with its own scale (a factor of its output row), so both
             # operands are FP8 and XLA can use the hardware's FP8 GEMM.
@@ -134,11 +183,17 @@ class QArray:
         return (y * self.scale).astype(out_dtype or x.dtype)
 
     def dequantize(self, dtype=f32) -> jax.Array:
-        return (self.q.astype(f32) * _expand(self.scale, self)).astype(dtype)
+        if not self.group:
+            return (self.q.astype(f32) * _expand(self.scale, self)).astype(dtype)
+        last = self.n_lead + self.n_in - 1  # q's last input axis, split into [groups, group]
+        shape = self.q.shape
+        split = shape[:last] + (shape[last] // self.group, self.group) + shape[last + 1:]
+        w = self.q.reshape(split).astype(f32) * jnp.expand_dims(self.scale, last + 1)
+        return w.reshape(shape).astype(dtype)
 
 
 jax.tree_util.register_dataclass(QArray, data_fields=("q", "scale"),
-                                 meta_fields=("n_out", "native"))
+                                 meta_fields=("n_out", "native", "group", "in_axes"))
 
 
 def has_fp8_matmuls() -> bool:
@@ -155,21 +210,33 @@ def _expand(scale, w: QArray):
     return scale.reshape(scale.shape[:lead] + (1,) * w.n_in + scale.shape[lead:])
 
 
-def quantize(w, method: str, n_in: int, n_lead: int = 0, native: bool = False) -> QArray:
-    """Symmetric per-output-channel absmax quantization of `w` [lead..., in..., out...].
+def quantize(w, method: str, n_in: int, n_lead: int = 0, native: bool = False,
+             ) -> QArray:
+    """Symmetric absmax quantization of `w` [lead..., in..., out...]: per output channel
+    (int8, fp8), or per group of `group_size` inputs along the last input axis and output
+    channel (int4).
 
     Args:
       w: the weight (any float dtype; computed in float32).
-      method: "int8" or "fp8".
+      method: "int8", "fp8" or "int4".
       n_in: how many axes after the `n_lead` leading ones are the matmul's inputs.
       native: FP8 x FP8 dots (see QArray); only for method "fp8".
     Returns:
-      QArray with |w - q * scale| <= scale / 2 (int8), or e4m3's relative rounding (FP8:
+      QArray with |w - q * scale| <= scale / 2 (int8, int4), or e4m3's relative rounding (FP8:
       2^-4 of |w| for normal values, scale * 2^-10 below them).
     """
     if method not in QDTYPE:
-        raise ConfigError(f"quantize: method must be int8 or fp8, got {method!r}")
+        raise ConfigError(f"quantize: method must be one of {', '.join(QDTYPE)}, got {method!r}")
     w = jnp.asarray(w).astype(f32)
+    if method == "int4":
+        last = n_lead + n_in - 1
+        g = group_size(w.shape[last])
+        split = w.shape[:last] + (w.shape[last] // g, g) + w.shape[last + 1:]
+        amax = jnp.max(jnp.abs(w.reshape(split)), axis=last + 1)  # [..., groups, out...]
+        scale = jnp.where(amax > 0, amax / QMAX[method], 1.0)
+        ws = w.reshape(split) / jnp.expand_dims(scale, last + 1)
+        q = jnp.clip(jnp.round(ws), -8, 7).astype(jnp.int4).reshape(w.shape)
+        return QArray(q, scale, w.ndim - n_lead - n_in, False, g, n_in)
     axes = tuple(range(n_lead, n_lead + n_in))
     amax = jnp.max(jnp.abs(w), axis=axes)  # [lead..., out...]
     scale = jnp.where(amax > 0, amax / QMAX[method], 1.0)
@@ -195,14 +262,23 @@ def quantize_param(path, w, method: str) -> QArray:
     return quantize(w, method, INPUT_AXES[path[-1]], _lead(path))
 
 
-def scale_axes(path, axes: tuple) -> tuple:
-    """Logical axes of a weight's scales: its axes without the input ones."""
+def scale_axes(path, axes: tuple, method: str = "int8") -> tuple:
+    """Logical axes of a weight's scales: its axes without the input ones (8-bit), or all of
+    them, the groups taking their input axis's name (int4)."""
+    if method == "int4":
+        return tuple(axes)
     lead = _lead(path)
     return axes[:lead] + axes[lead + INPUT_AXES[path[-1]]:]
 
 
-def scale_shape(path, shape: tuple) -> tuple:
-    return scale_axes(path, tuple(shape))
+def scale_shape(path, shape: tuple, method: str = "int8") -> tuple:
+    """The shape of the scales of a weight of `shape` at `path` (with or without its L axis:
+    `path` ("layers", ...) has it, a path of the weight's own name has not)."""
+    if method != "int4":
+        return scale_axes(path, tuple(shape))
+    last = _lead(path) + INPUT_AXES[path[-1]] - 1
+    return (*shape[:last], shape[last] // group_size(shape[last]),
+            *shape[last + 1:])
 
 
 def method_of(params) -> str:
@@ -229,7 +305,13 @@ def from_tree(tree: Mapping, path: tuple = ()) -> dict:
     for k, v in tree.items():
         p = (*path, k)
         if isinstance(v, Mapping) and quantizable(p) and set(v) == {"q", "scale"}:
-            out[k] = QArray(v["q"], v["scale"], len(v["scale"].shape) - _lead(p))
+            q_shape, s_shape = tuple(v["q"].shape), tuple(v["scale"].shape)
+            if len(q_shape) == len(s_shape):  # int4: a scale per group
+                n_in, last = INPUT_AXES[p[-1]], _lead(p) + INPUT_AXES[p[-1]] - 1
+                out[k] = QArray(v["q"], v["scale"], len(q_shape) - last - 1, False,
+                                q_shape[last] // s_shape[last], n_in)
+            else:
+                out[k] = QArray(v["q"], v["scale"], len(s_shape) - _lead(p))
         elif isinstance(v, Mapping):
             out[k] = from_tree(v, p)
         else:
@@ -254,11 +336,11 @@ def abstract_params(cfg_target: Mapping, axes: Mapping, mesh: Mesh, method: str)
         if not quantizable(path):
             return t
         ax = get_path(axes, path)
-        s_shape, s_axes = scale_shape(path, t.shape), scale_axes(path, ax)
+        s_shape, s_axes = scale_shape(path, t.shape, method), scale_axes(path, ax, method)
         q = jax.ShapeDtypeStruct(t.shape, QDTYPE[method], sharding=t.sharding)
         s = jax.ShapeDtypeStruct(s_shape, f32,
                                  sharding=sharding.named_sharding(mesh, s_axes, s_shape))
-        return QArray(q, s, len(s_shape) - _lead(path))
+        return from_tree({path[-1]: {"q": q, "scale": s}}, path[:-1])[path[-1]]
     return map_params(leaf, cfg_target)
 
 
@@ -341,5 +423,5 @@ def use_native_fp8(model, on: bool | None = True):
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the model's parameters as stored (8-bit weights, their scales, the rest)."""
-    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    """Bytes of the model's parameters as stored (quantized weights, their scales, the rest)."""
+    return sum(array_bytes(x.shape, x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
