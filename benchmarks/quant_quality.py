@@ -1,4 +1,5 @@
-"""How close int8 / FP8 weights keep a trained model to itself, against an independent floor.
+"""How close int8 / FP8 / int4 weights keep a trained model to itself, against an independent
+floor.
 
   python benchmarks/quant_quality.py --checkpoint_dir=~/.cache/llama2_jax/demo/final
   python benchmarks/quant_quality.py                       # trains its own tiny model first
@@ -12,7 +13,10 @@ The floor is the same measurement done independently in PyTorch: the unquantized
 into a Hugging Face `LlamaForCausalLM` (convert/mapping.py's jax_to_hf), every projection
 (q/k/v/o, gate/up/down, lm_head) quantized and dequantized in torch with plain symmetric
 per-output-channel absmax (int8: round(w / s) with s = max|w| / 127; fp8: cast of w / s to
-torch.float8_e4m3fn with s = max|w| / 448), compared with the fp32 HF model's own logits.
+torch.float8_e4m3fn with s = max|w| / 448; int4: groups of g consecutive inputs of each row,
+s = max|w| / 7 per group, round(w / s) clamped to [-8, 7], g the largest divisor up to 128 of
+the row's inputs, of the head size for o_proj whose groups stay within a head), compared with
+the fp32 HF model's own logits.
 "fp8-native" is the FP8 x FP8 path of GPUs with FP8 matmuls (`native_fp8=True`: the
 activations cast to e4m3 too, a scale per token), emulated here on CPU, against the same
 weight-only floor. The script also counts the 8-bit codes that differ between the two sides
@@ -133,10 +137,24 @@ def hf_state(params: dict, cfg) -> dict:
     return state
 
 
-def torch_absmax(w, method: str):
-    """Plain per-output-channel (row of torch's [out, in]) absmax quantization: the 8-bit
-    codes (as float32) and the dequantized weight."""
+def torch_group(n: int) -> int:
+    """int4's group for n inputs (as the docstring says, written here again)."""
+    for g in range(min(128, n), 0, -1):
+        if n % g == 0:
+            return g if 8 * g >= min(128, n) else n
+
+
+def torch_absmax(w, method: str, group: int = 0):
+    """Plain per-output-channel (row of torch's [out, in]) absmax quantization, or per group
+    of `group` inputs of a row (int4): the codes (as float32) and the dequantized weight."""
     import torch
+    if method == "int4":
+        out, n = w.shape
+        wg = w.reshape(out, n // group, group)
+        amax = wg.abs().amax(dim=2, keepdim=True)
+        s = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+        q = torch.clamp(torch.round(wg / s), -8, 7)
+        return q.reshape(out, n), (q * s).reshape(out, n)
     amax = w.abs().amax(dim=1, keepdim=True)
     if method == "int8":
         s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
@@ -165,7 +183,8 @@ def torch_floor(params: dict, cfg, prompts, method: str, full_hf: np.ndarray):
     for k, v in hf_state(params, cfg).items():
         deq[k] = v
         if k.split(".")[-2] in HF_QUANTIZED:
-            q, w = torch_absmax(torch.from_numpy(v), method)
+            n = cfg.head_dim if k.split(".")[-2] == "o_proj" else v.shape[1]
+            q, w = torch_absmax(torch.from_numpy(v), method, torch_group(n))
             codes[k], deq[k] = q.numpy(), w.numpy()
     return kl_top1(full_hf, hf_logits_of(deq, cfg, prompts)), codes
 
@@ -196,13 +215,13 @@ def main(argv):
                "full_vs_hf_max_abs_logit_diff": float(np.abs(full - full_hf).max()),
                "methods": {}}
     for name, method, native in (("int8", "int8", False), ("fp8", "fp8", False),
-                                 ("fp8-native", "fp8", True)):
+                                 ("fp8-native", "fp8", True), ("int4", "int4", False)):
         # native: the GPU path (FP8 x FP8), emulated on CPU
         qmodel = quant.quantize_model(model, method, native_fp8=native)
         ours = np.concatenate([llama2_jax.forward(qmodel, p) for p in prompts])
         (floor_kl, floor_top1), torch_codes = torch_floor(params, cfg, prompts, method,
                                                           full_hf)
-        # Our 8-bit codes in HF's layout, to count those that land on another grid point.
+        # Our codes in HF's layout, to count those that land on another grid point.
         our_codes = hf_state(quant.map_params(
             lambda _, w: np.asarray(w.q, np.float32) if isinstance(w, quant.QArray) else w,
             checkpoint.params_of(qmodel)), cfg)
@@ -220,12 +239,13 @@ def main(argv):
           f"fp32 llama2_jax vs fp32 HF max |logit diff| "
           f"{results['full_vs_hf_max_abs_logit_diff']:.2e}")
     print("| method | KL(full \\|\\| quant), nats | top-1 agreement | floor KL (torch absmax) | "
-          "floor top-1 | KL / floor | 8-bit codes != torch's |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "floor top-1 | KL / floor | codes != torch's | weight bytes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for method, r in results["methods"].items():
         print(f"| {method} | {r['kl']:.3e} | {100 * r['top1']:.1f}% | {r['floor_kl']:.3e} | "
               f"{100 * r['floor_top1']:.1f}% | {r['kl_vs_floor']:.3f} | "
-              f"{r['codes_differing_from_torch']} of {r['codes']} |")
+              f"{r['codes_differing_from_torch']} of {r['codes']} | "
+              f"{r['weight_bytes'] / 1e6:.2f} MB |")
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -445,10 +445,12 @@ def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
             assert v == pytest.approx(m[k], rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["int8", "fp8"])
-def test_lora_on_an_8bit_base(tmp_path, method):
-    """QLoRA-style: the frozen base in 8 bits; at init the model is exactly the quantized base,
-    training moves only the adapted weights, and the export holds the dequantized rest."""
+@pytest.mark.parametrize("method", ["int8", "fp8", "int4"])
+def test_lora_on_a_quantized_base(tmp_path, method):
+    """QLoRA-style: the frozen base in 8 or 4 bits; at init the model is exactly the quantized
+    base, training moves only the adapted weights, and the export merges the adapters into the
+    checkpoint's unquantized weights (into the dequantized ones when it has none)."""
+    from llama2_jax.model import adapter as adapter_lib
     from llama2_jax.model import quant
     base_dir = tmp_path / "base"
     cfg = load_config_file("sft_tiny")
@@ -463,10 +465,27 @@ def test_lora_on_an_8bit_base(tmp_path, method):
     adapters = lora.init_adapters(qparams, ("wq", "w1"), rank=4, seed=0)
     np.testing.assert_array_equal(run(lora.apply_adapters(qparams, adapters, 4.0)),
                                   run(qparams))
-    config = tiny_config(tmp_path, checkpoint_dir=str(base_dir), tokenizer_path="",
-                         model_preset="", steps=4, learning_rate=1e-2, warmup_steps=0,
-                         quantization=method, **{"lora.rank": 4, "lora.targets": ("wq", "w1")})
+    settings = dict(tokenizer_path="", model_preset="", steps=4, learning_rate=1e-2,
+                    warmup_steps=0, quantization=method,
+                    **{"lora.rank": 4, "lora.targets": ("wq", "w1")})
+    config = tiny_config(tmp_path, checkpoint_dir=str(base_dir), **settings)
     summary = finetune.train(config, err=io.StringIO())
+    full = jax.tree.map(np.asarray, checkpoint.params_of(base))
+    final = read_params(summary["final"])
+    changed = {"/".join(p) for p, a, b in _pairs(full, final) if not np.array_equal(a, b)}
+    assert changed == {"layers/attention/wq", "layers/feed_forward/w1"}
+    trained = adapter_lib.load(tmp_path / "run" / finetune.ADAPTER_DIR)
+    want = adapter_lib.merge_adapters(full, trained.params, trained.scale)
+    for module, name in (("attention", "wq"), ("feed_forward", "w1")):
+        np.testing.assert_allclose(final["layers"][module][name],
+                                   want["layers"][module][name], rtol=1e-6, atol=1e-7)
+    # a base stored quantized: merged into its dequantized weights, and said so
+    checkpoint.save(tmp_path / "qbase", checkpoint.load(base_dir, quantization=method),
+                    tokenizer_path=cfg.tokenizer_path)
+    err = io.StringIO()
+    summary = finetune.train(tiny_config(tmp_path / "q", checkpoint_dir=str(tmp_path / "qbase"),
+                                         **settings), err=err)
+    assert f"merges the adapters into its dequantized {method} weights" in err.getvalue()
     dequantized = jax.tree.map(np.asarray, quant.dequantize_params(qparams, jnp.float32))
     final = read_params(summary["final"])
     changed = {"/".join(p) for p, a, b in _pairs(dequantized, final) if not np.array_equal(a, b)}

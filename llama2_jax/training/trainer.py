@@ -289,6 +289,10 @@ class Trainer:
                                   "resume.")
                         return {"steps": progress.step, "stopped": True, **last}
             manager.wait_until_finished()
+            del opt_state
+            if self._merges_into_unquantized_base():  # the 4/8-bit base goes before it comes
+                del frozen
+                frozen = self._unquantized_base()
             self._export(trainable, frozen, final)
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -322,6 +326,25 @@ class Trainer:
         return {k: jax.make_array_from_callback(v.shape, target, lambda i, v=v: v[i])
                 for k, v in batch.items()}
 
+    def _merges_into_unquantized_base(self) -> bool:
+        """Whether a LoRA run on a quantized base merges its adapters into the base's
+        unquantized weights (when its checkpoint has them), not into their dequantized 4/8-bit
+        copy (which would fold the quantization error into every weight of final/)."""
+        if self.lora_scale is None or self.quantization == "none":
+            return False
+        c = self.config
+        if c.checkpoint_dir and checkpoint.read_meta(c.checkpoint_dir)[1] == "none":
+            return True
+        self._say(f"the base checkpoint holds no unquantized weights: final/ merges the adapters "
+                  f"into its dequantized {self.quantization} weights (the adapters alone are "
+                  f"saved in {ADAPTER_DIR}/)")
+        return False
+
+    def _unquantized_base(self) -> dict:
+        model = checkpoint.load(self.config.checkpoint_dir, mesh=self.mesh,
+                                dtype=self.base_cfg.weight_dtype, quantization="none")
+        return checkpoint.params_of(model)
+
     def _export(self, trainable, frozen, final: str) -> None:
         if self.lora_scale is not None:  # before final/, whose marker says the run is done
             c = self.config
@@ -332,7 +355,7 @@ class Trainer:
         out_dtype = self.base_cfg.weight_dtype
         params = (trainable if self.lora_scale is None
                   else merge_adapters(frozen, trainable, self.lora_scale, out_dtype))
-        params = quant.dequantize_params(params, out_dtype)  # the 8-bit weights LoRA left
+        params = quant.dequantize_params(params, out_dtype)  # quantized weights LoRA left
         params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(out_dtype), p),
                          out_shardings=self.param_shardings)(params)
         graphdef, state = nnx.split(abstract_model(self.base_cfg))
