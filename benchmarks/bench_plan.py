@@ -1,7 +1,8 @@
 """The memory planner's estimates against measured peak memory on this CPU.
 
   python benchmarks/bench_plan.py                  # demo, BENCH_134M chat / serve / SFT / LoRA
-  python benchmarks/bench_plan.py --with_7b        # + a 7B-shaped checkpoint loaded as int8
+  python benchmarks/bench_plan.py --with_7b        # + 7B-shaped checkpoints as int8 and int4,
+                                                   #   a 13B-shaped one as int4
   python benchmarks/bench_plan.py --json=/tmp/plan.json
 
 Each case runs as a child process (one CPU device) whose anonymous resident memory (RssAnon)
@@ -14,7 +15,8 @@ Cases: the chat demo (one-shot answer); a random BENCH_134M checkpoint (fp32) in
 (context 256, one-shot answer) and behind the server (16 slots x 1024 positions, 16
 concurrent requests of 100-900 tokens); SFT and LoRA steps of the tiny (configs/sft_tiny.py)
 and BENCH_134M models; with --with_7b, a LLAMA2_7B-shaped checkpoint of random bf16 weights
-(written a layer at a time, 10.5 GB on disk) chatted with in int8.
+(written a layer at a time, 10.5 GB on disk) chatted with in int8 and in int4, and a
+LLAMA2_13B-shaped one (20 GB on disk) in int4 (context 64, 8 new tokens).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from absl import app, flags  # noqa: E402
 from benchmarks.memory import PeakSampler, peak_rss_anon, planned  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("with_7b", False, "Also the 7B-shaped int8 case (writes 10.5 GB to --tmp).")
+flags.DEFINE_bool("with_7b", False, "Also the 7B / 13B-shaped cases (write 31 GB to --tmp).")
 flags.DEFINE_string("tmp", "", "Directory for checkpoints and runs (default: a new temp dir).")
 flags.DEFINE_string("json", "", "Also write every number to this JSON file.")
 flags.DEFINE_string("only", "", "Comma-separated case names to run (default: all).")
@@ -175,35 +177,37 @@ def run() -> dict:
             from llama2_jax.cli import random_config
             rows.append(finetune_case(name, path, cfg or random_config(load(path))))
 
-    if FLAGS.with_7b and want("7B int8 chat"):
-        rows.append(seven_b_case(tmp))
+    for preset, method in (("7b", "int8"), ("7b", "int4"), ("13b", "int4")):
+        if FLAGS.with_7b and want(f"{preset.upper()} {method} chat"):
+            rows.append(big_case(tmp, preset, method))
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "machine": platform.processor() or platform.machine(), "cases": rows}
 
 
-def seven_b_case(tmp: str) -> dict:
-    """A random bf16 LLAMA2_7B checkpoint, chatted with in int8 (context 256)."""
-    from llama2_jax.model.config import LLAMA2_7B
-    directory = os.path.join(tmp, "7b-bf16")
+def big_case(tmp: str, preset: str, method: str) -> dict:
+    """A random bf16 checkpoint of `preset`'s shape, chatted with in `method` (context 64)."""
+    from llama2_jax.model.config import preset as model_preset
+    directory = os.path.join(tmp, f"{preset}-bf16")
     if not os.path.isdir(directory):
-        write_7b(directory)
-    path = config_file(tmp, "chat7b", "llama2_7b_chat", f"""
+        write_big(directory, preset)
+    path = config_file(tmp, f"chat{preset}{method}", f"llama2_{preset}_chat", f"""
         c.checkpoint_dir = {directory!r}
         c.tokenizer_path = {TOKENIZER!r}
         c.mesh = ""
-        c.quantization = "int8"
-        c.context_length = 256
+        c.quantization = {method!r}
+        c.context_length = 64
         c.max_new_tokens = 8""")
-    return chat_case("7B int8 chat", path, LLAMA2_7B, quantization="int8")
+    return chat_case(f"{preset.upper()} {method} chat", path, model_preset(preset),
+                     quantization=method)
 
 
-def write_7b(directory: str) -> None:
-    """Random bf16 weights of LLAMA2_7B's shape, written a layer at a time by
+def write_big(directory: str, preset: str) -> None:
+    """Random bf16 weights of `preset`'s shape, written a layer at a time by
     benchmarks/bench_quant.py's writer (in a child: its flags are its own)."""
     import subprocess
     subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                    "from benchmarks.bench_quant import write_7b; write_7b(sys.argv[2])",
-                    ROOT, directory], check=True, cwd=ROOT)
+                    "from benchmarks.bench_quant import write_7b; write_7b(*sys.argv[2:])",
+                    ROOT, directory, preset], check=True, cwd=ROOT)
 
 
 def main(argv):

@@ -49,7 +49,7 @@ flags.DEFINE_integer("interval_ms", 20, "RssAnon sampling interval (memory_7b)."
 flags.DEFINE_bool("keep", False, "Keep the 7B checkpoint (memory_7b).")
 flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 
-METHODS = ("none", "int8", "fp8")
+METHODS = ("none", "int8", "fp8", "int4")
 
 
 # -- speed ---------------------------------------------------------------------------------------
@@ -115,14 +115,15 @@ def run_speed() -> dict:
 
 
 # -- memory --------------------------------------------------------------------------------------
-def write_7b(directory: str) -> float:
-    """A random bf16 LLAMA2_7B checkpoint, written a layer at a time; returns seconds."""
+def write_7b(directory: str, preset: str = "7b") -> float:
+    """A random bf16 checkpoint of LLAMA2_7B's shape (or `preset`'s), written a layer at a
+    time; returns seconds."""
     from convert import mapping
     from convert.orbax_io import Streamed, write_params
     from llama2_jax.model import checkpoint
-    from llama2_jax.model.config import LLAMA2_7B
+    from llama2_jax.model.config import preset as model_preset
     t = time.perf_counter()
-    cfg = LLAMA2_7B.with_dtype("bfloat16")
+    cfg = model_preset(preset).with_dtype("bfloat16")
     rng = np.random.default_rng(0)
     bf16 = np.dtype("bfloat16")
     blocks: dict = {}
