@@ -27,6 +27,7 @@ Constants measured with benchmarks/bench_plan.py (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -93,10 +94,15 @@ def _shard_bytes(tree) -> int:
 def weight_bytes(cfg: ModelConfig, mesh: dict[str, int], quantization: str) -> dict[str, int]:
     """Bytes one device holds of the model's parameters in `cfg.param_dtype`, quantized as
     asked: {"layers": ..., "other": ...} (the embeddings, output and final norm)."""
+    layers, total = _weight_bytes(cfg, tuple(mesh.items()), quantization)
+    return {"layers": layers, "other": total - layers}
+
+
+@functools.lru_cache(maxsize=256)  # a plan asks again for the same model, mesh and format
+def _weight_bytes(cfg: ModelConfig, mesh: tuple, quantization: str) -> tuple[int, int]:
     from llama2_jax.model.checkpoint import abstract_target  # the restore target, sharded
-    _, _, target = abstract_target(cfg, _abstract_mesh(mesh), quantization)
-    layers = _shard_bytes(target["layers"])
-    return {"layers": layers, "other": _shard_bytes(target) - layers}
+    _, _, target = abstract_target(cfg, _abstract_mesh(dict(mesh)), quantization)
+    return _shard_bytes(target["layers"]), _shard_bytes(target)
 
 
 def kv_bytes(cfg: ModelConfig, mesh: dict[str, int], rows: Sequence[int], length: int) -> int:

@@ -189,6 +189,52 @@ def refusal(cfg: ModelConfig, task: Task, devices: Devices, plan: Plan) -> str:
     return text + (": " + "; ".join(tips) if tips else "")
 
 
+# -- what fits where -----------------------------------------------------------------------------
+TABLE_DEVICES = ("1 x tpu-v5e", "8 x tpu-v5e", "8 x tpu-v3", "1 x l4", "1 x t4", "1 x h100")
+TABLE_TASKS = {"chat": Task("chat", context=4096),
+               "serve 16 x 4096": Task("serve", context=4096, slots=16),
+               "LoRA (1 x 2048 tokens, rank 16)": Task("lora", batch=1, seq_len=2048)}
+MAX_TABLE_SLOTS = 256
+
+
+def most_slots(cfg: ModelConfig, task: Task, devices: Devices, quantization: str) -> int:
+    """The most serve slots (up to MAX_TABLE_SLOTS) of task.context positions that fit."""
+    def fits(n):
+        return make_plan(cfg, dataclasses.replace(task, slots=n), devices,
+                         quantization=quantization).fits
+    lo, hi = 0, MAX_TABLE_SLOTS
+    while lo < hi:  # the largest n with fits(n), fits being monotone in n
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def fits_table(models: Sequence[str] = ("7b", "13b", "70b"),
+               devices: Sequence[str] = TABLE_DEVICES) -> str:
+    """A markdown table: for each model and task (TABLE_TASKS), on each device class, the
+    least-quantized weight format that fits ("auto": none, int8, int4) and, serving, how
+    many slots of 4096 positions fit in it (in int4 when 16 fit in none)."""
+    from llama2_jax.model.config import preset
+    header = ["model", "task", *devices]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * len(devices)]
+    for name in models:
+        cfg = preset(name)
+        for label, task in TABLE_TASKS.items():
+            cells = []
+            for d in devices:
+                dev = parse_devices(d)
+                plan = make_plan(cfg, task, dev, quantization="auto")
+                if task.name != "serve":
+                    cells.append(plan.quantization if plan.fits else "no")
+                    continue
+                method = plan.quantization if plan.fits else "int4"
+                n = most_slots(cfg, task, dev, method)
+                cells.append(f"{method}, {n}{'+' if n == MAX_TABLE_SLOTS else ''} slots"
+                             if n else "no")
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # -- command line --------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
@@ -199,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llama2_jax.plan",
                                  description="Will a Llama 2 model fit these devices, and how?")
     src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--table", action="store_true",
+                     help="what fits where: 7B / 13B / 70B chat, serve and LoRA on the device "
+                     "classes people have (a markdown table)")
     src.add_argument("--model", help="preset: 7b, 13b, 70b, tiny, bench_134m ...")
     src.add_argument("--checkpoint_dir", help="a converted checkpoint")
     ap.add_argument("--task", default="chat", choices=TASKS)
@@ -222,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="TPU devices: also compile the plan's steps with XLA:TPU (libtpu, the "
                     "tpu extra; no TPU needed) and print the compiler's per-device memory")
     args = ap.parse_args(argv)
+    if args.table:
+        print(fits_table())
+        return 0
     try:
         stored = "none"
         if args.checkpoint_dir:

@@ -1,6 +1,7 @@
 """The memory planner: full-size plans on named devices, refusals with numbers, the command
 line, and its estimates against the memory a real process uses on this CPU."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -216,3 +217,29 @@ def test_estimates_against_the_memory_of_real_runs(demo_home, demo_checkpoint, t
         ratios[name] = planned(config, "finetune", random_config(config)).total / peak
     for ratio in ratios.values():
         assert 0.95 <= ratio <= 1.15, ratios
+
+
+def test_fits_table_cells_are_the_planners_own_verdicts():
+    """`plan --table`: each cell's format fits and the less-quantized ones do not; a serve
+    cell's slot count fits and one more does not."""
+    devices = ("1 x t4", "1 x h100")
+    table = plan.fits_table(models=("7b",), devices=devices).splitlines()
+    assert table[0] == "| model | task | 1 x t4 | 1 x h100 |" and len(table) == 2 + 3
+    cfg = LLAMA2_7B
+    order = ["none", "int8", "int4"]
+    for line, task in zip(table[2:], plan.TABLE_TASKS.values()):
+        cells = [c.strip() for c in line.strip("|").split("|")][2:]
+        for cell, d in zip(cells, devices):
+            dev = plan.parse_devices(d)
+            method = cell.split(",")[0]
+            assert method in order, cell
+            for less in order[:order.index(method)]:
+                assert not plan.make_plan(cfg, task, dev, quantization=less).fits
+            if task.name == "serve":
+                n = int(cell.split(", ")[1].split()[0])
+                at = lambda k: plan.make_plan(cfg, dataclasses.replace(task, slots=k), dev,  # noqa: E731
+                                              quantization=method).fits
+                assert at(n) and not at(n + 1)
+            else:
+                assert plan.make_plan(cfg, task, dev, quantization=method).fits
+    assert "int4" in "".join(table)  # T4 serves 7B only in 4 bits
