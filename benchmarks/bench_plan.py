@@ -78,11 +78,13 @@ def result(name, peak, plan, proc=None) -> dict:
     return row
 
 
-def chat_case(name, config_path, model_cfg, env=None, quantization="none", extra=()):
+def chat_case(name, config_path, model_cfg, env=None, quantization="none", extra=(),
+              timeout=600):
     config = load(config_path)
     peak, proc = peak_rss_anon(["-m", "llama2_jax.chat", "--config", config_path,
                                 "--config.prompt=Count to five.", "--config.temperature=0",
-                                "--config.compilation_cache_dir=", *extra], env=env)
+                                "--config.compilation_cache_dir=", *extra], env=env,
+                               timeout=timeout)
     return result(name, peak, planned(config, "chat", model_cfg, quantization), proc)
 
 
@@ -197,8 +199,9 @@ def big_case(tmp: str, preset: str, method: str) -> dict:
         c.quantization = {method!r}
         c.context_length = 64
         c.max_new_tokens = 8""")
+    # a 2-core CPU decodes a 7B/13B model at seconds per token; int4 loads slowest
     return chat_case(f"{preset.upper()} {method} chat", path, model_preset(preset),
-                     quantization=method)
+                     quantization=method, timeout=3600)
 
 
 def write_big(directory: str, preset: str) -> None:

@@ -223,7 +223,7 @@ def main(argv):
                                                           full_hf)
         # Our codes in HF's layout, to count those that land on another grid point.
         our_codes = hf_state(quant.map_params(
-            lambda _, w: np.asarray(w.q, np.float32) if isinstance(w, quant.QArray) else w,
+            lambda _, w: np.asarray(w.codes(), np.float32) if isinstance(w, quant.QArray) else w,
             checkpoint.params_of(qmodel)), cfg)
         differ = sum(int((our_codes[k] != torch_codes[k]).sum()) for k in torch_codes)
         n_codes = sum(v.size for v in torch_codes.values())

@@ -187,5 +187,6 @@ def _quantized(source, path, cfg, method: str, stacked: bool) -> dict:
     shape = mapping.jax_shape(path, cfg)
     lead = (cfg.n_layers,) if stacked else ()
     s_shape = quant.scale_shape(path[-1:], shape, method)  # the per-layer shape: no L axis
-    return {"q": Streamed((*lead, *shape), quant.QDTYPE[method], layer, stacked),
+    q_shape = quant.q_shape(path[-1:], shape, method)
+    return {"q": Streamed((*lead, *q_shape), quant.QDTYPE[method], layer, stacked),
             "scale": Streamed((*lead, *s_shape), np.dtype(np.float32), scale, stacked)}

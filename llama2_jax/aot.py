@@ -34,7 +34,6 @@ from llama2_jax.inference.slots import Slots
 from llama2_jax.inference.weights import Weights
 from llama2_jax.model import checkpoint, kv_cache, sharding
 from llama2_jax.model.config import ModelConfig
-from llama2_jax.model.kv_cache import KVCache
 from llama2_jax.model.transformer import rope_angles
 from llama2_jax.training.lora import init_adapters
 from llama2_jax.training.train_step import make_optimizer, make_train_step, shardings_like
@@ -116,20 +115,21 @@ def report(name: str, lowered) -> StepReport:
 
 def abstract_slots(cfg: ModelConfig, mesh: Mesh, *, slots: int, length: int,
                    quantization: str = "none", chunk: int = 256, logprobs: bool = True,
-                   unstack: bool | None = None) -> Slots:
+                   unstack: bool | None = None, kv_quantization: str = "none") -> Slots:
     """Slots over abstract weights on `mesh`: nothing allocated, for `Slots.lower_steps`.
     unstack None: the layout the mesh's platform runs (per-layer on CPU, scanned elsewhere)."""
     model = checkpoint.abstract_model_on(cfg, mesh, quantization)
     if unstack is None:
         unstack = mesh.devices.flat[0].platform == "cpu"
     return Slots(Weights(model, mesh, unstack=unstack), slots, length, chunk=chunk,
-                 logprobs=logprobs, abstract=True)
+                 logprobs=logprobs, abstract=True, kv_quantization=kv_quantization)
 
 
 def serve_steps(cfg: ModelConfig, mesh: Mesh, *, slots: int, length: int,
                 quantization: str = "none", chunk: int = 256, every: bool = False,
                 logprobs: bool = True, unstack: bool | None = None,
-                cost: bool = True, kinds: Sequence[str] = ()) -> list[StepReport]:
+                cost: bool = True, kinds: Sequence[str] = (),
+                kv_quantization: str = "none") -> list[StepReport]:
     """The server's (slots > 1) or the chat's (slots = 1) steps, compiled for `mesh`'s devices.
 
     every False: the largest step of each kind only (the most rows and positions, the longest
@@ -139,7 +139,8 @@ def serve_steps(cfg: ModelConfig, mesh: Mesh, *, slots: int, length: int,
     kinds: only these ("decode", "prefill", "commit", "extract", "insert"; () all).
     """
     s = abstract_slots(cfg, mesh, slots=slots, length=length, quantization=quantization,
-                       chunk=chunk, logprobs=logprobs, unstack=unstack)
+                       chunk=chunk, logprobs=logprobs, unstack=unstack,
+                       kv_quantization=kv_quantization)
     steps = [(name, lowered) for name, lowered in s.lower_steps(every=every)
              if not kinds or name.split(" ")[0] in kinds]
     reports = [report(name, lowered) for name, lowered in steps]
@@ -155,7 +156,8 @@ def serve_steps(cfg: ModelConfig, mesh: Mesh, *, slots: int, length: int,
             continue
         if shape not in layer_costs:
             layer_costs[shape] = layer_report(cfg, mesh, s.shapes, *shape,
-                                              quantization=quantization)
+                                              quantization=quantization,
+                                              kv_quantization=kv_quantization)
         one = layer_costs[shape]
         more = cfg.n_layers - 1
         out.append(dataclasses.replace(
@@ -177,7 +179,8 @@ def _layer_shape(name: str, s: Slots) -> tuple[int, int, int, bool] | None:
 
 
 def layer_report(cfg: ModelConfig, mesh: Mesh, shapes, rows: int, tokens: int, attend: int,
-                 staging: bool, quantization: str = "none") -> StepReport:
+                 staging: bool, quantization: str = "none",
+                 kv_quantization: str = "none") -> StepReport:
     """One layer of a decode (tokens=1) or prefill step over `shapes`' cache (the one-row
     staging cache where `staging`), its weights and cache as arguments: the loop body whose
     cost a scanned step counts once."""
@@ -191,10 +194,10 @@ def layer_report(cfg: ModelConfig, mesh: Mesh, shapes, rows: int, tokens: int, a
     weights = jax.tree.map(drop_layers, stacked)
     groups = (1,) if staging else shapes.groups
     cache = jax.eval_shape(lambda: kv_cache.init_blocks(
-        None, groups, shapes.blocks, cfg.n_kv_heads, cfg.head_dim, cfg.compute_dtype))
-    cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding
-                                                        .named_sharding(mesh, KVCache.axes(
-                                                            x.ndim), x.shape)), cache)
+        None, groups, shapes.blocks, cfg.n_kv_heads, cfg.head_dim, cfg.compute_dtype,
+        kv_quantization))
+    cache = kv_cache.map_arrays(lambda x, axes: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=sharding.named_sharding(mesh, axes, x.shape)), cache)
     x = jax.ShapeDtypeStruct((rows, tokens, cfg.dim), cfg.compute_dtype,
                              sharding=sharding.named_sharding(mesh, ("batch", "length", None),
                                                               (rows, tokens, cfg.dim)))
@@ -321,7 +324,8 @@ def check_plan(cfg: ModelConfig, plan) -> CompiledPlan:
         context = task.context or cfg.max_seq_len
         slots = task.slots if task.name == "serve" else 1
         s = abstract_slots(cfg, mesh, slots=slots, length=context,
-                           quantization=plan.quantization, chunk=task.prefill_chunk)
+                           quantization=plan.quantization, chunk=task.prefill_chunk,
+                           kv_quantization=task.kv_quantization)
         resident = device_bytes((s.weights.leaves, s.cache, s.state)) + (
             0 if s.shared_stage else device_bytes(s.stage))
         # the chat keeps its conversation in its one slot: prefill and decode only (the

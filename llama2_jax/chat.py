@@ -163,7 +163,8 @@ def build(config: ml_collections.ConfigDict, err: TextIO) -> Chat:
         err.write("NOTE: no checkpoint_dir, so the model has random weights; its answers are "
                   "noise.\n")
     err.flush()
-    return Chat(Engine(model, prepared.mesh), prepared.tokenizer, params=params,
+    engine = Engine(model, prepared.mesh, kv_quantization=app_build.kv_method(config))
+    return Chat(engine, prepared.tokenizer, params=params,
                 max_new_tokens=config.max_new_tokens, context_length=length,
                 system_prompt=config.system_prompt)
 

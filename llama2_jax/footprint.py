@@ -80,6 +80,7 @@ class Task:
     param_dtype: str = "float32"
     grad_accum: int = 1
     max_loras: int = 0
+    kv_quantization: str = "none"  # chat/serve: the KV cache in 8 bits (int8 / fp8)
 
 
 def _abstract_mesh(mesh: dict[str, int]) -> AbstractMesh:
@@ -105,16 +106,20 @@ def _weight_bytes(cfg: ModelConfig, mesh: tuple, quantization: str) -> tuple[int
     return _shard_bytes(target["layers"]), _shard_bytes(target)
 
 
-def kv_bytes(cfg: ModelConfig, mesh: dict[str, int], rows: Sequence[int], length: int) -> int:
+def kv_bytes(cfg: ModelConfig, mesh: dict[str, int], rows: Sequence[int], length: int,
+             quantization: str = "none") -> int:
     """KV cache of row groups `rows`, `length` positions each, on one device: keys/values in
-    the compute dtype, KV heads split over `tensor` (when it divides them), each group's rows
-    over `data` x `fsdp` (when they divide them)."""
+    the compute dtype (or 8 bits and a float32 scale per position and head: `quantization`),
+    KV heads split over `tensor` (when it divides them), each group's rows over `data` x
+    `fsdp` (when they divide them)."""
     amesh = _abstract_mesh(mesh)
     total = 0
     for r in rows:
         shape = (cfg.n_layers, r, cfg.n_kv_heads, length, cfg.head_dim)
         s = sharding.named_sharding(amesh, kv_cache.KVCache.axes(), shape)
         total += 2 * int(np.prod(s.shard_shape(shape)))
+    if quantization != "none":  # a byte per value, 4 per H values
+        return total + total // cfg.head_dim * 4
     return total * cfg.compute_dtype.itemsize
 
 
@@ -130,7 +135,7 @@ def scanned_layer_bytes(cfg: ModelConfig, mesh: dict[str, int], quantization: st
 
 def _stored_bits(dtype, quantization: str) -> int:
     """Bits per weight value as stored: the quantized format's, else `dtype`'s."""
-    return quant.bits(quant.QDTYPE[quantization] if quantization in quant.QDTYPE else dtype)
+    return quant.BITS.get(quantization) or 8 * np.dtype(dtype).itemsize
 
 
 def _split(n: int, k: int) -> int:
@@ -173,8 +178,9 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
         out["scanned layer copy"] = scanned_layer_bytes(cfg, mesh, quantization, rows, context)
     if task.name == "serve":
         # the slots, and the staging row (a single slot is its own staging row)
-        out["KV cache"] = kv_bytes(cfg, mesh, group_sizes(task.slots), context) + \
-            (kv_bytes(cfg, mesh, (1,), context) if task.slots > 1 else 0)
+        kv = task.kv_quantization
+        out["KV cache"] = kv_bytes(cfg, mesh, group_sizes(task.slots), context, kv) + \
+            (kv_bytes(cfg, mesh, (1,), context, kv) if task.slots > 1 else 0)
         if task.prefix_cache_mb:
             out["prefix cache"] = int(task.prefix_cache_mb * MiB)
         if task.max_loras:  # the adapter stack, replicated, in the compute dtype
@@ -184,7 +190,7 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
         out["temporaries"] = max(step_temporaries(cfg, mesh, task.slots, 1, context),
                                  step_temporaries(cfg, mesh, 1, chunk, context))
     else:  # the chat session: one slot (its own staging row), prefilled a chunk at a time
-        out["KV cache"] = kv_bytes(cfg, mesh, (1,), context)
+        out["KV cache"] = kv_bytes(cfg, mesh, (1,), context, task.kv_quantization)
         chunk = min(CHAT_CHUNK, context)
         out["temporaries"] = max(step_temporaries(cfg, mesh, 1, 1, context),
                                  step_temporaries(cfg, mesh, 1, chunk, context))

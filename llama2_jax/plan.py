@@ -213,7 +213,8 @@ def fits_table(models: Sequence[str] = ("7b", "13b", "70b"),
                devices: Sequence[str] = TABLE_DEVICES) -> str:
     """A markdown table: for each model and task (TABLE_TASKS), on each device class, the
     least-quantized weight format that fits ("auto": none, int8, int4) and, serving, how
-    many slots of 4096 positions fit in it (in int4 when 16 fit in none)."""
+    many slots of 4096 positions fit in it (in int4 when 16 fit in none), with the KV cache
+    in the compute dtype and in int8."""
     from llama2_jax.model.config import preset
     header = ["model", "task", *devices]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * len(devices)]
@@ -229,8 +230,11 @@ def fits_table(models: Sequence[str] = ("7b", "13b", "70b"),
                     continue
                 method = plan.quantization if plan.fits else "int4"
                 n = most_slots(cfg, task, dev, method)
-                cells.append(f"{method}, {n}{'+' if n == MAX_TABLE_SLOTS else ''} slots"
-                             if n else "no")
+                n8 = most_slots(cfg, dataclasses.replace(task, kv_quantization="int8"), dev,
+                                method)
+                more = lambda k: "+" if k == MAX_TABLE_SLOTS else ""  # noqa: E731
+                cells.append(f"{method}, {n}{more(n)} slots ({n8}{more(n8)} with int8 KV)"
+                             if n8 else "no")
             lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -259,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--context_length", type=int, default=0,
                     help="chat/serve context (0: the model's)")
     ap.add_argument("--slots", type=int, default=8, help="serve: concurrent requests")
+    ap.add_argument("--kv_quantization", default="none", choices=("none", "int8", "fp8"),
+                    help="chat/serve: the KV cache in 8 bits (a float32 scale per position "
+                    "and KV head)")
     ap.add_argument("--batch", type=int, default=8, help="sft/lora: sequences per step")
     ap.add_argument("--seq_len", type=int, default=1024, help="sft/lora: tokens per sequence")
     ap.add_argument("--lora_rank", type=int, default=16,
@@ -290,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"max_seq_len {cfg.max_seq_len}")
         task = Task(args.task, context=args.context_length, slots=args.slots,
                     batch=args.batch, seq_len=args.seq_len, lora_rank=args.lora_rank,
-                    remat=not args.no_remat, max_loras=args.max_loras)
+                    remat=not args.no_remat, max_loras=args.max_loras,
+                    kv_quantization=args.kv_quantization)
         plan = make_plan(cfg, task, parse_devices(args.devices), model=name,
                          quantization=args.quantization, stored=stored, dtype=args.dtype)
     except (PlanError, ConfigError, checkpoint.CheckpointError, FileNotFoundError) as e:

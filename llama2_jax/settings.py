@@ -19,7 +19,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from llama2_jax.model import checkpoint, quant, sharding
+from llama2_jax.model import checkpoint, kv_cache, quant, sharding
 from llama2_jax import cli, distributed, plan
 from llama2_jax.model.checkpoint import CheckpointError
 from llama2_jax.model.config import DTYPES, ConfigError, ModelConfig
@@ -82,6 +82,9 @@ def inference_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # FP8 weights multiply FP8 activations (FP8 matmul hardware: Hopper, Ada); off: weight-only.
     c.native_fp8 = False
     c.context_length = 0  # 0 = the model's max_seq_len
+    # The KV cache's format: none (the compute dtype) | int8 | fp8 (e4m3): 8 bits and a
+    # float32 scale per position and KV head, a quarter (fp32) or half (bf16) of the bytes.
+    c.kv_quantization = "none"
     return c
 
 
@@ -124,6 +127,7 @@ def task_of(config: ml_collections.ConfigDict, app: str) -> plan.Task:
         limits = adapter_limits(config)
         return plan.Task("serve", context=config.context_length, slots=config.max_slots,
                          prefill_chunk=config.prefill_chunk,
+                         kv_quantization=kv_method(config),
                          prefix_cache_mb=config.prefix_cache_mb,
                          **({} if limits is None else dict(
                              max_loras=limits.max_adapters, lora_rank=limits.max_rank,
@@ -134,7 +138,16 @@ def task_of(config: ml_collections.ConfigDict, app: str) -> plan.Task:
                          seq_len=config.seq_len, lora_rank=config.lora.rank,
                          lora_targets=tuple(config.lora.targets), remat=config.remat,
                          param_dtype=config.param_dtype, grad_accum=config.grad_accum)
-    return plan.Task("chat", context=config.context_length)
+    return plan.Task("chat", context=config.context_length, kv_quantization=kv_method(config))
+
+
+def kv_method(config: ml_collections.ConfigDict) -> str:
+    """The inference config's kv_quantization, checked."""
+    method = config.get("kv_quantization", "none")
+    if method not in kv_cache.KV_METHODS:
+        raise SettingsError(f"kv_quantization={method!r}: expected one of "
+                            f"{', '.join(kv_cache.KV_METHODS)}")
+    return method
 
 
 @dataclasses.dataclass

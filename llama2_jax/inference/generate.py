@@ -74,8 +74,9 @@ class Engine:
 
     def __init__(self, model: Transformer, mesh: Mesh | None = None,
                  unstack: bool | None = None, options: EngineOptions = DEFAULT_OPTIONS,
-                 max_batch: int = 16):
+                 max_batch: int = 16, kv_quantization: str = "none"):
         self.weights = Weights(model, mesh, unstack, options)
+        self.kv_quantization = kv_quantization
         self.config, self.mesh = model.config, self.weights.mesh
         self.max_batch = max_batch
         self._slots: collections.OrderedDict[tuple[int, int], Slots] = collections.OrderedDict()
@@ -98,7 +99,8 @@ class Engine:
         if not healthy(slots):
             if slots is not None:
                 self._retired_compiles += slots.compile_count
-            slots = Slots(self.weights, max_slots, length, logprobs=False)
+            slots = Slots(self.weights, max_slots, length, logprobs=False,
+                          kv_quantization=self.kv_quantization)
         self._slots[key] = slots
         while len(self._slots) > 2:
             self._retired_compiles += self._slots.popitem(last=False)[1].compile_count

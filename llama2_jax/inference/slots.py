@@ -1,8 +1,7 @@
 """The device stepper: decode slots that rows join and leave at any step. Every door drives it
-(`generate`, `stream_text`, `Engine.stream`, a chat `Session`, the server's scheduler).
-
-The shape of MaxText's MaxEngine and JetStream: a fixed number of slots, each one row of one
-KV cache with its own position and sampling settings. `prefill` runs a prompt (or a chunk of
+(`generate`, `stream_text`, `Engine.stream`, a chat `Session`, the server's scheduler). The
+shape of MaxText's MaxEngine and JetStream: a fixed number of slots, each one row of one
+KV cache (in the compute dtype or 8-bit) with its own position and sampling settings. `prefill` runs a prompt (or a chunk of
 it) through the model in a one-row staging cache, copies its keys/values into the slot's row
 and draws the slot's first token; `insert` puts keys/values cached earlier (a shared prefix)
 into the staging row first; one `decode` step advances the slots in use. The slot index,
@@ -17,9 +16,8 @@ passes which slots are in use to every decode step, so a released slot computes 
 writes nothing, whatever its last request was. One row is prefilled at a time: its chunks
 attend over the staging row, and the last one commits the row's blocks into the slot's row.
 With one slot the staging row is the slot's row itself (no second copy, no commit), and a
-conversation that keeps its slot resumes from what the row holds.
-
-This class owns the device state and is driven by one thread; nothing here is thread-safe.
+conversation that keeps its slot resumes from what the row holds. This class owns the device
+state and is driven by one thread; nothing here is thread-safe.
 """
 
 from __future__ import annotations
@@ -32,16 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama2_jax.inference import penalties
+from llama2_jax.inference import penalties, step_io
 from llama2_jax.inference.adapters import AdapterStack, Limits
 from llama2_jax.inference.buckets import Shapes
 from llama2_jax.inference.params import TOP_LOGPROBS, SamplingParams
 from llama2_jax.inference.sampling import RowSampling, logprobs, mask_rows, sample_rows
-from llama2_jax.inference import step_io
 from llama2_jax.inference.step_io import Prefix, PromptScores, SlotState, StepOut
 from llama2_jax.inference.weights import Weights
 from llama2_jax.model import kv_cache, sharding
-from llama2_jax.model.kv_cache import Blocks, KVCache
+from llama2_jax.model.kv_cache import Blocks
 
 i32 = jnp.int32
 
@@ -61,11 +58,13 @@ class Slots:
         on weights of ShapeDtypeStructs, e.g. for devices of a TPU topology (llama2_jax.aot).
       adapters: room for LoRA adapters served per row (llama2_jax.inference.adapters); None:
         the base alone.
+      kv_quantization: the KV cache's format, "none" (the compute dtype), "int8" or "fp8".
     """
 
     def __init__(self, weights: Weights, max_slots: int, length: int, *, chunk: int = 256,
                  min_bucket: int = 16, kv_block: int | None = None, row_growth: int = 4,
-                 logprobs: bool = True, abstract: bool = False, adapters: Limits | None = None):
+                 logprobs: bool = True, abstract: bool = False, adapters: Limits | None = None,
+                 kv_quantization: str = "none"):
         cfg = weights.config
         if not 0 < length <= cfg.max_seq_len:
             raise ValueError(f"slot length {length} must be in 1..{cfg.max_seq_len}")
@@ -89,9 +88,10 @@ class Slots:
         self._extract = jit(self._extract_fn, static_argnames=("n",))
         self.adapters = AdapterStack(weights, adapters, abstract) if adapters else None
         self.row_adapter = np.zeros(max_slots, np.int32)  # each slot's adapter (0: the base)
-        self.cache = step_io.new_cache(weights, self.shapes, self.shapes.groups, abstract)
-        self.stage = (self.cache if self.shared_stage else
-                      step_io.new_cache(weights, self.shapes, (1,), abstract))
+        new = functools.partial(step_io.new_cache, weights, self.shapes, abstract=abstract,
+                                quantization=kv_cache.check_kv_method(kv_quantization))
+        self.cache = new(self.shapes.groups)
+        self.stage = self.cache if self.shared_stage else new((1,))
         self.state = step_io.initial_state(max_slots, length, cfg.vocab_size,
                                            self._replicated, abstract)
         self.positions = np.full(max_slots, length, np.int64)  # host mirror; length = idle
@@ -209,7 +209,7 @@ class Slots:
         def put(st: Blocks, prefix: Blocks) -> Blocks:
             blocks = list(st.groups[0])
             for j, blk in enumerate(prefix.groups[0]):
-                blocks[j] = KVCache(jnp.copy(blk.k), jnp.copy(blk.v))
+                blocks[j] = jax.tree.map(jnp.copy, blk)
             return Blocks((tuple(blocks),))
 
         stage = self._map_layers(put, stage, kv)

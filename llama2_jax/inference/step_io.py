@@ -12,7 +12,6 @@ from llama2_jax.inference import penalties
 from llama2_jax.inference.requests import mask_words
 from llama2_jax.inference.sampling import RowSampling
 from llama2_jax.model import kv_cache, sharding
-from llama2_jax.model.kv_cache import KVCache
 
 
 class SlotState(NamedTuple):
@@ -55,21 +54,22 @@ class Prefix(NamedTuple):
     nbytes: int
 
 
-def new_cache(weights, shapes, groups, abstract: bool = False):
+def new_cache(weights, shapes, groups, abstract: bool = False, quantization: str = "none"):
     """A zero KV cache of row `groups` x the position blocks of `shapes` (a Shapes) for the
-    Weights: one per layer when they run per layer. `abstract`: ShapeDtypeStructs."""
+    Weights: one per layer when they run per layer, in the compute dtype or 8-bit
+    (`quantization`, kv_cache.KV_METHODS). `abstract`: ShapeDtypeStructs."""
     cfg, per_layer = weights.config, weights.per_layer
 
     def make():
         def one():
             return kv_cache.init_blocks(None if per_layer else cfg.n_layers, groups,
                                         shapes.blocks, cfg.n_kv_heads, cfg.head_dim,
-                                        cfg.compute_dtype)
+                                        cfg.compute_dtype, quantization)
         return tuple(one() for _ in range(cfg.n_layers)) if per_layer else one()
 
     found = jax.eval_shape(make)
-    shardings = jax.tree.map(
-        lambda x: sharding.named_sharding(weights.mesh, KVCache.axes(x.ndim), x.shape), found)
+    shardings = kv_cache.map_arrays(
+        lambda x, axes: sharding.named_sharding(weights.mesh, axes, x.shape), found)
     if abstract:
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             found, shardings)

@@ -19,6 +19,13 @@ size-1 dimensions: [rows, K, S, H], or [K, S, H] for a one-row group. XLA:CPU tu
 size-1 dimension into a bitcast in front of the attention dot, fuses the cache write into it,
 and then needs a copy of the block for that fusion on every step; without it the write is in
 place and the dot reads the written block itself.
+
+An 8-bit cache (`init_blocks(..., quantization="int8" | "fp8")`) holds each block's keys and
+values as a `QKV`: 8-bit codes [..., S, H] and a float32 scale per (position, KV head)
+[..., S] (symmetric absmax over the head's H values, as int8 / FP8 weights are quantized
+per output channel). They are quantized where they are written; attention multiplies the
+scores by the keys' scales and the probabilities by the values' scales, so no dequantized
+copy of a block is made. A block's layout (its `ndim`) is its codes'.
 """
 
 from __future__ import annotations
@@ -32,6 +39,53 @@ import jax.numpy as jnp
 from llama2_jax.model import sharding
 
 f32 = jnp.float32
+KV_METHODS = ("none", "int8", "fp8")
+KV_QDTYPE = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
+KV_QMAX = {"int8": 127.0, "fp8": 448.0}
+
+
+class QKV(NamedTuple):
+    """8-bit keys or values of a block and their scales: x ~ q * s[..., None]."""
+
+    q: jax.Array  # [..., S, H] int8 or float8_e4m3fn
+    s: jax.Array  # [..., S] float32
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.q.ndim
+
+    @property
+    def dtype(self):
+        return self.q.dtype
+
+
+def check_kv_method(method: str) -> str:
+    if method not in KV_METHODS:
+        raise ValueError(f"kv_quantization must be one of {', '.join(KV_METHODS)}, "
+                         f"got {method!r}")
+    return method
+
+
+def quantize_kv(x: jax.Array, dtype) -> QKV:
+    """x [..., H] in 8 bits (`dtype` int8 or float8_e4m3fn), a scale per vector of H."""
+    method = "int8" if jnp.dtype(dtype) == KV_QDTYPE["int8"] else "fp8"
+    xf = x.astype(f32)
+    amax = jnp.max(jnp.abs(xf), axis=-1)
+    scale = jnp.where(amax > 0, amax / KV_QMAX[method], 1.0)
+    xs = xf / scale[..., None]
+    if method == "int8":
+        q = jnp.clip(jnp.round(xs), -127, 127).astype(jnp.int8)
+    else:
+        q = jnp.clip(xs, -448.0, 448.0).astype(jnp.float8_e4m3fn)
+    return QKV(q, scale)
+
+
+def dequantize_kv(x: QKV, dtype) -> jax.Array:
+    return (x.q.astype(f32) * x.s[..., None]).astype(dtype)
 
 
 class KVCache(NamedTuple):
@@ -75,19 +129,45 @@ class Blocks(NamedTuple):
 
 
 def init_blocks(n_layers: int | None, groups: Sequence[int], blocks: Sequence[int],
-                kv_heads: int, head_dim: int, dtype) -> Blocks:
-    """Zeros; n_layers=None: one layer's blocks, stored without size-1 dimensions."""
+                kv_heads: int, head_dim: int, dtype, quantization: str = "none") -> Blocks:
+    """Zeros; n_layers=None: one layer's blocks, stored without size-1 dimensions.
+    `quantization` int8 / fp8: 8-bit codes and float32 scales (QKV) instead of `dtype`."""
     def shape(g, s):
         if n_layers is None:
             return (g, kv_heads, s, head_dim) if g > 1 else (kv_heads, s, head_dim)
         return (n_layers, g, kv_heads, s, head_dim)
-    return Blocks(tuple(tuple(KVCache(jnp.zeros(shape(g, s), dtype), jnp.zeros(shape(g, s), dtype))
-                              for s in blocks) for g in groups))
+
+    def zeros(g, s):
+        if check_kv_method(quantization) == "none":
+            return jnp.zeros(shape(g, s), dtype)
+        return QKV(jnp.zeros(shape(g, s), KV_QDTYPE[quantization]),
+                   jnp.zeros(shape(g, s)[:-1], f32))
+    return Blocks(tuple(tuple(KVCache(zeros(g, s), zeros(g, s)) for s in blocks)
+                        for g in groups))
+
+
+def map_arrays(fn, cache):
+    """fn(array, its logical axes) over every array of a cache (any layout; 8-bit blocks'
+    codes and scales, the scales without the head_dim axis)."""
+    def one(x):
+        if isinstance(x, QKV):
+            axes = KVCache.axes(x.q.ndim)
+            return QKV(fn(x.q, axes), fn(x.s, axes[:-1]))
+        return fn(x, KVCache.axes(x.ndim))
+    return jax.tree.map(one, cache, is_leaf=lambda x: isinstance(x, QKV))
 
 
 def constrain(cache):
     """Sharding constraints on every array of a cache (any layout), by their logical axes."""
-    return jax.tree.map(lambda c: sharding.constrain(c, KVCache.axes(c.ndim)), cache)
+    return map_arrays(sharding.constrain, cache)
+
+
+def _both(fn, c, *args):
+    """fn over a block's keys or values: a plain array, or an 8-bit block's codes and scales
+    (fn(array, *args, h): h = 1 where the array has the head_dim axis, 0 for scales)."""
+    if isinstance(c, QKV):
+        return QKV(fn(c.q, *args, 1), fn(c.s, *args, 0))
+    return fn(c, *args, 1)
 
 
 def _groups_for(blocks: Blocks, rows: int):
@@ -113,8 +193,8 @@ def write(cache: Blocks, k: jax.Array, v: jax.Array, layer, positions: jax.Array
         pos = positions[start:start + n]
         new, off = [], 0
         for blk in group:
-            new.append(KVCache(_write_block(blk.k, kg, layer, pos - off),
-                               _write_block(blk.v, vg, layer, pos - off)))
+            new.append(KVCache(_write_to(_write_block, blk.k, kg, layer, pos - off),
+                               _write_to(_write_block, blk.v, vg, layer, pos - off)))
             off += blk.length
         groups[gi] = tuple(new)
     return Blocks(tuple(groups))
@@ -131,51 +211,70 @@ def write_layers(cache: Blocks, k: jax.Array, v: jax.Array, positions: jax.Array
         pos = positions[start:start + n]
         new, off = [], 0
         for blk in group:
-            new.append(KVCache(_write_all(blk.k, kg, pos - off), _write_all(blk.v, vg, pos - off)))
+            new.append(KVCache(_write_to(_write_all, blk.k, kg, pos - off),
+                               _write_to(_write_all, blk.v, vg, pos - off)))
             off += blk.length
         groups[gi] = tuple(new)
     return Blocks(tuple(groups))
 
 
-def _write_all(c: jax.Array, x: jax.Array, idx: jax.Array) -> jax.Array:
+def _write_to(write_fn, c, x, *args):
+    """write_fn(c, x, *args, h) into a block's keys or values; into an 8-bit block, x
+    quantized, its codes and scales."""
+    if isinstance(c, QKV):
+        xq = quantize_kv(x, c.q.dtype)
+        return QKV(write_fn(c.q, xq.q, *args, 1), write_fn(c.s, xq.s, *args, 0))
+    return write_fn(c, x, *args, 1)
+
+
+def _write_all(c: jax.Array, x: jax.Array, idx: jax.Array, h: int = 1) -> jax.Array:
     """c [L, R, K, S, H] with x [n, T, L, K, H] at slots idx [n, T] of rows 0..n-1, every
-    layer (dropped outside 0..S-1)."""
-    size = c.shape[-2]
+    layer (dropped outside 0..S-1). h = 0: scales, without the H axes."""
+    size = c.shape[c.ndim - 1 - h]
     idx = jnp.where((idx >= 0) & (idx < size), idx, size)
     row = jnp.arange(x.shape[0])[:, None]  # [n, 1]
     return c.at[:, row, :, idx].set(x.astype(c.dtype), mode="drop")
 
 
-def _write_block(c: jax.Array, x: jax.Array, layer, idx: jax.Array) -> jax.Array:
-    """c with x [n, T, K, H] at slots idx [n, T] of rows 0..n-1 (dropped outside 0..S-1)."""
-    size = c.shape[-2]
+def _write_block(c: jax.Array, x: jax.Array, layer, idx: jax.Array, h: int = 1) -> jax.Array:
+    """c with x [n, T, K, H] at slots idx [n, T] of rows 0..n-1 (dropped outside 0..S-1).
+    h = 0: scales, c and x without their H axes."""
+    rank = c.ndim + 1 - h  # the layout's: 5 stacked, 4 a layer's rows, 3 a layer's one row
+    size = c.shape[c.ndim - 1 - h]
     inside = (idx >= 0) & (idx < size)
     x = x.astype(c.dtype)
-    if c.ndim == 3 and x.shape[1] == 1:
+    if rank == 3 and x.shape[1] == 1:
         # One row, one position (decode): a dynamic-update-slice of the slot the position
         # falls in, or of a slot with its own old value. (A one-row scatter becomes a
         # dynamic-update-slice, and its dropped out-of-bounds write a select over the whole
         # block: a copy of it on every step.)
         at = jnp.clip(idx[0, 0], 0, size - 1)
-        old = jax.lax.dynamic_slice(c, (0, at, 0), (c.shape[0], 1, c.shape[2]))
+        start = (0, at) + (0,) * h
+        old = jax.lax.dynamic_slice(c, start, (c.shape[0], 1) + c.shape[2:])
         return jax.lax.dynamic_update_slice(
-            c, jnp.where(inside[0, 0], x[0].transpose(1, 0, 2), old), (0, at, 0))
+            c, jnp.where(inside[0, 0], jnp.moveaxis(x[0], 0, 1), old), start)
     idx = jnp.where(inside, idx, size)  # elsewhere: dropped
-    if c.ndim == 3:  # one row, a chunk of positions: [K, T, H] at slots idx
-        return c.at[:, idx[0]].set(x[0].transpose(1, 0, 2), mode="drop")
+    if rank == 3:  # one row, a chunk of positions: [K, T, H] at slots idx
+        return c.at[:, idx[0]].set(jnp.moveaxis(x[0], 0, 1), mode="drop")
     row = jnp.arange(x.shape[0])[:, None]  # [n, 1]
-    if c.ndim == 4:
+    if rank == 4:
         return c.at[row, :, idx].set(x, mode="drop")
     return c.at[layer, row, :, idx].set(x, mode="drop")
 
 
-def _rows_of(c: jax.Array, layer, n: int) -> jax.Array:
+def _rows_of(c: jax.Array, layer, n: int, h: int = 1) -> jax.Array:
     """[n, K, S, H]: rows 0..n-1 of the layer's block (sliced only if it holds more)."""
-    if c.ndim == 5:
+    rank = c.ndim + 1 - h
+    if rank == 5:
         c = c[layer]
-    elif c.ndim == 3:
+    elif rank == 3:
         c = c[None]
     return c if c.shape[0] == n else c[:n]
+
+
+def _first(c: jax.Array, take: int, h: int = 1) -> jax.Array:
+    """[n, K, take, H]: the first `take` positions of rows' blocks [n, K, S, H]."""
+    return c[:, :, :take]
 
 
 def _read_blocks(group, layer, n: int, attend: int):
@@ -187,9 +286,9 @@ def _read_blocks(group, layer, n: int, attend: int):
         if off >= attend:
             break
         take = min(blk.length, attend - off)
-        kb, vb = _rows_of(blk.k, layer, n), _rows_of(blk.v, layer, n)  # [n, K, S, H]
-        if take < blk.length:
-            kb, vb = kb[:, :, :take], vb[:, :, :take]
+        kb, vb = _both(_rows_of, blk.k, layer, n), _both(_rows_of, blk.v, layer, n)
+        if take < blk.length:  # [n, K, S, H]
+            kb, vb = _both(_first, kb, take), _both(_first, vb, take)
         keys.append(kb)
         values.append(vb)
         key_pos.append(off + jnp.arange(take))
@@ -230,8 +329,12 @@ def attention_before(q: jax.Array, cache: Blocks, layer, k: jax.Array, v: jax.Ar
         own = pos[:, None, :] <= pos[:, :, None]  # [n, T, T]
         mask = jnp.concatenate([jnp.broadcast_to(old, (n, pos.shape[1], old.shape[-1])), own],
                                axis=-1)
-        keys.append(k[start:start + n].transpose(0, 2, 1, 3))  # [n, K, T, H]
-        values.append(v[start:start + n].transpose(0, 2, 1, 3))
+        kn, vn = k[start:start + n], v[start:start + n]
+        if isinstance(group[0].k, QKV):  # as `write` then `attention` would read them
+            kn = dequantize_kv(quantize_kv(kn, group[0].k.dtype), kn.dtype)
+            vn = dequantize_kv(quantize_kv(vn, group[0].v.dtype), vn.dtype)
+        keys.append(kn.transpose(0, 2, 1, 3))  # [n, K, T, H]
+        values.append(vn.transpose(0, 2, 1, 3))
         outs.append(attend_over(q[start:start + n], keys, values, mask))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
@@ -239,23 +342,35 @@ def attention_before(q: jax.Array, cache: Blocks, layer, k: jax.Array, v: jax.Ar
 def attend_over(q: jax.Array, keys: Sequence[jax.Array], values: Sequence[jax.Array],
                 mask: jax.Array) -> jax.Array:
     """Softmax attention of q [B, T, K, G, H] over keys/values given as blocks [B, K, S_j, H]
-    (their positions in order), where mask [B, T, S] (S = the blocks' total) is True.
-    Scores and softmax in float32; returns [B, T, K, G, H] in q.dtype."""
+    (their positions in order; arrays, or 8-bit QKV blocks), where mask [B, T, S] (S = the
+    blocks' total) is True. Scores and softmax in float32; returns [B, T, K, G, H] in
+    q.dtype."""
     H = q.shape[-1]
-    scores = jnp.concatenate(
-        [jnp.einsum("BTKGH,BKSH->BKGTS", q, kb.astype(q.dtype), preferred_element_type=f32)
-         for kb in keys], axis=-1) * (H ** -0.5)
+    scores = jnp.concatenate([_scores(q, kb) for kb in keys], axis=-1) * (H ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    if len(values) == 1:
-        return jnp.einsum("BKGTS,BKSH->BTKGH", probs, values[0].astype(q.dtype))
+    probs = jax.nn.softmax(scores, axis=-1)
+    if len(values) == 1 and not isinstance(values[0], QKV):
+        return jnp.einsum("BKGTS,BKSH->BTKGH", probs.astype(q.dtype),
+                          values[0].astype(q.dtype))
     out, off = 0.0, 0
     for vb in values:  # per block, summed in float32
         s = vb.shape[2]
-        out = out + jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., off:off + s],
-                               vb.astype(q.dtype), preferred_element_type=f32)
+        p = probs[..., off:off + s]
+        if isinstance(vb, QKV):  # the values' scales fold into the probabilities
+            p, vb = p * vb.s[:, :, None, None, :], vb.q
+        out = out + jnp.einsum("BKGTS,BKSH->BTKGH", p.astype(q.dtype), vb.astype(q.dtype),
+                               preferred_element_type=f32)
         off += s
     return out.astype(q.dtype)
+
+
+def _scores(q: jax.Array, kb) -> jax.Array:
+    """[B, K, G, T, S] float32 q . k of a block (an 8-bit one's codes, times their scales)."""
+    if isinstance(kb, QKV):
+        raw = jnp.einsum("BTKGH,BKSH->BKGTS", q, kb.q.astype(q.dtype),
+                         preferred_element_type=f32)
+        return raw * kb.s[:, :, None, None, :]
+    return jnp.einsum("BTKGH,BKSH->BKGTS", q, kb.astype(q.dtype), preferred_element_type=f32)
 
 
 def copy_row(cache: Blocks, stage: Blocks, slot, blocks: int) -> Blocks:
@@ -267,16 +382,22 @@ def copy_row(cache: Blocks, stage: Blocks, slot, blocks: int) -> Blocks:
         inside = (slot >= start) & (slot < start + size)
         row = jnp.where(inside, slot - start, size)
 
-        def put(c, src, row=row, inside=inside):  # src: the staging row, [L, 1, K, S, H]
-            # or [K, S, H]
-            if c.ndim == 5:
+        def put(c, src, h, row=row, inside=inside):  # src: the staging row, [L, 1, K, S, H]
+            # or [K, S, H]; h = 0: scales, without H
+            rank = c.ndim + 1 - h
+            if rank == 5:
                 return c.at[:, row].set(src[:, 0], mode="drop")
-            if c.ndim == 4:
+            if rank == 4:
                 return c.at[row].set(src, mode="drop")
             return jnp.where(inside, src, c)  # a one-row group
 
+        def put_both(c, src):
+            if isinstance(c, QKV):
+                return QKV(put(c.q, src.q, 1), put(c.s, src.s, 0))
+            return put(c, src, 1)
+
         groups.append(tuple(
-            KVCache(put(blk.k, src.k), put(blk.v, src.v)) if j < blocks else blk
+            KVCache(put_both(blk.k, src.k), put_both(blk.v, src.v)) if j < blocks else blk
             for j, (blk, src) in enumerate(zip(group, stage.groups[0]))))
         start += size
     return Blocks(tuple(groups))
@@ -293,13 +414,15 @@ def take_row(cache: Blocks, slot, n: int) -> Blocks:
         def take(c: Blocks) -> Blocks:
             row = slot - starts[g]
 
-            def one(a):  # the row, in the staging row's shape
-                if a.ndim == 5:
+            def one(a, h):  # the row, in the staging row's shape (h = 0: scales)
+                rank = a.ndim + 1 - h
+                if rank == 5:
                     return jax.lax.dynamic_slice_in_dim(a, row, 1, axis=1)
-                if a.ndim == 4:
+                if rank == 4:
                     return jax.lax.dynamic_index_in_dim(a, row, 0, keepdims=False)
                 return jnp.copy(a)
-            return Blocks((tuple(KVCache(one(blk.k), one(blk.v)) for blk in c.groups[g][:n]),))
+            return Blocks((tuple(KVCache(_both(one, blk.k), _both(one, blk.v))
+                                 for blk in c.groups[g][:n]),))
         return take
 
     return jax.lax.switch(group, [branch(g) for g in range(len(sizes))], cache)

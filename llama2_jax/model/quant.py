@@ -1,22 +1,16 @@
 """Weight-only quantization: int8 and FP8 (e4m3) with one scale per output channel, int4 with
-one scale per group of `GROUP` inputs and output channel.
+one scale per group of 128 inputs and output channel.
 
 A quantized weight is a `QArray`: `q` holds the weight in 8 or 4 bits, `scale` float32 scales,
 and w ~ q * scale (symmetric absmax: the largest |w| of a channel, or of a group, maps to 127
 for int8, to 448, e4m3's largest finite value, for FP8, to 7 for int4). It is a pytree (`q` and
 `scale` are its leaves), so it sits inside an `nnx.Param`, is sharded, sliced by the layer scan
 and saved like an array; model.py's `linear()` calls its `einsum`. 8-bit weights multiply by q
-and then by the scale (a per-column factor of the product); int4 weights are dequantized to
-the activations' dtype (q * scale per group, fused by XLA) and multiplied. Layout: `q`
-[lead..., in..., out...]; `scale` [lead..., out...] (8-bit) or [lead..., in..., out...] with
-the last input axis divided by the group size (int4), where `lead` is the stacked-layer axis L
-(none for `output`).
-
-int4 is JAX's native `int4` dtype, not two values packed by hand into a byte: XLA keeps it
-packed two per byte in device memory on CPU (measured: 2^28 values take 134 MB), GPU and TPU
-(XLA:TPU's memory_analysis of the weights, benchmarks/bench_tpu.py), orbax writes and reads it,
-and every shape, sharding, layer slice and reshape of the weight works as for int8. NumPy
-copies of it (ml_dtypes.int4) take a byte per value: the loaders quantize on device.
+and then by the scale (a per-column factor of the product); int4 weights are two codes per
+byte, multiplied as llama2_jax.model.int4 says. Layout: `q` [lead..., in..., out...] (int4:
+the last input axis halved); `scale` [lead..., out...] (8-bit) or [lead..., in..., out...]
+with the last input axis divided by the group size (int4), where `lead` is the stacked-layer
+axis L (none for `output`). A QArray's `shape` is the weight's.
 
 Embeddings (a gather, not a matmul) and norms stay in the model's dtype. The 8-bit weights
 are converted to the compute dtype inside the jitted step (XLA:CPU does this slowly, see
@@ -39,36 +33,22 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama2_jax.model import sharding
+from llama2_jax.model import int4, sharding
 from llama2_jax.model.config import ConfigError
 
 f32 = jnp.float32
 METHODS = ("none", "int8", "fp8", "int4")
 QDTYPE = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn),
-          "int4": jnp.dtype(jnp.int4)}
-QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}
-GROUP = 128  # int4: inputs per scale (along the weight's last input axis; fewer if it is shorter)
+          "int4": jnp.dtype(jnp.uint8)}  # int4: two codes per byte
+QMAX = {"int8": 127.0, "fp8": 448.0}
+BITS = {"int8": 8, "fp8": 8, "int4": 4}  # per weight value
 # Quantized parameters, by their last name, and how many of their axes (after the stacked L
 # axis) are the matmul's inputs: model.py's layouts (wq [D, N, H], wo [N, H, D], output [D, V]).
 INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w2": 1, "w3": 1, "output": 1}
 
 
-def bits(dtype) -> int:
-    """Bits per value of `dtype` as devices and checkpoints hold it (int4: 4; NumPy says 8)."""
-    dtype = jnp.dtype(dtype)
-    return 4 if dtype in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else 8 * dtype.itemsize
-
-
 def array_bytes(shape, dtype) -> int:
-    return (math.prod(shape) * bits(dtype) + 7) // 8
-
-
-def group_size(n: int) -> int:
-    """int4's group along an input axis of n values: the largest divisor of n up to GROUP
-    (128 for every Llama 2 shape; 88 for the demo model's 352), or n itself (one scale per
-    output channel, as int8) where that divisor would be under GROUP / 8."""
-    g = next(d for d in range(min(GROUP, n), 0, -1) if n % d == 0)
-    return g if g * 8 >= min(GROUP, n) else n
+    return math.prod(shape) * jnp.dtype(dtype).itemsize
 
 
 def check_method(method: str) -> str:
@@ -88,7 +68,7 @@ class QArray:
     channel); `in_axes` (static, with `group`): how many of q's axes are inputs.
     """
 
-    q: Any  # [lead..., in..., out...] int8, float8_e4m3fn or int4
+    q: Any  # [lead..., in..., out...] int8 or float8_e4m3fn; int4: uint8, in[-1] halved
     scale: Any  # [lead..., out...] float32; int4: [lead..., in[:-1]..., in[-1] / group, out...]
     n_out: int = 1
     native: bool = False
@@ -97,7 +77,15 @@ class QArray:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.q.shape
+        if not self.group:
+            return self.q.shape
+        last = self._last
+        return self.q.shape[:last] + (2 * self.q.shape[last],) + self.q.shape[last + 1:]
+
+    @property
+    def _last(self) -> int:
+        """q's last input axis (int4)."""
+        return self.n_lead + self.n_in - 1
 
     @property
     def dtype(self):
@@ -154,7 +142,8 @@ class QArray:
             raise ValueError(f"cannot view a weight of shape {self.shape} in groups of "
                              f"{self.group} inputs as {shape}")
         s_shape = lead + new_in[:-1] + (new_in[-1] // self.group,) + new_out
-        return QArray(self.q.reshape(shape), self.scale.reshape(s_shape), len(new_out),
+        q_shape = lead + new_in[:-1] + (new_in[-1] // 2,) + new_out
+        return QArray(self.q.reshape(q_shape), self.scale.reshape(s_shape), len(new_out),
                       self.native, self.group, len(new_in))
 
     def einsum(self, eq: str, x: jax.Array, out_dtype=None) -> jax.Array:
@@ -168,8 +157,13 @@ class QArray:
             raise ValueError(f"{eq!r} does not fit a weight {self.shape} with {self.n_out} "
                              "output axes (stacked weights are used per layer)")
         if self.group:
-            return jnp.einsum(eq, x, self.dequantize(x.dtype),
-                              preferred_element_type=f32).astype(out_dtype or x.dtype)
+            x_spec = eq.split(",")[0]
+            if self.q.ndim == 2 and out_spec == x_spec[:-1] + w_spec[1] and \
+                    x_spec[-1] == w_spec[0]:  # x [..., in] @ w [in, out]
+                y = int4.matmul(x, self.q, self.scale, self.group)
+            else:
+                y = jnp.einsum(eq, x, self.dequantize(x.dtype), preferred_element_type=f32)
+            return y.astype(out_dtype or x.dtype)
         if self.q.dtype == QDTYPE["fp8"] and self.native:
             # Each row of x to e4m3 with its own scale (a factor of its output row), so both
             # operands are FP8 and XLA can use the hardware's FP8 GEMM.
@@ -185,11 +179,13 @@ class QArray:
     def dequantize(self, dtype=f32) -> jax.Array:
         if not self.group:
             return (self.q.astype(f32) * _expand(self.scale, self)).astype(dtype)
-        last = self.n_lead + self.n_in - 1  # q's last input axis, split into [groups, group]
-        shape = self.q.shape
-        split = shape[:last] + (shape[last] // self.group, self.group) + shape[last + 1:]
-        w = self.q.reshape(split).astype(f32) * jnp.expand_dims(self.scale, last + 1)
-        return w.reshape(shape).astype(dtype)
+        return int4.dequantize(self.q, self.scale, self._last, self.group, dtype)
+
+    def codes(self) -> jax.Array:
+        """The quantized values in the weight's shape (int4: unpacked to int8)."""
+        if not self.group:
+            return self.q
+        return int4.unpack(self.q, self._last, self.group).reshape(self.shape)
 
 
 jax.tree_util.register_dataclass(QArray, data_fields=("q", "scale"),
@@ -211,16 +207,17 @@ def _expand(scale, w: QArray):
 
 
 def quantize(w, method: str, n_in: int, n_lead: int = 0, native: bool = False,
-             ) -> QArray:
+             name: str = "a weight") -> QArray:
     """Symmetric absmax quantization of `w` [lead..., in..., out...]: per output channel
-    (int8, fp8), or per group of `group_size` inputs along the last input axis and output
-    channel (int4).
+    (int8, fp8), or per group of `int4.group_size` inputs along the last input axis and
+    output channel (int4: codes two per byte).
 
     Args:
       w: the weight (any float dtype; computed in float32).
       method: "int8", "fp8" or "int4".
       n_in: how many axes after the `n_lead` leading ones are the matmul's inputs.
       native: FP8 x FP8 dots (see QArray); only for method "fp8".
+      name: the weight's, in errors.
     Returns:
       QArray with |w - q * scale| <= scale / 2 (int8, int4), or e4m3's relative rounding (FP8:
       2^-4 of |w| for normal values, scale * 2^-10 below them).
@@ -229,13 +226,7 @@ def quantize(w, method: str, n_in: int, n_lead: int = 0, native: bool = False,
         raise ConfigError(f"quantize: method must be one of {', '.join(QDTYPE)}, got {method!r}")
     w = jnp.asarray(w).astype(f32)
     if method == "int4":
-        last = n_lead + n_in - 1
-        g = group_size(w.shape[last])
-        split = w.shape[:last] + (w.shape[last] // g, g) + w.shape[last + 1:]
-        amax = jnp.max(jnp.abs(w.reshape(split)), axis=last + 1)  # [..., groups, out...]
-        scale = jnp.where(amax > 0, amax / QMAX[method], 1.0)
-        ws = w.reshape(split) / jnp.expand_dims(scale, last + 1)
-        q = jnp.clip(jnp.round(ws), -8, 7).astype(jnp.int4).reshape(w.shape)
+        q, scale, g = int4.quantize(w, n_lead + n_in - 1, name)
         return QArray(q, scale, w.ndim - n_lead - n_in, False, g, n_in)
     axes = tuple(range(n_lead, n_lead + n_in))
     amax = jnp.max(jnp.abs(w), axis=axes)  # [lead..., out...]
@@ -259,7 +250,7 @@ def _lead(path) -> int:
 
 
 def quantize_param(path, w, method: str) -> QArray:
-    return quantize(w, method, INPUT_AXES[path[-1]], _lead(path))
+    return quantize(w, method, INPUT_AXES[path[-1]], _lead(path), name="/".join(path))
 
 
 def scale_axes(path, axes: tuple, method: str = "int8") -> tuple:
@@ -277,8 +268,17 @@ def scale_shape(path, shape: tuple, method: str = "int8") -> tuple:
     if method != "int4":
         return scale_axes(path, tuple(shape))
     last = _lead(path) + INPUT_AXES[path[-1]] - 1
-    return (*shape[:last], shape[last] // group_size(shape[last]),
+    return (*shape[:last], shape[last] // int4.group_size(shape[last], "/".join(path)),
             *shape[last + 1:])
+
+
+def q_shape(path, shape: tuple, method: str) -> tuple:
+    """The shape of the codes of a weight of `shape` (int4: two per byte along the last input
+    axis)."""
+    if method != "int4":
+        return tuple(shape)
+    last = _lead(path) + INPUT_AXES[path[-1]] - 1
+    return (*shape[:last], shape[last] // 2, *shape[last + 1:])
 
 
 def method_of(params) -> str:
@@ -306,10 +306,10 @@ def from_tree(tree: Mapping, path: tuple = ()) -> dict:
         p = (*path, k)
         if isinstance(v, Mapping) and quantizable(p) and set(v) == {"q", "scale"}:
             q_shape, s_shape = tuple(v["q"].shape), tuple(v["scale"].shape)
-            if len(q_shape) == len(s_shape):  # int4: a scale per group
+            if len(q_shape) == len(s_shape):  # int4: a scale per group, two codes per byte
                 n_in, last = INPUT_AXES[p[-1]], _lead(p) + INPUT_AXES[p[-1]] - 1
                 out[k] = QArray(v["q"], v["scale"], len(q_shape) - last - 1, False,
-                                q_shape[last] // s_shape[last], n_in)
+                                2 * q_shape[last] // s_shape[last], n_in)
             else:
                 out[k] = QArray(v["q"], v["scale"], len(s_shape) - _lead(p))
         elif isinstance(v, Mapping):
@@ -337,7 +337,9 @@ def abstract_params(cfg_target: Mapping, axes: Mapping, mesh: Mesh, method: str)
             return t
         ax = get_path(axes, path)
         s_shape, s_axes = scale_shape(path, t.shape, method), scale_axes(path, ax, method)
-        q = jax.ShapeDtypeStruct(t.shape, QDTYPE[method], sharding=t.sharding)
+        shape = q_shape(path, t.shape, method)
+        q = jax.ShapeDtypeStruct(shape, QDTYPE[method],
+                                 sharding=sharding.named_sharding(mesh, ax, shape))
         s = jax.ShapeDtypeStruct(s_shape, f32,
                                  sharding=sharding.named_sharding(mesh, s_axes, s_shape))
         return from_tree({path[-1]: {"q": q, "scale": s}}, path[:-1])[path[-1]]

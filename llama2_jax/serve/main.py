@@ -106,7 +106,8 @@ def _slots(config: ml_collections.ConfigDict, prepared: app_build.Prepared, leng
     model = prepared.load(err)
     slots = Slots(Weights(model, prepared.mesh), config.max_slots, length,
                   chunk=config.prefill_chunk,
-                  adapters=app_build.adapter_limits(config))
+                  adapters=app_build.adapter_limits(config),
+                  kv_quantization=app_build.kv_method(config))
     err.write(app_build.banner("serve", model, prepared.source, prepared.mesh, length))
     return slots
 
