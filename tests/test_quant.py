@@ -102,7 +102,7 @@ def test_int4_round_trip_error_is_at_most_half_a_step_of_its_group():
     w = group_weights((512, 40))
     qa = quant.quantize(np.stack([w, -w]), "int4", n_in=1, n_lead=1)  # [L, in, out]
     assert qa.method == "int4" and qa.group == 128 and qa.scale.shape == (2, 4, 40)
-    assert qa.q.dtype == jnp.uint8 and qa.q.shape == (2, 256, 40) and qa.shape == (2, 512, 40)
+    assert qa.q.dtype == jnp.uint8 and qa.q.shape == (2, 4, 64, 40) and qa.shape == (2, 512, 40)
     scale = np.asarray(qa.scale)
     np.testing.assert_allclose(scale[0], np.abs(w).reshape(4, 128, 40).max(axis=1) / 7,
                                rtol=1e-6)
@@ -266,8 +266,10 @@ def test_quantized_checkpoint_on_one_and_eight_devices(saved, models, method):
     wq = params[8]["layers"]["attention"]["wq"]
     # Scales are split like their weight's output axes (heads over `tensor`, here); int4's
     # groups like the input axis, where they divide (tiny_gqa's 64 inputs are one group).
-    assert tuple(wq.q.sharding.spec) == (None, "fsdp", "tensor", None)
     grouped = (None,) if method == "int4" else ()
+    # int4 codes [L, groups, group / 2, N, H]: one group, not split over fsdp=2
+    assert tuple(wq.q.sharding.spec) == ((None, None, None, "tensor", None) if grouped
+                                         else (None, "fsdp", "tensor", None))
     assert tuple(wq.scale.sharding.spec) == (None, *grouped, "tensor", None)
     assert tuple(params[8]["output"].scale.sharding.spec) == (*grouped, "tensor")
 

@@ -309,13 +309,13 @@ def _restore_quantizing(params_dir: str, target: dict, method: str) -> dict:
             return _read(store, t)
         if path[0] != "layers":
             w = _read(store, jax.ShapeDtypeStruct(t.shape, _stored_dtype(store),
-                                                  sharding=t.q.sharding))
+                                                  sharding=t.weight_sharding()))
             return quant.quantize_params({path[0]: w}, method, {path[0]: t})[path[0]]
         shardings = jax.tree.map(lambda x: x.sharding, t)
         buf = jax.jit(lambda: jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), t),
                       out_shardings=shardings)()
         layer = jax.ShapeDtypeStruct(t.shape[1:], _stored_dtype(store),
-                                     sharding=_drop_leading(t.q.sharding))
+                                     sharding=_drop_leading(t.weight_sharding()))
         n_in = quant.INPUT_AXES[path[-1]]
 
         def put(buf, w, i):

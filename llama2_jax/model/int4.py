@@ -4,9 +4,10 @@ A weight [lead..., in..., out...] is quantized in groups of `g` consecutive inpu
 last input axis (g = `group_size`: 128 for every Llama 2 shape), one float32 scale per group
 and output channel: s = max|w| / 7, codes round(w / s) in [-7, 7] (4-bit two's complement).
 Codes are stored in uint8, two per byte, within each group: byte j of a group holds input j
-in its low nibble and input j + g/2 in its high one. So the packed array `q` is the weight's
-shape with the last input axis halved, and its layer slices, shardings and [in, out] views
-are those of the weight.
+in its low nibble and input j + g/2 in its high one. The packed array `q` is the weight's
+shape with the last input axis split into [groups, g/2]: its layer slices, shardings and
+[in, out] views are the weight's, and no step reshapes it (XLA:TPU copied a [in/2, out]
+array to view it as [groups, g/2, out]).
 
 Why packed bytes and not JAX's native int4 dtype (measured with the compilers, see
 benchmarks/RESULTS.md "4-bit weights"): XLA:CPU widened a stacked int4 array to a byte per
@@ -51,8 +52,8 @@ def group_size(n: int, name: str = "a weight") -> int:
 
 def quantize(w: jax.Array, last: int, name: str = "a weight"
              ) -> tuple[jax.Array, jax.Array, int]:
-    """w (float32) quantized along axis `last` (its last input axis): (packed uint8 codes,
-    float32 scales [..., groups, out...], the group size)."""
+    """w (float32) quantized along axis `last` (its last input axis): (packed uint8 codes
+    [..., groups, g/2, out...], float32 scales [..., groups, out...], the group size g)."""
     g = group_size(w.shape[last], name)
     split = w.shape[:last] + (w.shape[last] // g, g) + w.shape[last + 1:]
     wg = w.reshape(split)
@@ -61,35 +62,34 @@ def quantize(w: jax.Array, last: int, name: str = "a weight"
     codes = jnp.clip(jnp.round(wg / jnp.expand_dims(scale, last + 1)), -8, 7).astype(jnp.int8)
     lo, hi = jnp.split(codes, 2, axis=last + 1)
     packed = (lo & 0xF) | (hi << 4)  # int8 arithmetic: the high nibble's sign bit wraps
-    packed = packed.astype(jnp.uint8).reshape(w.shape[:last] + (w.shape[last] // 2,)
-                                               + w.shape[last + 1:])
-    return packed, scale, g
+    return packed.astype(jnp.uint8), scale, g
 
 
-def unpack(q: jax.Array, last: int, g: int) -> jax.Array:
-    """int8 codes [..., groups, g, out...] of packed `q` (its axis `last` halved)."""
-    split = q.shape[:last] + (q.shape[last] * 2 // g, g // 2) + q.shape[last + 1:]
-    b = q.reshape(split).astype(jnp.int8)
+def unpack(q: jax.Array, last: int) -> jax.Array:
+    """int8 codes [..., groups, g, out...] of packed `q` [..., groups, g/2, out...] (its
+    groups axis `last`)."""
+    b = q.astype(jnp.int8)
     lo = jnp.left_shift(b, 4) >> 4  # arithmetic shifts: sign-extended nibbles
     return jnp.concatenate([lo, b >> 4], axis=last + 1)
 
 
-def dequantize(q: jax.Array, scale: jax.Array, last: int, g: int, dtype) -> jax.Array:
+def dequantize(q: jax.Array, scale: jax.Array, last: int, dtype) -> jax.Array:
     """The weight (its logical shape) in `dtype`: codes times their group's scale."""
-    w = unpack(q, last, g).astype(f32) * jnp.expand_dims(scale, last + 1)
-    shape = q.shape[:last] + (q.shape[last] * 2,) + q.shape[last + 1:]
+    w = unpack(q, last).astype(f32) * jnp.expand_dims(scale, last + 1)
+    shape = q.shape[:last] + (q.shape[last] * q.shape[last + 1] * 2,) + q.shape[last + 2:]
     return w.reshape(shape).astype(dtype)
 
 
-def matmul(x: jax.Array, q: jax.Array, scale: jax.Array, g: int) -> jax.Array:
-    """x [..., in] @ the [in, out] weight of packed q [in/2, out], scales [in/g, out], in
-    float32: group by group for few rows, else through the dequantized weight."""
+def matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [..., in] @ the [in, out] weight of packed q [groups, g/2, out], scales [groups,
+    out], in float32: group by group for few rows, else through the dequantized weight."""
     rows = x.size // x.shape[-1]
     if rows > DOT_ROWS:
-        w = dequantize(q, scale, 0, g, x.dtype)
+        w = dequantize(q, scale, 0, x.dtype)
         return jnp.einsum("...i,io->...o", x, w, preferred_element_type=f32)
-    n_groups, out = scale.shape
-    b = q.reshape(n_groups, g // 2, out).astype(jnp.int8)
+    n_groups, half, out = q.shape
+    g = 2 * half
+    b = q.astype(jnp.int8)
     lo, hi = jnp.left_shift(b, 4) >> 4, b >> 4  # [groups, g/2, out]
     xg = x.reshape(*x.shape[:-1], n_groups, g)
     y = (jnp.einsum("...ki,kio->...ko", xg[..., :g // 2], lo.astype(x.dtype),

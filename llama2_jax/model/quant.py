@@ -8,7 +8,8 @@ for int8, to 448, e4m3's largest finite value, for FP8, to 7 for int4). It is a 
 and saved like an array; model.py's `linear()` calls its `einsum`. 8-bit weights multiply by q
 and then by the scale (a per-column factor of the product); int4 weights are two codes per
 byte, multiplied as llama2_jax.model.int4 says. Layout: `q` [lead..., in..., out...] (int4:
-the last input axis halved); `scale` [lead..., out...] (8-bit) or [lead..., in..., out...]
+the last input axis split into [groups, group / 2]); `scale` [lead..., out...] (8-bit) or
+[lead..., in..., out...]
 with the last input axis divided by the group size (int4), where `lead` is the stacked-layer
 axis L (none for `output`). A QArray's `shape` is the weight's.
 
@@ -31,7 +32,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama2_jax.model import int4, sharding
 from llama2_jax.model.config import ConfigError
@@ -68,7 +69,7 @@ class QArray:
     channel); `in_axes` (static, with `group`): how many of q's axes are inputs.
     """
 
-    q: Any  # [lead..., in..., out...] int8 or float8_e4m3fn; int4: uint8, in[-1] halved
+    q: Any  # [lead..., in..., out...] int8 / float8_e4m3fn; int4: uint8, in[-1] as [groups, g/2]
     scale: Any  # [lead..., out...] float32; int4: [lead..., in[:-1]..., in[-1] / group, out...]
     n_out: int = 1
     native: bool = False
@@ -79,12 +80,12 @@ class QArray:
     def shape(self) -> tuple[int, ...]:
         if not self.group:
             return self.q.shape
-        last = self._last
-        return self.q.shape[:last] + (2 * self.q.shape[last],) + self.q.shape[last + 1:]
+        last, q = self._last, self.q.shape
+        return q[:last] + (self.group * q[last],) + q[last + 2:]
 
     @property
     def _last(self) -> int:
-        """q's last input axis (int4)."""
+        """q's groups axis (int4), the weight's last input axis."""
         return self.n_lead + self.n_in - 1
 
     @property
@@ -109,7 +110,7 @@ class QArray:
 
     @property
     def n_lead(self) -> int:
-        return self.q.ndim - self.n_in - self.n_out
+        return self.q.ndim - self.n_in - self.n_out - (1 if self.group else 0)
 
     def __getitem__(self, index):
         """`w[...]` is `w` itself; `w[i]` is layer i of a stacked weight."""
@@ -123,8 +124,8 @@ class QArray:
         """The same weight viewed as `shape`: its last axis holds all the output channels
         (e.g. wq [D, N, H] as the matrix [D, N*H]), or it keeps the output axes as they are."""
         shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
-        lead = self.q.shape[:self.n_lead]
-        out = self.q.shape[self.q.ndim - self.n_out:]
+        lead = self.shape[:self.n_lead]
+        out = self.shape[len(self.shape) - self.n_out:]
         if tuple(shape[-len(out):]) == out:
             new_out = out
         elif shape[-1] == math.prod(out):
@@ -142,7 +143,7 @@ class QArray:
             raise ValueError(f"cannot view a weight of shape {self.shape} in groups of "
                              f"{self.group} inputs as {shape}")
         s_shape = lead + new_in[:-1] + (new_in[-1] // self.group,) + new_out
-        q_shape = lead + new_in[:-1] + (new_in[-1] // 2,) + new_out
+        q_shape = lead + new_in[:-1] + (new_in[-1] // self.group, self.group // 2) + new_out
         return QArray(self.q.reshape(q_shape), self.scale.reshape(s_shape), len(new_out),
                       self.native, self.group, len(new_in))
 
@@ -152,15 +153,15 @@ class QArray:
         `eq`'s output must end with the weight's output axes (as every matmul in model.py).
         """
         w_spec, out_spec = eq.split(",")[1].split("->")
-        if (self.n_lead or len(w_spec) != self.q.ndim
+        if (self.n_lead or len(w_spec) != len(self.shape)
                 or not out_spec.endswith(w_spec[-self.n_out:])):
             raise ValueError(f"{eq!r} does not fit a weight {self.shape} with {self.n_out} "
                              "output axes (stacked weights are used per layer)")
         if self.group:
             x_spec = eq.split(",")[0]
-            if self.q.ndim == 2 and out_spec == x_spec[:-1] + w_spec[1] and \
+            if self.q.ndim == 3 and out_spec == x_spec[:-1] + w_spec[1] and \
                     x_spec[-1] == w_spec[0]:  # x [..., in] @ w [in, out]
-                y = int4.matmul(x, self.q, self.scale, self.group)
+                y = int4.matmul(x, self.q, self.scale)
             else:
                 y = jnp.einsum(eq, x, self.dequantize(x.dtype), preferred_element_type=f32)
             return y.astype(out_dtype or x.dtype)
@@ -179,13 +180,23 @@ class QArray:
     def dequantize(self, dtype=f32) -> jax.Array:
         if not self.group:
             return (self.q.astype(f32) * _expand(self.scale, self)).astype(dtype)
-        return int4.dequantize(self.q, self.scale, self._last, self.group, dtype)
+        return int4.dequantize(self.q, self.scale, self._last, dtype)
+
+    def weight_sharding(self):
+        """The sharding of the weight this stands for (its codes' without int4's group/2
+        axis)."""
+        s = self.q.sharding
+        if not self.group:
+            return s
+        spec = tuple(s.spec) + (None,) * (self.q.ndim - len(s.spec))
+        return NamedSharding(s.mesh, PartitionSpec(*spec[:self._last + 1],
+                                                   *spec[self._last + 2:]))
 
     def codes(self) -> jax.Array:
         """The quantized values in the weight's shape (int4: unpacked to int8)."""
         if not self.group:
             return self.q
-        return int4.unpack(self.q, self._last, self.group).reshape(self.shape)
+        return int4.unpack(self.q, self._last).reshape(self.shape)
 
 
 jax.tree_util.register_dataclass(QArray, data_fields=("q", "scale"),
@@ -273,12 +284,21 @@ def scale_shape(path, shape: tuple, method: str = "int8") -> tuple:
 
 
 def q_shape(path, shape: tuple, method: str) -> tuple:
-    """The shape of the codes of a weight of `shape` (int4: two per byte along the last input
-    axis)."""
+    """The shape of the codes of a weight of `shape` (int4: two per byte, the last input axis
+    as [groups, group / 2])."""
     if method != "int4":
         return tuple(shape)
     last = _lead(path) + INPUT_AXES[path[-1]] - 1
-    return (*shape[:last], shape[last] // 2, *shape[last + 1:])
+    g = int4.group_size(shape[last], "/".join(path))
+    return (*shape[:last], shape[last] // g, g // 2, *shape[last + 1:])
+
+
+def q_axes(path, axes: tuple, method: str) -> tuple:
+    """Logical axes of a weight's codes (int4: the groups take the input axis's name)."""
+    if method != "int4":
+        return tuple(axes)
+    last = _lead(path) + INPUT_AXES[path[-1]] - 1
+    return (*axes[:last + 1], None, *axes[last + 1:])
 
 
 def method_of(params) -> str:
@@ -306,10 +326,10 @@ def from_tree(tree: Mapping, path: tuple = ()) -> dict:
         p = (*path, k)
         if isinstance(v, Mapping) and quantizable(p) and set(v) == {"q", "scale"}:
             q_shape, s_shape = tuple(v["q"].shape), tuple(v["scale"].shape)
-            if len(q_shape) == len(s_shape):  # int4: a scale per group, two codes per byte
+            if jnp.dtype(v["q"].dtype) == QDTYPE["int4"]:  # [..., groups, group / 2, out...]
                 n_in, last = INPUT_AXES[p[-1]], _lead(p) + INPUT_AXES[p[-1]] - 1
-                out[k] = QArray(v["q"], v["scale"], len(q_shape) - last - 1, False,
-                                2 * q_shape[last] // s_shape[last], n_in)
+                out[k] = QArray(v["q"], v["scale"], len(s_shape) - last - 1, False,
+                                2 * q_shape[last + 1], n_in)
             else:
                 out[k] = QArray(v["q"], v["scale"], len(s_shape) - _lead(p))
         elif isinstance(v, Mapping):
@@ -338,8 +358,8 @@ def abstract_params(cfg_target: Mapping, axes: Mapping, mesh: Mesh, method: str)
         ax = get_path(axes, path)
         s_shape, s_axes = scale_shape(path, t.shape, method), scale_axes(path, ax, method)
         shape = q_shape(path, t.shape, method)
-        q = jax.ShapeDtypeStruct(shape, QDTYPE[method],
-                                 sharding=sharding.named_sharding(mesh, ax, shape))
+        q = jax.ShapeDtypeStruct(shape, QDTYPE[method], sharding=sharding.named_sharding(
+            mesh, q_axes(path, ax, method), shape))
         s = jax.ShapeDtypeStruct(s_shape, f32,
                                  sharding=sharding.named_sharding(mesh, s_axes, s_shape))
         return from_tree({path[-1]: {"q": q, "scale": s}}, path[:-1])[path[-1]]
