@@ -1,6 +1,7 @@
 """Weight bytes, decode speed and load memory of int8 / FP8 weights.
 
-  python benchmarks/bench_quant.py                    # BENCH_134M on CPU: none / int8 / fp8
+  python benchmarks/bench_quant.py                    # BENCH_134M on CPU: none / int8 / fp8 /
+                                                      # int4 weights, and an int8 KV cache
   python benchmarks/bench_quant.py --mode=memory_7b   # 7B-shaped bf16 checkpoint loaded as int8
 
 speed: one random BENCH_134M model (fp32, as bench_inference.py), quantized each way in this one
@@ -50,6 +51,9 @@ flags.DEFINE_bool("keep", False, "Keep the 7B checkpoint (memory_7b).")
 flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 
 METHODS = ("none", "int8", "fp8", "int4")
+# speed: (label, weight format, KV cache format)
+SETUPS = tuple((m, m, "none") for m in METHODS) + (("none + int8 KV", "none", "int8"),
+                                                   ("int4 + int8 KV", "int4", "int8"))
 
 
 # -- speed ---------------------------------------------------------------------------------------
@@ -72,9 +76,9 @@ def run_speed() -> dict:
     prompt = np.random.default_rng(0).integers(3, BENCH_134M.vocab_size,
                                                FLAGS.prompt_len).tolist()
     engines, out = {}, {}
-    for m in METHODS:
-        qmodel = quant.quantize_model(model, m)
-        engines[m] = Engine(qmodel)
+    for m, weights, kv in SETUPS:
+        qmodel = quant.quantize_model(model, weights)
+        engines[m] = Engine(qmodel, kv_quantization=kv)
         t = time.perf_counter()
         _, tokens = decode_tok_s(engines[m], prompt, FLAGS.new_tokens)  # compiles
         out[m] = {"weight_bytes": quant.weight_bytes(qmodel),
@@ -82,14 +86,15 @@ def run_speed() -> dict:
                       checkpoint.params_of(qmodel)["layers"])),
                   "warmup_s": time.perf_counter() - t, "tokens": tokens, "tok_s": [],
                   "unstacked": engines[m].weights.per_layer}
+    labels = [m for m, _, _ in SETUPS]
     for rep in range(FLAGS.reps):
-        order = METHODS[rep % 3:] + METHODS[:rep % 3]
+        order = labels[rep % len(labels):] + labels[:rep % len(labels)]
         for m in order:
             tok_s, tokens = decode_tok_s(engines[m], prompt, FLAGS.new_tokens)
             out[m]["tok_s"].append(tok_s)
-            print(f"rep {rep + 1}/{FLAGS.reps} {m:5s} {tok_s:6.1f} tok/s", flush=True)
+            print(f"rep {rep + 1}/{FLAGS.reps} {m:14s} {tok_s:6.1f} tok/s", flush=True)
     base = out["none"]
-    for m in METHODS:
+    for m in labels:
         r = out[m]
         r["decode_tok_s"] = statistics.median(r["tok_s"])
         r["speed_vs_none"] = r["decode_tok_s"] / base["decode_tok_s"]
@@ -100,12 +105,12 @@ def run_speed() -> dict:
                 break
             agree += 1
         r["greedy_leading_equal"] = agree
-    for m in METHODS:
+    for m in labels:
         del out[m]["tokens"]
     print("\n| weights | bytes of parameters | vs none | decode tok/s (median of %d) | vs none | "
           "leading greedy tokens equal to none's |" % FLAGS.reps)
     print("|---|---:|---:|---:|---:|---:|")
-    for m in METHODS:
+    for m in labels:
         r = out[m]
         print(f"| {m} | {r['weight_bytes'] / 1e6:.1f} MB | {r['bytes_vs_none']:.3f}x | "
               f"{r['decode_tok_s']:.1f} | {r['speed_vs_none']:.2f}x | "

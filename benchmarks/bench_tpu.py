@@ -9,13 +9,15 @@ host (nothing executes; `pip install -e '.[tpu]'`).
 `plan`: for each model, device set and task, the planner's per-device total (its chosen
 format and mesh) beside XLA:TPU's (the arrays held between steps + the largest step's
 temporaries and new outputs). `decode`: 7B decode steps on v5e-8 (tensor=8) at 1, 16, 64 and
-96 slots: temporaries against the KV cache, HBM bytes against weights + cache, and
+96 slots: temporaries against the KV cache, HBM bytes against weights + cache (weights none / int8 /
+int4 with --quantizations, the KV cache none / int8 with --kv_quantizations), and
 max(flops / peak, HBM bytes / bandwidth) per step as tokens/s -- an estimate, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 
@@ -59,24 +61,26 @@ def plan_table(args) -> None:
 def decode_table(args) -> None:
     cfg = configs.preset("7b").with_dtype("bfloat16")
     mesh = aot.mesh_on(aot.topology("v5e:2x4"), {"data": 1, "fsdp": 1, "tensor": 8})
-    print("| weights | slots x positions (attend) | args GiB | temp MiB | temp / KV cache "
-          "| HBM GB/step | HBM / (weights + cache) | XLA bytes accessed GB | est. step ms "
+    print("| weights | KV cache | slots x positions (attend) | args GiB | temp MiB "
+          "| temp / KV cache | HBM GB/step | HBM / (weights + cache) | XLA bytes accessed GB | est. step ms "
           "| est. tok/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for q in args.quantizations.split(","):
-        for shape in args.shapes.split(","):
-            slots, length = (int(x) for x in shape.split("x"))
-            s = aot.abstract_slots(cfg, mesh, slots=slots, length=length, quantization=q)
-            cache, weights = aot.device_bytes(s.cache), aot.device_bytes(s.weights.leaves)
-            decode = [r for r in aot.serve_steps(cfg, mesh, slots=slots, length=length,
-                                                 quantization=q)
-                      if r.name.startswith("decode")][-1]
-            step = aot.estimate_seconds(decode, "tpu-v5e")
-            print(f"| {q} | {slots} x {length} | {decode.args_bytes / GiB:.2f} | "
-                  f"{decode.temp_bytes / 2**20:,.1f} | {decode.temp_bytes / cache:.3f} | "
-                  f"{decode.hbm_bytes / 1e9:.2f} | {decode.hbm_bytes / (weights + cache):.2f} | "
-                  f"{decode.bytes_accessed / 1e9:.2f} | {step * 1e3:.1f} | "
-                  f"{slots / step:,.0f} |", flush=True)
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for q, kv, shape in itertools.product(args.quantizations.split(","),
+                                          args.kv_quantizations.split(","),
+                                          args.shapes.split(",")):
+        slots, length = (int(x) for x in shape.split("x"))
+        s = aot.abstract_slots(cfg, mesh, slots=slots, length=length, quantization=q,
+                               kv_quantization=kv)
+        cache, weights = aot.device_bytes(s.cache), aot.device_bytes(s.weights.leaves)
+        decode = [r for r in aot.serve_steps(cfg, mesh, slots=slots, length=length,
+                                             quantization=q, kv_quantization=kv,
+                                             kinds=("decode",))][-1]
+        step = aot.estimate_seconds(decode, "tpu-v5e")
+        print(f"| {q} | {kv} | {slots} x {length} | {decode.args_bytes / GiB:.2f} | "
+              f"{decode.temp_bytes / 2**20:,.1f} | {decode.temp_bytes / cache:.3f} | "
+              f"{decode.hbm_bytes / 1e9:.2f} | {decode.hbm_bytes / (weights + cache):.2f} | "
+              f"{decode.bytes_accessed / 1e9:.2f} | {step * 1e3:.1f} | "
+              f"{slots / step:,.0f} |", flush=True)
 
 
 def main() -> None:
@@ -92,6 +96,7 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--lora_rank", type=int, default=16)
     p.add_argument("--quantizations", default="none,int8")
+    p.add_argument("--kv_quantizations", default="none", help="KV cache formats: none,int8,fp8")
     p.add_argument("--shapes", default="1x2048,16x2048,64x1024,96x1024")
     args = p.parse_args()
     (plan_table if args.what == "plan" else decode_table)(args)

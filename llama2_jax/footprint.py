@@ -19,8 +19,10 @@ by benchmarks/bench_plan_xla.py). On the CPU the process's own memory counts too
 jaxlib and the tokenizer (`CPU_RUNTIME_BYTES`), the compiled steps' code (`CPU_CODE_BYTES`
 per layer a step runs unrolled, times the steps: the chat's prefill and decode, the server's
 every bucket, see `serve_steps`; and the sampler's, `CPU_SAMPLER_BYTES`), the per-layer copy
-of the layer weights (llama2_jax.inference.weights, `unstack`), and, when fine-tuning,
-orbax's host copy of the trained weights and optimizer state while a checkpoint is saved.
+of the layer weights (llama2_jax.inference.weights, `unstack`), the quantized output matrix
+converted to the compute dtype for its matmul (XLA:CPU's memory_analysis() of the 7B int8 and
+int4 decode steps: 1.34 GB of temporaries, a float32 layer and the output matrix), and, when
+fine-tuning, orbax's host copy of the trained weights and optimizer state while a checkpoint is saved.
 Constants measured with benchmarks/bench_plan.py (benchmarks/RESULTS.md).
 """
 
@@ -174,6 +176,14 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
             stored = _stored_bits(cfg.weight_dtype, quantization)
             out["scanned layer copy"] = layer * 8 * cfg.compute_dtype.itemsize // stored + \
                 scanned_layer_bytes(cfg, mesh, quantization, rows, context)
+        if quantization != "none":
+            out_matrix = cfg.dim * _split(cfg.vocab_size, mesh["tensor"])
+            # XLA:CPU converts the output matrix for its matmul
+            out["output matrix in compute dtype"] = out_matrix * cfg.compute_dtype.itemsize
+            # what a quantizing load leaves resident: measured 0.38 GB (int4) and 0.49 GB (int8)
+            # over the weights after loading a 7B bf16 checkpoint; counted as the output
+            # matrix in float32 (0.52 GB for 7B), which the load quantizes whole
+            out["left by the quantizing load"] = out_matrix * 4
     else:  # accelerators scan the layers
         out["scanned layer copy"] = scanned_layer_bytes(cfg, mesh, quantization, rows, context)
     if task.name == "serve":
