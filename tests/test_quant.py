@@ -267,8 +267,9 @@ def test_quantized_checkpoint_on_one_and_eight_devices(saved, models, method):
     # Scales are split like their weight's output axes (heads over `tensor`, here); int4's
     # groups like the input axis, where they divide (tiny_gqa's 64 inputs are one group).
     grouped = (None,) if method == "int4" else ()
-    # int4 codes [L, groups, group / 2, N, H]: one group, not split over fsdp=2
-    assert tuple(wq.q.sharding.spec) == ((None, None, None, "tensor", None) if grouped
+    # int4 codes [L, groups, group / 2, N, H]: one group (64 inputs), so each group's bytes
+    # are split over fsdp=2
+    assert tuple(wq.q.sharding.spec) == ((None, None, "fsdp", "tensor", None) if grouped
                                          else (None, "fsdp", "tensor", None))
     assert tuple(wq.scale.sharding.spec) == (None, *grouped, "tensor", None)
     assert tuple(params[8]["output"].scale.sharding.spec) == (*grouped, "tensor")

@@ -294,11 +294,14 @@ def q_shape(path, shape: tuple, method: str) -> tuple:
 
 
 def q_axes(path, axes: tuple, method: str) -> tuple:
-    """Logical axes of a weight's codes (int4: the groups take the input axis's name)."""
+    """Logical axes of a weight's codes (int4: the groups and the half groups both take the
+    input axis's name: the groups are split over its mesh axes where they divide them, else
+    each group's bytes are, as 7B's 86 groups of w2 over tensor=8; a dot's partial sums
+    over a split group still add up, scaled by the group's scale)."""
     if method != "int4":
         return tuple(axes)
     last = _lead(path) + INPUT_AXES[path[-1]] - 1
-    return (*axes[:last + 1], None, *axes[last + 1:])
+    return (*axes[:last + 1], axes[last], *axes[last + 1:])
 
 
 def method_of(params) -> str:
