@@ -136,7 +136,8 @@ def run() -> dict:
                               checkpoint.read_config(demo)))
 
     bench = os.path.join(tmp, "bench134m")
-    if any(want(n) for n in ("134M chat", "134M serve 16x1024")) and not os.path.isdir(bench):
+    if any(want(n) for n in ("134M chat", "134M serve 16x1024", "134M serve 32x1024 int8 KV")) \
+            and not os.path.isdir(bench):
         checkpoint.save(bench, checkpoint.random_model(BENCH_134M, seed=0),
                         tokenizer_path=TOKENIZER)
     if want("134M chat"):
@@ -147,21 +148,25 @@ def run() -> dict:
             c.context_length = 256
             c.max_new_tokens = 32""")
         rows.append(chat_case("134M chat", path, BENCH_134M))
-    if want("134M serve 16x1024"):
+    for name, slots, kv in (("134M serve 16x1024", 16, "none"),
+                            ("134M serve 32x1024 int8 KV", 32, "int8")):
+        if not want(name):
+            continue
         path = config_file(os.path.join(ROOT, "configs"), "_bench_plan_serve", "serve_demo", f"""
             c.checkpoint_dir = {bench!r}
             c.train_config = ""
             c.tokenizer_path = ""
             c.model_name = "bench"
             c.context_length = 1024
-            c.max_slots = 16
+            c.max_slots = {slots}
+            c.kv_quantization = {kv!r}
             c.prefill_chunk = 256
             c.prefix_cache_mb = 0""")
         try:
             rng = np.random.default_rng(0)
             prompts = [rng.integers(3, 32000, int(n)).tolist()
-                       for n in rng.integers(100, 900, 16)]
-            rows.append(serve_case("134M serve 16x1024", path, BENCH_134M, prompts))
+                       for n in rng.integers(100, 900, slots)]
+            rows.append(serve_case(name, path, BENCH_134M, prompts))
         finally:
             os.remove(path)
 
