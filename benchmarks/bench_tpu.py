@@ -62,8 +62,8 @@ def decode_table(args) -> None:
     cfg = configs.preset("7b").with_dtype("bfloat16")
     mesh = aot.mesh_on(aot.topology("v5e:2x4"), {"data": 1, "fsdp": 1, "tensor": 8})
     print("| weights | KV cache | slots x positions (attend) | args GiB | temp MiB "
-          "| temp / KV cache | HBM GB/step | HBM / (weights + cache) | XLA bytes accessed GB | est. step ms "
-          "| est. tok/s |")
+          "| temp / KV cache | HBM GB/step | HBM / (weights + cache) | XLA bytes accessed GB "
+          "| est. step ms | est. tok/s |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for q, kv, shape in itertools.product(args.quantizations.split(","),
                                           args.kv_quantizations.split(","),

@@ -22,7 +22,8 @@ every bucket, see `serve_steps`; and the sampler's, `CPU_SAMPLER_BYTES`), the pe
 of the layer weights (llama2_jax.inference.weights, `unstack`), the quantized output matrix
 converted to the compute dtype for its matmul (XLA:CPU's memory_analysis() of the 7B int8 and
 int4 decode steps: 1.34 GB of temporaries, a float32 layer and the output matrix), and, when
-fine-tuning, orbax's host copy of the trained weights and optimizer state while a checkpoint is saved.
+fine-tuning, orbax's host copy of the trained weights and optimizer state while a checkpoint
+is saved.
 Constants measured with benchmarks/bench_plan.py (benchmarks/RESULTS.md).
 """
 
@@ -267,8 +268,8 @@ def training_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[st
         unsharded = dict(mesh, fsdp=1)
         whole = weight_bytes(master, unsharded, quantization)
         stored = _stored_bits(task.param_dtype, quantization)
-        out["FSDP gathered weights"] = whole["layers"] // cfg.n_layers * (stored + 8 * e) // stored \
-            + whole["other"]
+        layer = whole["layers"] // cfg.n_layers
+        out["FSDP gathered weights"] = layer * (stored + 8 * e) // stored + whole["other"]
     # float32 logits, their log-softmax, its gradient and the softmax (measured: 4 copies)
     out["logits"] = 4 * b * T * _split(cfg.vocab_size, t) * 4
     # AdamW's update of each trained weight: new moments and the update before donation

@@ -107,7 +107,8 @@ def resolve_quantization(asked: str, stored: str, task: str) -> str:
     """The weight format a task runs with: the one rule for every app and this planner.
 
     asked: AS_STORED ("": as the checkpoint stores them), "auto" (a quantized checkpoint stays
-    so; else the planner tries none, then int8, then int4) or a method. `stored`: the checkpoint's format
+    so; else the planner tries none, then int8, then int4) or a method. `stored`: the
+    checkpoint's format
     ("none" for random weights). Full fine-tuning (sft) trains unquantized weights.
     Returns a method or "auto" (for `make_plan` to choose).
     """

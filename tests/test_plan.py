@@ -237,9 +237,9 @@ def test_fits_table_cells_are_the_planners_own_verdicts():
                 assert not plan.make_plan(cfg, task, dev, quantization=less).fits
             if task.name == "serve":
                 n = int(cell.split(", ")[1].split()[0])
-                at = lambda k: plan.make_plan(cfg, dataclasses.replace(task, slots=k), dev,  # noqa: E731
-                                              quantization=method).fits
-                assert at(n) and not at(n + 1)
+                at = [plan.make_plan(cfg, dataclasses.replace(task, slots=k), dev,
+                                     quantization=method).fits for k in (n, n + 1)]
+                assert at == [True, False]
             else:
                 assert plan.make_plan(cfg, task, dev, quantization=method).fits
     assert "int4" in "".join(table)  # T4 serves 7B only in 4 bits

@@ -1,13 +1,13 @@
 """The device stepper: decode slots that rows join and leave at any step. Every door drives it
 (`generate`, `stream_text`, `Engine.stream`, a chat `Session`, the server's scheduler). The
 shape of MaxText's MaxEngine and JetStream: a fixed number of slots, each one row of one
-KV cache (in the compute dtype or 8-bit) with its own position and sampling settings. `prefill` runs a prompt (or a chunk of
-it) through the model in a one-row staging cache, copies its keys/values into the slot's row
-and draws the slot's first token; `insert` puts keys/values cached earlier (a shared prefix)
-into the staging row first; one `decode` step advances the slots in use. The slot index,
-positions and sampling settings are traced arrays and the caches and slot state are donated,
-so rows come and go without recompiling; what is static is bucketed (llama2_jax.inference.
-buckets) and counted.
+KV cache (in the compute dtype or 8-bit) with its own position and sampling settings.
+`prefill` runs a prompt (or a chunk of it) through the model in a one-row staging cache,
+copies its keys/values into the slot's row and draws the slot's first token; `insert` puts
+keys/values cached earlier (a shared prefix) into the staging row first; one `decode` step
+advances the slots in use. The slot index, positions and sampling settings are traced arrays
+and the caches and slot state are donated, so rows come and go without recompiling; what is
+static is bucketed (llama2_jax.inference.buckets) and counted.
 
 The cache is laid out in row groups x position blocks (llama2_jax.model.kv_cache.Blocks) whose
 boundaries are the buckets, so no step reads a slice of an array (XLA:CPU would copy it). An

@@ -183,8 +183,7 @@ class QArray:
         return int4.dequantize(self.q, self.scale, self._last, dtype)
 
     def weight_sharding(self):
-        """The sharding of the weight this stands for (its codes' without int4's group/2
-        axis)."""
+        """The sharding of the weight this stands for (its codes' without int4's g/2 axis)."""
         s = self.q.sharding
         if not self.group:
             return s
@@ -305,7 +304,7 @@ def q_axes(path, axes: tuple, method: str) -> tuple:
 
 
 def method_of(params) -> str:
-    """"int8", "fp8" or "none": how the weights in a parameter tree are stored."""
+    """"int8", "fp8", "int4" or "none": how the weights in a parameter tree are stored."""
     methods = {x.method for x in jax.tree.leaves(params, is_leaf=_is_q) if _is_q(x)}
     if len(methods) > 1:
         raise ConfigError(f"parameters mix quantization methods {sorted(methods)}")
@@ -314,7 +313,6 @@ def method_of(params) -> str:
 
 def _is_q(x) -> bool:
     return isinstance(x, QArray)
-
 
 def to_tree(params: Mapping) -> dict:
     """Nested dict with every QArray as {"q": ..., "scale": ...}: what orbax saves."""

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from llama2_jax.model import checkpoint
 from llama2_jax.model.adapter import OverBase
 from llama2_jax.model.adapter import TARGETS, merge_adapters  # noqa: F401 (re-exported)
 from llama2_jax.model.transformer import linear
@@ -76,3 +77,24 @@ def _with_adapters(params: dict, adapters: dict, fn: Callable) -> dict:
 def apply_adapters(params: dict, adapters: dict, scale: float) -> dict:
     """`params` with each adapted weight replaced by its LoRA object (for training)."""
     return _with_adapters(params, adapters, lambda w, ab: LoRA(w, ab["a"], ab["b"], scale))
+
+
+# -- the merge at the end of a run on a quantized base -----------------------------------------
+def unquantized_base_exists(checkpoint_dir: str, quantization: str, adapter_dir: str,
+                            say: Callable[[str], None]) -> bool:
+    """Whether a LoRA run whose base was held in `quantization` merges its adapters into the
+    base checkpoint's unquantized weights (it has them), not into their dequantized 4/8-bit
+    copy, which would fold the quantization error into every weight of final/. Says so when
+    it cannot."""
+    if quantization == "none":
+        return False
+    if checkpoint_dir and checkpoint.read_meta(checkpoint_dir)[1] == "none":
+        return True
+    say(f"the base checkpoint holds no unquantized weights: final/ merges the adapters into its "
+        f"dequantized {quantization} weights (the adapters alone are saved in {adapter_dir}/)")
+    return False
+
+
+def unquantized_base(checkpoint_dir: str, mesh, dtype) -> dict:
+    model = checkpoint.load(checkpoint_dir, mesh=mesh, dtype=dtype, quantization="none")
+    return checkpoint.params_of(model)

@@ -1,9 +1,6 @@
-"""A fine-tuning run: state, compiled steps, the loop, checkpoints and the export.
-
-The app around it (its settings, the command line) is llama2_jax.finetune; the steps are
-llama2_jax.training.train_step, the adapters llama2_jax.training.lora, the data
-llama2_jax.training.data.
-"""
+"""A fine-tuning run: state, compiled steps, the loop, checkpoints and the export. The app
+around it is llama2_jax.finetune; steps, adapters and data: llama2_jax.training.train_step,
+.lora, .data."""
 
 from __future__ import annotations
 
@@ -32,7 +29,8 @@ from llama2_jax.model.transformer import abstract_model
 from llama2_jax.training import data
 from llama2_jax.training.data import DataError
 from llama2_jax.training.events import EventWriter
-from llama2_jax.training.lora import LORA_TARGETS, init_adapters, lora_scale, merge_adapters
+from llama2_jax.training.lora import (LORA_TARGETS, init_adapters, lora_scale, merge_adapters,
+                                      unquantized_base, unquantized_base_exists)
 from llama2_jax.training.train_step import (bind, make_eval_step, make_optimizer,
                                             make_train_step, shardings_like)
 
@@ -46,8 +44,7 @@ ADAPTER_DIR = "final_adapter"
 # Settings a resumed run may change without changing what it computes.
 _RESUMABLE_CHANGES = {"steps", "save_every", "eval_every", "log_every", "keep_checkpoints",
                       "compilation_cache_dir", "multihost", "progress", "coordinator_address",
-                      "num_processes", "process_id", "distributed_timeout_s",
-                      "heartbeat_timeout_s"}
+                      "num_processes", "process_id", "distributed_timeout_s", "heartbeat_timeout_s"}
 
 
 class FinetuneError(ValueError):
@@ -289,10 +286,10 @@ class Trainer:
                                   "resume.")
                         return {"steps": progress.step, "stopped": True, **last}
             manager.wait_until_finished()
-            del opt_state
-            if self._merges_into_unquantized_base():  # the 4/8-bit base goes before it comes
-                del frozen
-                frozen = self._unquantized_base()
+            if self.lora_scale is not None and unquantized_base_exists(
+                    c.checkpoint_dir, self.quantization, ADAPTER_DIR, self._say):
+                del frozen  # the 4/8-bit base goes before the unquantized one comes
+                frozen = unquantized_base(c.checkpoint_dir, self.mesh, self.base_cfg.weight_dtype)
             self._export(trainable, frozen, final)
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -325,25 +322,6 @@ class Trainer:
         # Every process builds the same global batch; each device takes its own slice.
         return {k: jax.make_array_from_callback(v.shape, target, lambda i, v=v: v[i])
                 for k, v in batch.items()}
-
-    def _merges_into_unquantized_base(self) -> bool:
-        """Whether a LoRA run on a quantized base merges its adapters into the base's
-        unquantized weights (when its checkpoint has them), not into their dequantized 4/8-bit
-        copy (which would fold the quantization error into every weight of final/)."""
-        if self.lora_scale is None or self.quantization == "none":
-            return False
-        c = self.config
-        if c.checkpoint_dir and checkpoint.read_meta(c.checkpoint_dir)[1] == "none":
-            return True
-        self._say(f"the base checkpoint holds no unquantized weights: final/ merges the adapters "
-                  f"into its dequantized {self.quantization} weights (the adapters alone are "
-                  f"saved in {ADAPTER_DIR}/)")
-        return False
-
-    def _unquantized_base(self) -> dict:
-        model = checkpoint.load(self.config.checkpoint_dir, mesh=self.mesh,
-                                dtype=self.base_cfg.weight_dtype, quantization="none")
-        return checkpoint.params_of(model)
 
     def _export(self, trainable, frozen, final: str) -> None:
         if self.lora_scale is not None:  # before final/, whose marker says the run is done
