@@ -371,3 +371,27 @@ def test_export_to_hf_refuses_quantized_checkpoints(saved, tmp_path):
     with pytest.raises(ConversionError, match="holds fp8 weights"):
         orbax_to_hf.export(str(saved / "fp8"), str(tmp_path / "hf"), progress=False)
     assert not (tmp_path / "hf").exists()
+
+
+def test_int4_load_of_a_134m_shaped_checkpoint_is_what_the_planner_counts(tmp_path,
+                                                                          one_device_mesh):
+    """BENCH_134M's shapes (2 of its layers): a bf16 checkpoint loaded as int4 layer by layer
+    equals the loaded model quantized in memory, in groups of 128 (64 in wo, a head), and its
+    bytes are the planner's."""
+    from llama2_jax import footprint
+    from llama2_jax.model.config import BENCH_134M
+    cfg = BENCH_134M.replace(n_layers=2).with_dtype("bfloat16")
+    checkpoint.save(tmp_path / "bf16", checkpoint.random_model(cfg, one_device_mesh, seed=1))
+    loaded = llama2_jax.load(tmp_path / "bf16", mesh=one_device_mesh, quantization="int4")
+    plain = llama2_jax.load(tmp_path / "bf16", mesh=one_device_mesh)
+    params = checkpoint.params_of(loaded)
+    leaves_equal(params, checkpoint.params_of(quant.quantize_model(plain, "int4")))
+    groups = {w.group for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray))
+              if isinstance(w, QArray)}
+    assert groups == {128, 64}  # wo's groups stay within a head (head_dim 64 here)
+    planned = footprint.weight_bytes(loaded.config, {"data": 1, "fsdp": 1, "tensor": 1}, "int4")
+    assert sum(planned.values()) == quant.weight_bytes(loaded)
+    got = llama2_jax.forward(loaded, TOKENS)
+    want = llama2_jax.forward(plain_with(plain, quant.dequantize_params(params, jnp.float32)),
+                              TOKENS)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)  # bf16 compute
