@@ -177,14 +177,14 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
             stored = _stored_bits(cfg.weight_dtype, quantization)
             out["scanned layer copy"] = layer * 8 * cfg.compute_dtype.itemsize // stored + \
                 scanned_layer_bytes(cfg, mesh, quantization, rows, context)
-        if quantization != "none":
-            out_matrix = cfg.dim * _split(cfg.vocab_size, mesh["tensor"])
-            # XLA:CPU converts the output matrix for its matmul
-            out["output matrix in compute dtype"] = out_matrix * cfg.compute_dtype.itemsize
-            # what a quantizing load leaves resident: measured 0.38 GB (int4) and 0.49 GB (int8)
-            # over the weights after loading a 7B bf16 checkpoint; counted as the output
-            # matrix in float32 (0.52 GB for 7B), which the load quantizes whole
-            out["left by the quantizing load"] = out_matrix * 4
+            if quantization != "none":  # (measured on the scanned 7B / 13B steps only)
+                out_matrix = cfg.dim * _split(cfg.vocab_size, mesh["tensor"])
+                # XLA:CPU converts the output matrix for its matmul
+                out["output matrix in compute dtype"] = out_matrix * cfg.compute_dtype.itemsize
+                # what a quantizing load leaves resident: measured 0.38 GB (int4) and 0.49 GB
+                # (int8) over the weights after loading a 7B bf16 checkpoint; counted as the
+                # output matrix in float32 (0.52 GB for 7B), which the load quantizes whole
+                out["left by the quantizing load"] = out_matrix * 4
     else:  # accelerators scan the layers
         out["scanned layer copy"] = scanned_layer_bytes(cfg, mesh, quantization, rows, context)
     if task.name == "serve":
