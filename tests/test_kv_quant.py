@@ -78,7 +78,7 @@ def greedy(slots, slot, prompt, n, chunk):
     for start in range(0, len(prompt), chunk):
         out = slots.prefill(slot, prompt[start:start + chunk], start,
                             start + chunk >= len(prompt), GREEDY)
-    got = [int(out.tokens[0] if slots.max_slots == 1 else out.tokens[0])]
+    got = [int(out.tokens[0])]  # a prefill returns its one row's token
     return got + [int(slots.decode().tokens[slot]) for _ in range(n - 1)]
 
 

@@ -391,7 +391,7 @@ def copy_row(cache: Blocks, stage: Blocks, slot, blocks: int) -> Blocks:
                 return c.at[row].set(src, mode="drop")
             return jnp.where(inside, src, c)  # a one-row group
 
-        def put_both(c, src):
+        def put_both(c, src):  # as _write_to: an 8-bit block's codes and scales
             if isinstance(c, QKV):
                 return QKV(put(c.q, src.q, 1), put(c.s, src.s, 0))
             return put(c, src, 1)
