@@ -19,9 +19,9 @@ by benchmarks/bench_plan_xla.py). On the CPU the process's own memory counts too
 jaxlib and the tokenizer (`CPU_RUNTIME_BYTES`), the compiled steps' code (`CPU_CODE_BYTES`
 per layer a step runs unrolled, times the steps: the chat's prefill and decode, the server's
 every bucket, see `serve_steps`; and the sampler's, `CPU_SAMPLER_BYTES`), the per-layer copy
-of the layer weights (llama2_jax.inference.weights, `unstack`), the quantized output matrix
-converted to the compute dtype for its matmul (XLA:CPU's memory_analysis() of the 7B int8 and
-int4 decode steps: 1.34 GB of temporaries, a float32 layer and the output matrix), and, when
+of the layer weights (llama2_jax.inference.weights, `unstack`), quantized weights converted a
+chunk at a time (llama2_jax.model.cpu_matmul; XLA:CPU's memory_analysis() of the 7B int4
+decode step: 0.12 GB of temporaries, the layer's slices and two chunks), and, when
 fine-tuning, orbax's host copy of the trained weights and optimizer state while a checkpoint
 is saved.
 Constants measured with benchmarks/bench_plan.py (benchmarks/RESULTS.md).
@@ -39,7 +39,7 @@ from jax.sharding import AbstractMesh
 
 from llama2_jax.devices import MiB, Devices
 from llama2_jax.inference.buckets import Shapes, group_sizes
-from llama2_jax.model import kv_cache, quant, sharding
+from llama2_jax.model import cpu_matmul, kv_cache, quant, sharding
 from llama2_jax.model.config import ModelConfig
 
 # What a CPU process holds besides its arrays and compiled code: Python, jaxlib, the tokenizer
@@ -173,18 +173,17 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
         if everything <= DEFAULT_OPTIONS.unstack_max_bytes:
             out["per-layer weight copy"] = w["layers"]
         else:
-            layer = scanned_layer_bytes(cfg, mesh, quantization)
-            stored = _stored_bits(cfg.weight_dtype, quantization)
-            out["scanned layer copy"] = layer * 8 * cfg.compute_dtype.itemsize // stored + \
-                scanned_layer_bytes(cfg, mesh, quantization, rows, context)
+            out["scanned layer copy"] = scanned_layer_bytes(cfg, mesh, quantization, rows,
+                                                            context)
             if quantization != "none":  # (measured on the scanned 7B / 13B steps only)
-                out_matrix = cfg.dim * _split(cfg.vocab_size, mesh["tensor"])
-                # XLA:CPU converts the output matrix for its matmul
-                out["output matrix in compute dtype"] = out_matrix * cfg.compute_dtype.itemsize
+                # quantized weights are converted a chunk at a time (model/cpu_matmul), two
+                # chunks' buffers live at once (XLA:CPU's memory_analysis() of the 7B steps)
+                out["converted weight chunks"] = 2 * cpu_matmul.CHUNK_BYTES
                 # what a quantizing load leaves resident: measured 0.38 GB (int4) and 0.49 GB
                 # (int8) over the weights after loading a 7B bf16 checkpoint; counted as the
                 # output matrix in float32 (0.52 GB for 7B), which the load quantizes whole
-                out["left by the quantizing load"] = out_matrix * 4
+                out["left by the quantizing load"] = \
+                    cfg.dim * _split(cfg.vocab_size, mesh["tensor"]) * 4
     else:  # accelerators scan the layers
         out["scanned layer copy"] = scanned_layer_bytes(cfg, mesh, quantization, rows, context)
     if task.name == "serve":

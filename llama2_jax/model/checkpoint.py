@@ -74,14 +74,28 @@ def param_shardings(model: Transformer, mesh: Mesh) -> dict:
         is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def abstract_target(cfg: ModelConfig, mesh: Mesh, quantization: str = "none"):
+def table_dtype(cfg: ModelConfig, stored=None) -> np.dtype:
+    """The embedding table's dtype beside quantized weights: as stored (`stored`; None:
+    bfloat16, as Meta's Llama 2 checkpoints hold it) where that is narrower than the model's
+    dtype. The gather converts the rows it reads, exactly; a 7B table on CPU (float32 compute)
+    then takes 0.26 GB instead of 0.52."""
+    stored = np.dtype(stored or jax.numpy.bfloat16)
+    return stored if stored.itemsize < cfg.weight_dtype.itemsize else np.dtype(cfg.weight_dtype)
+
+
+def abstract_target(cfg: ModelConfig, mesh: Mesh, quantization: str = "none", table=None):
     """(graphdef, state, target): target is the pure dict of sharded ShapeDtypeStructs of the
-    parameters, with QArrays of them for weights stored `quantization`."""
+    parameters, with QArrays of them for weights stored `quantization` (and then the embedding
+    table in `table_dtype(cfg, table)`)."""
     abstract = abstract_model(cfg)
     graphdef, state = nnx.split(abstract)
     shardings = param_shardings(abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, cfg.weight_dtype, sharding=s),
                           nnx.to_pure_dict(state), shardings)
+    if quantization != "none":
+        t = target["tok_embeddings"]
+        target["tok_embeddings"] = jax.ShapeDtypeStruct(t.shape, table_dtype(cfg, table),
+                                                        sharding=t.sharding)
     target = quant.abstract_params(target, quant.param_axes(abstract), mesh, quantization)
     return graphdef, state, target
 
@@ -274,16 +288,18 @@ def load(directory: str | os.PathLike, *, mesh: Mesh | None = None,
     cfg = cfg.with_dtype(dtype or default_dtype())
     mesh = mesh or default_mesh(cfg)
     sharding.check_mesh(mesh, cfg.n_heads, cfg.n_kv_heads)
-    graphdef, state, target = abstract_target(cfg, mesh, stored)
     params_dir = os.path.join(directory, PARAMS_DIR)
     ckptr = ocp.StandardCheckpointer()
     try:
         found = ckptr.metadata(params_dir).item_metadata.tree
     except Exception as e:  # orbax raises several types for a missing/corrupt tree
         raise CheckpointError(f"{params_dir}: cannot read orbax metadata ({e})") from None
+    table = getattr(found.get("tok_embeddings"), "dtype", None)
+    graphdef, state, target = abstract_target(cfg, mesh, stored, table)
     _check_tree(quant.to_tree(target), found, params_dir)
     if want != stored and stored == "none":
-        params = _restore_quantizing(params_dir, abstract_target(cfg, mesh, want)[2], want)
+        params = _restore_quantizing(params_dir, abstract_target(cfg, mesh, want, table)[2],
+                                     want)
     else:
         params = quant.from_tree(ckptr.restore(params_dir, quant.to_tree(target)))
         if want != stored:  # quantized on disk, "none" asked

@@ -14,14 +14,15 @@ benchmarks/RESULTS.md "4-bit weights"): XLA:CPU widened a stacked int4 array to 
 value in a scanned decode step (7.8 GB of temporaries for a 7B model, whose int4 layers take
 3.2 GB) and updates a layer of it slowly; XLA:TPU (v5e) materialised a bf16 copy of each int4
 weight before the decode dot (4x the HBM traffic of int8). Unpacking bytes with two shifts is
-plain elementwise work that both compilers fuse into the dot's operand:
+plain elementwise work that XLA:TPU and XLA:GPU fuse into the dot's operand:
 
   decode (at most DOT_ROWS rows): per group, two dots of half a group each (x's first and
     second g/2 inputs with the low and high nibbles), the scales applied to the per-group
-    products: no dequantized copy of the weight (XLA:TPU: no temporaries; XLA:CPU: int8's
-    speed within 20%);
-  prefill (more rows): the weight dequantized to the activations' dtype, then one dot
-    (amortised over the rows; on XLA:CPU faster than the grouped form from ~64 rows).
+    products: no dequantized copy of the weight (XLA:TPU: no temporaries);
+  prefill (more rows): the weight dequantized to the activations' dtype, then one dot.
+
+XLA:CPU fuses nothing into a dot: there a weight is unpacked, scaled and multiplied a few
+groups at a time in a loop (llama2_jax.model.cpu_matmul), for every number of rows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llama2_jax.model import cpu_matmul
 from llama2_jax.model.config import ConfigError
 
 f32 = jnp.float32
@@ -82,7 +84,12 @@ def dequantize(q: jax.Array, scale: jax.Array, last: int, dtype) -> jax.Array:
 
 def matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     """x [..., in] @ the [in, out] weight of packed q [groups, g/2, out], scales [groups,
-    out], in float32: group by group for few rows, else through the dequantized weight."""
+    out], in float32. On CPU a chunk of groups at a time (llama2_jax.model.cpu_matmul)."""
+    return jax.lax.platform_dependent(x, q, scale, cpu=cpu_matmul.int4, default=_matmul)
+
+
+def _matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """Group by group for few rows, else through the dequantized weight."""
     rows = x.size // x.shape[-1]
     if rows > DOT_ROWS:
         w = dequantize(q, scale, 0, x.dtype)

@@ -9,18 +9,16 @@ and saved like an array; model.py's `linear()` calls its `einsum`. 8-bit weights
 and then by the scale (a per-column factor of the product); int4 weights are two codes per
 byte, multiplied as llama2_jax.model.int4 says. Layout: `q` [lead..., in..., out...] (int4:
 the last input axis split into [groups, group / 2]); `scale` [lead..., out...] (8-bit) or
-[lead..., in..., out...]
-with the last input axis divided by the group size (int4), where `lead` is the stacked-layer
-axis L (none for `output`). A QArray's `shape` is the weight's.
+[lead..., in..., out...] with the last input axis divided by the group size (int4), where
+`lead` is the stacked-layer axis L (none for `output`). A QArray's `shape` is the weight's.
 
-Embeddings (a gather, not a matmul) and norms stay in the model's dtype. The 8-bit weights
-are converted to the compute dtype inside the jitted step (XLA:CPU does this slowly, see
-benchmarks/RESULTS.md). FP8 weights quantized with `native=True` (`quantize_model(...,
-native_fp8=True)`, the apps' `native_fp8` setting) multiply activations cast to e4m3
-too (one scale per row), so the dot can run on FP8 hardware (Hopper's FP8 GEMMs). It is off by
-default: on a trained tiny model it more than doubles the KL divergence from the unquantized
-model (weight-only FP8 matches plain absmax quantization; see benchmarks/RESULTS.md). It is
-tested on CPU (XLA emulates FP8 dots) but has not been run on a GPU.
+Embeddings (a gather; loaded beside quantized weights in their checkpoint's 16 bits) and
+norms are not quantized. Weights are converted to the compute dtype inside the jitted step (on
+CPU a chunk at a time: cpu_matmul). FP8 weights quantized with `native=True` (`quantize_model(
+..., native_fp8=True)`, the `native_fp8` setting) multiply activations cast to e4m3 too (one
+scale per row), so the dot can run on FP8 hardware (Hopper's FP8 GEMMs). Off by default: on a
+trained tiny model it more than doubles the KL divergence from the unquantized model (weight-
+only FP8 matches plain absmax quantization; RESULTS.md). Tested on CPU, not run on a GPU.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama2_jax.model import int4, sharding
+from llama2_jax.model import cpu_matmul, int4, sharding
 from llama2_jax.model.config import ConfigError
 
 f32 = jnp.float32
@@ -157,13 +155,12 @@ class QArray:
                 or not out_spec.endswith(w_spec[-self.n_out:])):
             raise ValueError(f"{eq!r} does not fit a weight {self.shape} with {self.n_out} "
                              "output axes (stacked weights are used per layer)")
+        x_spec = eq.split(",")[0]
+        matrix = (self.q.ndim == 2 + bool(self.group) and x_spec[-1] == w_spec[0]
+                  and out_spec == x_spec[:-1] + w_spec[1])  # x [..., in] @ w [in, out]
         if self.group:
-            x_spec = eq.split(",")[0]
-            if self.q.ndim == 3 and out_spec == x_spec[:-1] + w_spec[1] and \
-                    x_spec[-1] == w_spec[0]:  # x [..., in] @ w [in, out]
-                y = int4.matmul(x, self.q, self.scale)
-            else:
-                y = jnp.einsum(eq, x, self.dequantize(x.dtype), preferred_element_type=f32)
+            y = (int4.matmul(x, self.q, self.scale) if matrix else
+                 jnp.einsum(eq, x, self.dequantize(x.dtype), preferred_element_type=f32))
             return y.astype(out_dtype or x.dtype)
         if self.q.dtype == QDTYPE["fp8"] and self.native:
             # Each row of x to e4m3 with its own scale (a factor of its output row), so both
@@ -174,7 +171,10 @@ class QArray:
             y = jnp.einsum(eq, x8, self.q, preferred_element_type=f32)
             y = y * xs.reshape(xs.shape[:-1] + (1,) * self.n_out)
         else:
-            y = jnp.einsum(eq, x, self.q.astype(x.dtype), preferred_element_type=f32)
+            def whole(x, q):
+                return jnp.einsum(eq, x, q.astype(x.dtype), preferred_element_type=f32)
+            y = (jax.lax.platform_dependent(x, self.q, cpu=cpu_matmul.eight_bit, default=whole)
+                 if matrix else whole(x, self.q))  # on CPU a chunk at a time (cpu_matmul)
         return (y * self.scale).astype(out_dtype or x.dtype)
 
     def dequantize(self, dtype=f32) -> jax.Array:
@@ -403,10 +403,10 @@ def quantize_params(params: Mapping, method: str, target: Mapping | None = None)
 
 
 def dequantize_params(params: Mapping, dtype, shardings: Mapping | None = None) -> dict:
-    """Every QArray of a nested param dict back to a `dtype` array (in `shardings` if given)."""
+    """QArrays and the embedding table of a param dict as `dtype` arrays (in `shardings`)."""
     def leaf(path, w):
         if not _is_q(w):
-            return w
+            return w.astype(dtype) if path == ("tok_embeddings",) else w
         s = None if shardings is None else get_path(shardings, path)
         return jax.jit(lambda w: w.dequantize(dtype), out_shardings=s)(w)
     return map_params(leaf, params)

@@ -1,0 +1,87 @@
+"""Quantized-weight matmuls as XLA:CPU runs them well: the weight converted a chunk of its inputs
+at a time, inside a loop.
+
+XLA:CPU cannot fuse a weight's conversion (8-bit or 4-bit codes to the activations' dtype)
+into its dot, so every quantized weight is first converted whole. Worse, its scheduler places
+those conversions before the first dot (they depend on the weights alone): a step holds every
+converted weight of a layer at once (7B int4, scanned: 0.81 GB of float32, plus 0.52 GB for the
+output matrix; unrolled 7B layers: all of them, 26 GB), and each conversion streams a weight
+through memory twice. Here a weight is multiplied in a `fori_loop` over chunks of its input
+axis, whose body the scheduler cannot hoist: each chunk (about CHUNK_BYTES of float32, a few
+hundred inputs) is converted, scaled and multiplied while it is still in the cache, and added to
+a float32 accumulator. Measured on this CPU (benchmarks/RESULTS.md, "Quantized matmuls on
+XLA:CPU"): temporaries a chunk's, not a layer's, and decode steps 2-5x faster than the whole
+conversion.
+
+The apps pick this on CPU only (`lax.platform_dependent` in llama2_jax.model.quant): XLA:TPU and
+XLA:GPU fuse the conversion into the dot, and a loop would split their dots.
+
+The loop body is rematerialised under differentiation (`jax.checkpoint`): the backward pass of a
+LoRA step on a quantized base converts each chunk again instead of keeping every chunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+f32 = jnp.float32
+CHUNK_BYTES = 6 << 20  # float32 bytes of weight converted per loop iteration (decode)
+ROWS_PER_CHUNK = 32  # a step of more rows converts CHUNK_BYTES per this many rows (8x at most)
+
+
+def chunk_units(n: int, unit_bytes: int, limit: int = CHUNK_BYTES) -> int:
+    """The largest divisor k of n with k * unit_bytes <= limit (at least 1): how many input
+    units (rows of an 8-bit weight, groups of an int4 one) one iteration converts."""
+    fits = max(1, limit // max(unit_bytes, 1))
+    return max(d for d in range(1, min(n, fits) + 1) if n % d == 0)
+
+
+def _limit(x: jax.Array) -> int:
+    """Bytes converted per iteration: more for many rows (prefill), whose dots then stay long
+    enough along their inputs to run at matrix-multiply speed."""
+    rows = x.size // x.shape[-1]
+    return CHUNK_BYTES * min(max(rows // ROWS_PER_CHUNK, 1), 8)
+
+
+def _loop(n_chunks: int, part, out_shape) -> jax.Array:
+    part = jax.checkpoint(part)
+    if n_chunks == 1:
+        return part(0)
+    return lax.fori_loop(0, n_chunks, lambda i, acc: acc + part(i), jnp.zeros(out_shape, f32))
+
+
+def eight_bit(x: jax.Array, q: jax.Array) -> jax.Array:
+    """x [..., in] @ q [in, out] (int8 or float8 codes, unscaled), in float32."""
+    n_in, out = q.shape
+    k = chunk_units(n_in, out * 4, _limit(x))
+
+    def part(i):
+        xc = lax.dynamic_slice_in_dim(x, i * k, k, x.ndim - 1)  # [..., k]
+        qc = lax.dynamic_slice_in_dim(q, i * k, k, 0)  # [k, out]
+        return jnp.einsum("...i,io->...o", xc, qc.astype(x.dtype), preferred_element_type=f32)
+
+    return _loop(n_in // k, part, x.shape[:-1] + (out,))
+
+
+def int4(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [..., in] @ the weight of packed int4 codes q [groups, g/2, out] (llama2_jax.model.int4's
+    layout) and scales [groups, out], in float32."""
+    n_groups, half, out = q.shape
+    k = chunk_units(n_groups, half * out * 4, _limit(x))
+    xg = x.reshape(*x.shape[:-1], n_groups, 2 * half)  # [..., groups, g]
+
+    def part(i):
+        xc = lax.dynamic_slice_in_dim(xg, i * k, k, xg.ndim - 2)  # [..., k, g]
+        b = lax.dynamic_slice_in_dim(q, i * k, k, 0).astype(jnp.int8)  # [k, g/2, out]
+        s = lax.dynamic_slice_in_dim(scale, i * k, k, 0)[:, None]  # [k, 1, out]
+        y = 0.0
+        # Low nibbles hold each group's first g/2 inputs, high nibbles its last g/2.
+        for codes, xs in ((jnp.left_shift(b, 4) >> 4, xc[..., :half]), (b >> 4, xc[..., half:])):
+            w = (codes.astype(f32) * s).reshape(k * half, out).astype(x.dtype)
+            y = y + jnp.einsum("...i,io->...o", xs.reshape(*xs.shape[:-2], k * half), w,
+                               preferred_element_type=f32)
+        return y
+
+    return _loop(n_groups // k, part, x.shape[:-1] + (out,))
