@@ -23,6 +23,8 @@ def test_chunk_units_divide_and_respect_the_limit():
     assert cpu_matmul.chunk_units(32, 1 << 20, 6 << 20) == 4
     assert cpu_matmul.chunk_units(7, 10 << 20, 6 << 20) == 1  # a unit over the limit: one
     assert cpu_matmul.chunk_units(4096, 4096, 6 << 20) == 1024
+    assert cpu_matmul.chunk_units(768, 8192, 6 << 20) == 384  # all would fit: two chunks
+    assert cpu_matmul.chunk_units(1, 8, 6 << 20) == 1
 
 
 @pytest.mark.parametrize("method", ("int8", "fp8", "int4"))

@@ -32,10 +32,12 @@ ROWS_PER_CHUNK = 32  # a step of more rows converts CHUNK_BYTES per this many ro
 
 
 def chunk_units(n: int, unit_bytes: int, limit: int = CHUNK_BYTES) -> int:
-    """The largest divisor k of n with k * unit_bytes <= limit (at least 1): how many input
-    units (rows of an 8-bit weight, groups of an int4 one) one iteration converts."""
-    fits = max(1, limit // max(unit_bytes, 1))
-    return max(d for d in range(1, min(n, fits) + 1) if n % d == 0)
+    """How many input units (rows of an 8-bit weight, groups of an int4 one) one iteration
+    converts: the largest proper divisor k of n with k * unit_bytes <= limit (1 at least).
+    Never all of them: XLA removes a loop of one iteration, and the conversion, out of any
+    loop, is hoisted again (a small model's every layer converted first)."""
+    fits = max(1, min(limit // max(unit_bytes, 1), n // 2))
+    return max(d for d in range(1, fits + 1) if n % d == 0)
 
 
 def _limit(x: jax.Array) -> int:
@@ -47,8 +49,6 @@ def _limit(x: jax.Array) -> int:
 
 def _loop(n_chunks: int, part, out_shape) -> jax.Array:
     part = jax.checkpoint(part)
-    if n_chunks == 1:
-        return part(0)
     return lax.fori_loop(0, n_chunks, lambda i, acc: acc + part(i), jnp.zeros(out_shape, f32))
 
 

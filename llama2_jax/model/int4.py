@@ -85,11 +85,12 @@ def dequantize(q: jax.Array, scale: jax.Array, last: int, dtype) -> jax.Array:
 def matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     """x [..., in] @ the [in, out] weight of packed q [groups, g/2, out], scales [groups,
     out], in float32. On CPU a chunk of groups at a time (llama2_jax.model.cpu_matmul)."""
-    return jax.lax.platform_dependent(x, q, scale, cpu=cpu_matmul.int4, default=_matmul)
+    return jax.lax.platform_dependent(x, q, scale, cpu=cpu_matmul.int4, default=fused_matmul)
 
 
-def _matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
-    """Group by group for few rows, else through the dequantized weight."""
+def fused_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """The forms XLA:TPU and XLA:GPU fuse: group by group for few rows, else through the
+    dequantized weight."""
     rows = x.size // x.shape[-1]
     if rows > DOT_ROWS:
         w = dequantize(q, scale, 0, x.dtype)
