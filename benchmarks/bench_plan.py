@@ -106,6 +106,7 @@ def serve_case(name, config_path, model_cfg, prompts):
                            .removesuffix(".py"))
     with PeakSampler(server.proc.pid) as sampler:
         server.wait_ready(timeout=900)
+        ready = sampler.peak  # every step compiled (warm-up), no request yet
 
         def one(prompt):
             r = httpx.post(f"{server.url}/v1/completions", timeout=900, json={
@@ -115,7 +116,9 @@ def serve_case(name, config_path, model_cfg, prompts):
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             list(pool.map(one, prompts))
         assert server.terminate() == 0
-    return result(name, sampler.peak, planned(config, "serve", model_cfg))
+    row = result(name, sampler.peak, planned(config, "serve", model_cfg))
+    print(f"{'':28s} peak at ready {ready / 1e9:6.2f} GB", flush=True)
+    return {**row, "ready_bytes": ready}
 
 
 def run() -> dict:
@@ -136,7 +139,9 @@ def run() -> dict:
                               checkpoint.read_config(demo)))
 
     bench = os.path.join(tmp, "bench134m")
-    if any(want(n) for n in ("134M chat", "134M serve 16x1024", "134M serve 32x1024 int8 KV")) \
+    serve_cases = (("134M serve 16x1024", 16, "none"), ("134M serve 16x1024 int8 KV", 16, "int8"),
+                   ("134M serve 32x1024 int8 KV", 32, "int8"))
+    if any(want(n) for n in ("134M chat", *(c[0] for c in serve_cases))) \
             and not os.path.isdir(bench):
         checkpoint.save(bench, checkpoint.random_model(BENCH_134M, seed=0),
                         tokenizer_path=TOKENIZER)
@@ -148,8 +153,7 @@ def run() -> dict:
             c.context_length = 256
             c.max_new_tokens = 32""")
         rows.append(chat_case("134M chat", path, BENCH_134M))
-    for name, slots, kv in (("134M serve 16x1024", 16, "none"),
-                            ("134M serve 32x1024 int8 KV", 32, "int8")):
+    for name, slots, kv in serve_cases:
         if not want(name):
             continue
         path = config_file(os.path.join(ROOT, "configs"), "_bench_plan_serve", "serve_demo", f"""
