@@ -139,8 +139,9 @@ def run() -> dict:
                               checkpoint.read_config(demo)))
 
     bench = os.path.join(tmp, "bench134m")
-    serve_cases = (("134M serve 16x1024", 16, "none"), ("134M serve 16x1024 int8 KV", 16, "int8"),
-                   ("134M serve 32x1024 int8 KV", 32, "int8"))
+    serve_cases = tuple((f"134M serve {n}x{length}" + (" int8 KV" if kv != "none" else ""),
+                         n, kv, length) for length in (1024, 4096)
+                        for n, kv in ((16, "none"), (16, "int8"), (32, "int8")))
     if any(want(n) for n in ("134M chat", *(c[0] for c in serve_cases))) \
             and not os.path.isdir(bench):
         checkpoint.save(bench, checkpoint.random_model(BENCH_134M, seed=0),
@@ -153,7 +154,7 @@ def run() -> dict:
             c.context_length = 256
             c.max_new_tokens = 32""")
         rows.append(chat_case("134M chat", path, BENCH_134M))
-    for name, slots, kv in serve_cases:
+    for name, slots, kv, length in serve_cases:
         if not want(name):
             continue
         path = config_file(os.path.join(ROOT, "configs"), "_bench_plan_serve", "serve_demo", f"""
@@ -161,7 +162,7 @@ def run() -> dict:
             c.train_config = ""
             c.tokenizer_path = ""
             c.model_name = "bench"
-            c.context_length = 1024
+            c.context_length = {length}
             c.max_slots = {slots}
             c.kv_quantization = {kv!r}
             c.prefill_chunk = 256
