@@ -68,7 +68,7 @@ def chunked(x, w):
     if not isinstance(w, quant.QArray):
         return x @ w
     if w.group:
-        return cpu_matmul.int4(x, w.q, w.scale)
+        return int4.chunked_matmul(x, w.q, w.scale)
     return cpu_matmul.eight_bit(x, w.q) * w.scale
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama2_jax.model import cpu_matmul, quant
+from llama2_jax.model import cpu_matmul, int4, quant
 
 D_IN, D_OUT = 4096, 1024  # float32: 16 MB, more than a chunk (several iterations)
 
@@ -34,7 +34,7 @@ def test_chunked_products_equal_the_whole_weight_ones(method, rows):
     x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, D_IN)), jnp.float32)
     want = x @ w.dequantize(jnp.float32)
     if method == "int4":
-        got = cpu_matmul.int4(x, w.q, w.scale)
+        got = int4.chunked_matmul(x, w.q, w.scale)
     else:
         got = cpu_matmul.eight_bit(x, w.q) * w.scale
     assert got.dtype == jnp.float32 and got.shape == (rows, D_OUT)

@@ -11,10 +11,12 @@ axis, whose body the scheduler cannot hoist: each chunk (about CHUNK_BYTES of fl
 hundred inputs) is converted, scaled and multiplied while it is still in the cache, and added to
 a float32 accumulator. Measured on this CPU (benchmarks/RESULTS.md, "Quantized matmuls on
 XLA:CPU, a chunk at a time"): the scanned 7B int4 decode step's temporaries 1.35 GB -> 0.12 GB,
-and BENCH_134M decodes 1.2-1.3x faster in int8 / int4 than in float32 (0.15x before).
+and BENCH_134M decodes 1.15-1.2x faster in int8 / int4 than in float32 (0.15x before).
 
-The apps pick this on CPU only (`lax.platform_dependent` in llama2_jax.model.quant): XLA:TPU and
-XLA:GPU fuse the conversion into the dot, and a loop would split their dots.
+Here: the loop (`accumulate`) and 8-bit weights' chunks; int4's chunks are unpacked in
+llama2_jax.model.int4, which owns its layout. Picked on CPU only (`lax.platform_dependent` in
+quant and int4): XLA:TPU and XLA:GPU fuse the conversion into the dot, and a loop would split
+their dots.
 
 The loop body is rematerialised under differentiation (`jax.checkpoint`): the backward pass of a
 LoRA step on a quantized base converts each chunk again instead of keeping every chunk.
@@ -47,45 +49,26 @@ def _limit(x: jax.Array) -> int:
     return CHUNK_BYTES * min(max(rows // ROWS_PER_CHUNK, 1), 8)
 
 
-def _loop(n_chunks: int, part, out_shape) -> jax.Array:
-    part = jax.checkpoint(part)
-    return lax.fori_loop(0, n_chunks, lambda i, acc: acc + part(i), jnp.zeros(out_shape, f32))
+def accumulate(x: jax.Array, n_units: int, unit_bytes: int, part) -> jax.Array:
+    """The float32 sum over chunks of `part(i, k)`: chunk i's product, k input units (of
+    `unit_bytes` converted each, `n_units` in all) per chunk, in a `fori_loop`."""
+    k = chunk_units(n_units, unit_bytes, _limit(x))
+    chunk = jax.checkpoint(lambda i: part(i, k))
+    first = jax.eval_shape(chunk, 0)
+    return lax.fori_loop(0, n_units // k, lambda i, acc: acc + chunk(i),
+                         jnp.zeros(first.shape, f32))
 
 
 def eight_bit(x: jax.Array, q: jax.Array) -> jax.Array:
     """x [..., in] @ q [in, out] (int8 or float8 codes, unscaled), in float32."""
-    n_in, out = q.shape
-    k = chunk_units(n_in, out * 4, _limit(x))
     fp8 = q.dtype == jnp.float8_e4m3fn
     if fp8:  # XLA:CPU emulates e4m3 arrays, slices included (BENCH_134M: 7 tok/s; 19 so)
         q = lax.bitcast_convert_type(q, jnp.uint8)
 
-    def part(i):
+    def part(i, k):
         xc = lax.dynamic_slice_in_dim(x, i * k, k, x.ndim - 1)  # [..., k]
         qc = lax.dynamic_slice_in_dim(q, i * k, k, 0)  # [k, out]
         w = lax.bitcast_convert_type(qc, jnp.float8_e4m3fn) if fp8 else qc
         return jnp.einsum("...i,io->...o", xc, w.astype(x.dtype), preferred_element_type=f32)
 
-    return _loop(n_in // k, part, x.shape[:-1] + (out,))
-
-
-def int4(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
-    """x [..., in] @ the weight of packed int4 codes q [groups, g/2, out] (llama2_jax.model.int4's
-    layout) and scales [groups, out], in float32."""
-    n_groups, half, out = q.shape
-    k = chunk_units(n_groups, half * out * 4, _limit(x))
-    xg = x.reshape(*x.shape[:-1], n_groups, 2 * half)  # [..., groups, g]
-
-    def part(i):
-        xc = lax.dynamic_slice_in_dim(xg, i * k, k, xg.ndim - 2)  # [..., k, g]
-        b = lax.dynamic_slice_in_dim(q, i * k, k, 0).astype(jnp.int8)  # [k, g/2, out]
-        s = lax.dynamic_slice_in_dim(scale, i * k, k, 0)[:, None]  # [k, 1, out]
-        y = 0.0
-        # Low nibbles hold each group's first g/2 inputs, high nibbles its last g/2.
-        for codes, xs in ((jnp.left_shift(b, 4) >> 4, xc[..., :half]), (b >> 4, xc[..., half:])):
-            w = (codes.astype(f32) * s).reshape(k * half, out).astype(x.dtype)
-            y = y + jnp.einsum("...i,io->...o", xs.reshape(*xs.shape[:-2], k * half), w,
-                               preferred_element_type=f32)
-        return y
-
-    return _loop(n_groups // k, part, x.shape[:-1] + (out,))
+    return accumulate(x, q.shape[0], q.shape[1] * 4, part)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from llama2_jax.model import cpu_matmul
 from llama2_jax.model.config import ConfigError
@@ -67,12 +68,16 @@ def quantize(w: jax.Array, last: int, name: str = "a weight"
     return packed.astype(jnp.uint8), scale, g
 
 
+def nibbles(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(low, high) int8 codes of packed bytes `q`: each group's first and last g/2 inputs."""
+    b = q.astype(jnp.int8)
+    return jnp.left_shift(b, 4) >> 4, b >> 4  # arithmetic shifts: sign-extended nibbles
+
+
 def unpack(q: jax.Array, last: int) -> jax.Array:
     """int8 codes [..., groups, g, out...] of packed `q` [..., groups, g/2, out...] (its
     groups axis `last`)."""
-    b = q.astype(jnp.int8)
-    lo = jnp.left_shift(b, 4) >> 4  # arithmetic shifts: sign-extended nibbles
-    return jnp.concatenate([lo, b >> 4], axis=last + 1)
+    return jnp.concatenate(nibbles(q), axis=last + 1)
 
 
 def dequantize(q: jax.Array, scale: jax.Array, last: int, dtype) -> jax.Array:
@@ -85,7 +90,26 @@ def dequantize(q: jax.Array, scale: jax.Array, last: int, dtype) -> jax.Array:
 def matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     """x [..., in] @ the [in, out] weight of packed q [groups, g/2, out], scales [groups,
     out], in float32. On CPU a chunk of groups at a time (llama2_jax.model.cpu_matmul)."""
-    return jax.lax.platform_dependent(x, q, scale, cpu=cpu_matmul.int4, default=fused_matmul)
+    return jax.lax.platform_dependent(x, q, scale, cpu=chunked_matmul, default=fused_matmul)
+
+
+def chunked_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """The CPU form: a few groups unpacked, scaled and multiplied per loop iteration."""
+    n_groups, half, out = q.shape
+    xg = x.reshape(*x.shape[:-1], n_groups, 2 * half)  # [..., groups, g]
+
+    def part(i, k):
+        xc = lax.dynamic_slice_in_dim(xg, i * k, k, xg.ndim - 2)  # [..., k, g]
+        s = lax.dynamic_slice_in_dim(scale, i * k, k, 0)[:, None]  # [k, 1, out]
+        codes = nibbles(lax.dynamic_slice_in_dim(q, i * k, k, 0))  # 2 x [k, g/2, out]
+        y = 0.0
+        for c, xs in zip(codes, (xc[..., :half], xc[..., half:])):
+            w = (c.astype(f32) * s).reshape(k * half, out).astype(x.dtype)
+            y = y + jnp.einsum("...i,io->...o", xs.reshape(*xs.shape[:-2], k * half), w,
+                               preferred_element_type=f32)
+        return y
+
+    return cpu_matmul.accumulate(x, n_groups, half * out * 4, part)
 
 
 def fused_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
@@ -97,8 +121,7 @@ def fused_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
         return jnp.einsum("...i,io->...o", x, w, preferred_element_type=f32)
     n_groups, half, out = q.shape
     g = 2 * half
-    b = q.astype(jnp.int8)
-    lo, hi = jnp.left_shift(b, 4) >> 4, b >> 4  # [groups, g/2, out]
+    lo, hi = nibbles(q)  # [groups, g/2, out]
     xg = x.reshape(*x.shape[:-1], n_groups, g)
     y = (jnp.einsum("...ki,kio->...ko", xg[..., :g // 2], lo.astype(x.dtype),
                     preferred_element_type=f32)
