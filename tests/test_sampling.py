@@ -166,3 +166,21 @@ def test_floor_is_the_same_on_both_paths():
     kept = lambda floor: x >= np.asarray(floor)  # noqa: E731
     r = np.asarray(resolved)
     np.testing.assert_array_equal(kept(cand)[r], kept(bisected)[r])
+
+
+@pytest.mark.parametrize("vocab", [300, 32000, 32001])
+def test_blocked_argmax_and_top_k_equal_xla_ties_included(vocab):
+    """sampling.argmax / top_k go through blocks of tokens; they must give jnp.argmax's and
+    lax.top_k's answers, equal values going to the lower id (integer logits: many ties)."""
+    rs = np.random.RandomState(vocab)
+    for x in (rs.randn(6, vocab), rs.randint(0, 4, (6, vocab)), np.zeros((6, vocab))):
+        x = x.astype(np.float32)
+        x[1, -1] = 50.0  # the maximum in the padded last block
+        x[2, :3] = -np.inf
+        for n in (1, 20, 64):
+            want_v, want_i = jax.lax.top_k(x, n)
+            got_v, got_i = jax.jit(sampling.top_k, static_argnums=1)(jnp.asarray(x), n)
+            np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+            np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+        np.testing.assert_array_equal(np.asarray(jax.jit(sampling.argmax)(x)),
+                                      np.asarray(jnp.argmax(x, axis=-1)))

@@ -14,6 +14,12 @@ Meta's top-p leave (see `SamplingParams`), found without sorting the vocabulary:
 
 A row that the candidates resolve always takes their floor, whichever branch its batch runs, so
 a row's tokens never depend on what else is batched with it.
+
+The argmax and the top-k of a row (`argmax`, `top_k`) go through blocks of BLOCK tokens: the
+maximum of each block first, then the few blocks that can hold the answer. XLA:CPU's argmax
+(a reduction over value and index pairs) and `lax.top_k` over a whole 32,000-token row are
+many times slower than these (benchmarks/RESULTS.md, issue 19); the results, ties included,
+are theirs.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from llama2_jax.inference.params import TOP_LOGPROBS
 f32, i32, u32 = jnp.float32, jnp.int32, jnp.uint32
 CANDIDATES = 64  # logits per row the cheap path ranks
 DRAW_BLOCK = 128  # the inverse CDF sums blocks of this many tokens, then one block's tokens
+BLOCK = 128  # argmax and top-k: tokens per block
 
 
 class RowSampling(NamedTuple):
@@ -57,7 +64,7 @@ def sample_rows(logits: jax.Array, s: RowSampling) -> jax.Array:
     drawn with `uniform(fold_in(key, count))` (`draw`). The sampled work runs only when some
     row samples.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(i32)
+    greedy = argmax(logits)
     sampling = s.temperature > 0
 
     def sampled():
@@ -70,6 +77,43 @@ def sample_rows(logits: jax.Array, s: RowSampling) -> jax.Array:
         return jnp.where(sampling, draw(x, floor, u), greedy)
 
     return jax.lax.cond(jnp.any(sampling), sampled, lambda: greedy)
+
+
+def _blocks(x: jax.Array) -> jax.Array:
+    """x [B, V] as [B, ceil(V / BLOCK), BLOCK], padded with -inf."""
+    B, V = x.shape
+    nb = -(-V // BLOCK)
+    return jnp.pad(x, ((0, 0), (0, nb * BLOCK - V)), constant_values=-jnp.inf).reshape(
+        B, nb, BLOCK)
+
+
+def argmax(x: jax.Array) -> jax.Array:
+    """[B] int32: jnp.argmax(x, axis=-1) of x [B, V] (the first of equal maxima): the block
+    holding the first maximum, then the first maximum inside it."""
+    if x.shape[-1] <= 2 * BLOCK:
+        return jnp.argmax(x, axis=-1).astype(i32)
+    xb = _blocks(x)
+    blk = jnp.argmax(xb.max(axis=-1), axis=-1)  # [B]
+    inner = jnp.take_along_axis(xb, blk[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
+    return (blk * BLOCK + jnp.argmax(inner, axis=-1)).astype(i32)
+
+
+def top_k(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """(values [B, n], ids [B, n] int32): `lax.top_k(x, n)` of x [B, V], ties to the lower id.
+
+    The n largest lie in the n blocks with the largest maxima (a block left out has n blocks
+    at least as large before it); those blocks, in vocabulary order, are ranked with
+    lax.top_k, so equal values still go to the lower id."""
+    V = x.shape[-1]
+    if V < 2 * n * BLOCK:
+        values, ids = jax.lax.top_k(x, n)
+        return values, ids.astype(i32)
+    xb = _blocks(x)
+    blocks = jnp.sort(jax.lax.top_k(xb.max(axis=-1), n)[1], axis=-1)  # [B, n] ascending
+    picked = jnp.take_along_axis(xb, blocks[:, :, None], axis=1)  # [B, n, BLOCK]
+    values, at = jax.lax.top_k(picked.reshape(x.shape[0], n * BLOCK), n)
+    ids = jnp.take_along_axis(blocks, at // BLOCK, axis=-1) * BLOCK + at % BLOCK
+    return values, ids.astype(i32)
 
 
 def mask_rows(logits: jax.Array, constrained: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -107,7 +151,7 @@ def _candidate_floor(x, k, top_p):
     """(floor [B, 1], resolved [B]) from the CANDIDATES largest logits of each row."""
     V = x.shape[-1]
     n = min(CANDIDATES, V)
-    vals = jax.lax.top_k(x, n)[0]  # [B, n], largest first
+    vals = top_k(x, n)[0]  # [B, n], largest first
     small_k = k <= n
     kth = jnp.take_along_axis(vals, (jnp.minimum(k, n) - 1)[:, None], axis=-1)  # [B, 1]
     in_k = vals >= jnp.where(small_k[:, None], kth, -jnp.inf)
@@ -212,8 +256,8 @@ def logprobs(logits: jax.Array, tokens: jax.Array, want_top: jax.Array):
     n = min(TOP_LOGPROBS, logits.shape[-1])
 
     def top():
-        values, ids = jax.lax.top_k(logits, n)
-        return ids.astype(i32), values - lse[:, None]
+        values, ids = top_k(logits, n)
+        return ids, values - lse[:, None]
 
     def none():
         return jnp.zeros((logits.shape[0], n), i32), jnp.zeros((logits.shape[0], n), f32)
