@@ -7,6 +7,11 @@ or sampling) at batch 1, 4, 16 and 64, in XLA and in PyTorch, same weights, same
 What it shows: how far batching can raise decode throughput on this machine before any
 attention, prefill or scheduling is paid (rows / chain time), and whether XLA:CPU's or
 PyTorch's matmuls are faster here (machines differ: see benchmarks/RESULTS.md).
+
+The "[out, in]" column runs the same chain with every weight stored transposed (ggml's layout:
+one output's weights contiguous) and contracted on its minor dimension, compiled with the
+steps' options: XLA:CPU's matrix-vector product is faster that way at one row and several
+times slower at 4 and more (benchmarks/RESULTS.md, issue 19).
 """
 
 import os
@@ -39,6 +44,16 @@ def chain(x, layers, o, silu):
     return x @ o
 
 
+def chain_out_in(x, layers, o, silu):
+    """`chain` with every weight stored [out, in] (the transpose of `chain`'s)."""
+    def mm(a, w):
+        return jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())))
+    for wq, wk, wv, wo, w1, w3, w2 in layers:
+        x = x + mm(mm(x, wq) + mm(x, wk) + mm(x, wv), wo)
+        x = x + mm(silu(mm(x, w1)) * mm(x, w3), w2)
+    return mm(x, o)
+
+
 def main() -> None:
     threads = os.cpu_count()
     pin_threads(threads)
@@ -57,20 +72,27 @@ def main() -> None:
     # compiled as the library's CPU steps are (EngineOptions.cpu_compiler_options)
     lib = jax.jit(lambda x, layers, o: chain(x, layers, o, jax.nn.silu),
                   compiler_options=dict(DEFAULT_OPTIONS.cpu_compiler_options))
+    # the same weights as [out, in], contiguous
+    jw_t = [[jnp.asarray(np.ascontiguousarray(w.T)) for w in layer] for layer in weights]
+    jo_t = jnp.asarray(np.ascontiguousarray(out.T))
+    lib_t = jax.jit(lambda x, layers, o: chain_out_in(x, layers, o, jax.nn.silu),
+                    compiler_options=dict(DEFAULT_OPTIONS.cpu_compiler_options))
     tw = [[torch.from_numpy(w) for w in layer] for layer in weights]
     to = torch.from_numpy(out)
     print(f"BENCH_134M matmul chain, fp32, {threads} threads")
-    print("| rows | XLA ms | XLA ms, the steps' options | PyTorch ms | XLA rows/s (tok/s "
-          "ceiling, the faster XLA) | XLA / PyTorch time |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| rows | XLA ms | XLA ms, the steps' options | XLA ms, weights [out, in] | PyTorch ms "
+          "| XLA rows/s (tok/s ceiling, the faster of the first two) | XLA / PyTorch time | "
+          "[out, in] / the steps' options |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in BATCHES:
         x = jnp.ones((b, d), jnp.float32)
         jax.block_until_ready(run(x, jw, jo))
         jax.block_until_ready(lib(x, jw, jo))
+        jax.block_until_ready(lib_t(x, jw_t, jo_t))
         tx = torch.ones(b, d)
         with torch.no_grad():
             chain(tx, tw, to, torch.nn.functional.silu)
-            xla, xla_lib, pt = [], [], []
+            xla, xla_lib, xla_t, pt = [], [], [], []
             for _ in range(REPS):  # alternating, so both see the same machine state
                 t = time.perf_counter()
                 jax.block_until_ready(run(x, jw, jo))
@@ -79,12 +101,15 @@ def main() -> None:
                 jax.block_until_ready(lib(x, jw, jo))
                 xla_lib.append(time.perf_counter() - t)
                 t = time.perf_counter()
+                jax.block_until_ready(lib_t(x, jw_t, jo_t))
+                xla_t.append(time.perf_counter() - t)
+                t = time.perf_counter()
                 chain(tx, tw, to, torch.nn.functional.silu)
                 pt.append(time.perf_counter() - t)
-        a, a_lib, p = median(xla), median(xla_lib), median(pt)
+        a, a_lib, a_t, p = median(xla), median(xla_lib), median(xla_t), median(pt)
         best = min(a, a_lib)
-        print(f"| {b} | {1e3 * a:.1f} | {1e3 * a_lib:.1f} | {1e3 * p:.1f} | {b / best:.0f} | "
-              f"{best / p:.2f} |", flush=True)
+        print(f"| {b} | {1e3 * a:.1f} | {1e3 * a_lib:.1f} | {1e3 * a_t:.1f} | {1e3 * p:.1f} | "
+              f"{b / best:.0f} | {best / p:.2f} | {a_t / a_lib:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
