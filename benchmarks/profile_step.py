@@ -163,7 +163,7 @@ def chain_ms(params, rows: int, compiler_options, reps: int = 20) -> float:
 
 def case(model, rows: int, sampling: str, steps: int, top: int, prompt: int,
          length: int, options: EngineOptions) -> dict:
-    slots = Slots(Weights(model, options=options), rows, length)
+    slots = Slots(Weights(model, options=options, fuse=True), rows, length)  # as the server
     rng = np.random.default_rng(0)
     for s in range(rows):
         tokens = rng.integers(3, BENCH_134M.vocab_size, prompt).tolist()

@@ -121,7 +121,7 @@ def abstract_slots(cfg: ModelConfig, mesh: Mesh, *, slots: int, length: int,
     model = checkpoint.abstract_model_on(cfg, mesh, quantization)
     if unstack is None:
         unstack = mesh.devices.flat[0].platform == "cpu"
-    return Slots(Weights(model, mesh, unstack=unstack), slots, length, chunk=chunk,
+    return Slots(Weights(model, mesh, unstack=unstack, fuse=True), slots, length, chunk=chunk,
                  logprobs=logprobs, abstract=True, kv_quantization=kv_quantization)
 
 

@@ -106,6 +106,9 @@ class AdapterStack:
     a step takes, `bind` puts them in the model inside it, `put` writes one adapter."""
 
     def __init__(self, weights, limits: Limits, abstract: bool = False):
+        if weights.fused:  # `bind` wraps a layer's separate q/k/v and w1/w3
+            raise ValueError("LoRA adapters bind to separate q/k/v and w1/w3 matrices: "
+                             "build the Weights with fuse=False")
         self.limits, self.config = limits, weights.config
         self.replicated = NamedSharding(weights.mesh, PartitionSpec())
         dtype = weights.config.compute_dtype

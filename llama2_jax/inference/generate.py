@@ -75,7 +75,7 @@ class Engine:
     def __init__(self, model: Transformer, mesh: Mesh | None = None,
                  unstack: bool | None = None, options: EngineOptions = DEFAULT_OPTIONS,
                  max_batch: int = 16, kv_quantization: str = "none"):
-        self.weights = Weights(model, mesh, unstack, options)
+        self.weights = Weights(model, mesh, unstack, options, fuse=True)
         self.kv_quantization = kv_quantization
         self.config, self.mesh = model.config, self.weights.mesh
         self.max_batch = max_batch

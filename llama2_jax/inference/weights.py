@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from llama2_jax.model import sharding
+from llama2_jax.model import fused, sharding
 from llama2_jax.model.transformer import Transformer, unstack_layers
 
 
@@ -65,10 +65,13 @@ class Weights:
       model: the Transformer (its parameters placed on `mesh`).
       mesh: where they live (None: the mesh of the parameters).
       unstack: run the layers from per-layer copies (None: `unstack_default`).
+      fuse: on CPU, keep the per-layer copies' q/k/v and w1/w3 as one matrix each
+        (`llama2_jax.model.fused`; float weights on one device only, `fused` says whether
+        they were). LoRA adapters bind to the separate matrices: not with adapters.
     """
 
     def __init__(self, model: Transformer, mesh: Mesh | None = None, unstack: bool | None = None,
-                 options: EngineOptions = DEFAULT_OPTIONS):
+                 options: EngineOptions = DEFAULT_OPTIONS, fuse: bool = False):
         self.config = model.config
         self.mesh = mesh or model_mesh(model)
         self.options = options
@@ -76,6 +79,10 @@ class Weights:
         if unstack is None:
             unstack = unstack_default(model, options, self.platform)
         self.unstacked = unstack_layers(model) if unstack else None
+        self.fused = bool(fuse and self.unstacked and self.platform == "cpu"
+                          and all(fused.fusable(s) for s in self.unstacked))
+        if self.fused:
+            self.unstacked = tuple(fused.fuse_layer(s) for s in self.unstacked)
         leaves, self._treedef = jax.tree.flatten((self.state, self.unstacked))
         self.leaves = tuple(leaves)
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama2_jax.model import kv_cache
+from llama2_jax.model import fused, kv_cache
 from llama2_jax.model.config import ModelConfig
 from llama2_jax.model.kv_cache import Blocks, KVCache  # noqa: F401  (re-exported)
 from llama2_jax.model.sharding import constrain
@@ -116,13 +116,20 @@ class Attention(nnx.Module):
         (k, v) [B, T, K, H] come back in its place, for the caller to write.
         """
         B, T, D = x.shape
-        N, H = self.wq.shape[-2:]
-        K = self.wk.shape[-2]
-        # Weights enter the matmuls as 2-D [in, out] views (free reshapes): XLA then needs no
-        # transposed copies of them.
-        q = linear("BTD,DQ->BTQ", x, self.wq[...].reshape(D, N * H)).reshape(B, T, N, H)
-        k = linear("BTD,DQ->BTQ", x, self.wk[...].reshape(D, K * H)).reshape(B, T, K, H)
-        v = linear("BTD,DQ->BTQ", x, self.wv[...].reshape(D, K * H)).reshape(B, T, K, H)
+        wq = self.wq[...]
+        N, H = wq.shape[-2:]
+        if isinstance(wq, fused.FusedQKV):  # a per-layer CPU copy: one matmul
+            K = wq.kv_heads
+            qkv = linear("BTD,DQ->BTQ", x, wq.w)
+            q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
+            q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
+        else:
+            K = self.wk.shape[-2]
+            # Weights enter the matmuls as 2-D [in, out] views (free reshapes): XLA then
+            # needs no transposed copies of them.
+            q = linear("BTD,DQ->BTQ", x, wq.reshape(D, N * H)).reshape(B, T, N, H)
+            k = linear("BTD,DQ->BTQ", x, self.wk[...].reshape(D, K * H)).reshape(B, T, K, H)
+            v = linear("BTD,DQ->BTQ", x, self.wv[...].reshape(D, K * H)).reshape(B, T, K, H)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
         if kv is None:
@@ -149,9 +156,12 @@ class FeedForward(nnx.Module):
         self.w3 = _param(rngs, cfg, (d, f), ("embed", "mlp"), stack)
 
     def __call__(self, x):  # [B, T, D]
-        gate = jax.nn.silu(linear("BTD,DF->BTF", x, self.w1[...]))
-        return linear("BTF,FD->BTD", gate * linear("BTD,DF->BTF", x, self.w3[...]),
-                      self.w2[...])
+        w1 = self.w1[...]
+        if isinstance(w1, fused.FusedGateUp):  # a per-layer CPU copy: one matmul
+            gate, up = jnp.split(linear("BTD,DF->BTF", x, w1.w), 2, axis=-1)
+        else:
+            gate, up = linear("BTD,DF->BTF", x, w1), linear("BTD,DF->BTF", x, self.w3[...])
+        return linear("BTF,FD->BTD", jax.nn.silu(gate) * up, self.w2[...])
 
 
 class Block(nnx.Module):
