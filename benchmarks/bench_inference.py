@@ -71,6 +71,7 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks import llama_cpp_peer  # noqa: E402
 from benchmarks.common import pin_threads, hf_model_from, median  # noqa: E402
+from llama2_jax.model import fused  # noqa: E402
 from llama2_jax.model.checkpoint import params_of, random_model  # noqa: E402
 from llama2_jax.model.config import BENCH_134M, LLAMA2_7B  # noqa: E402
 from llama2_jax.inference.generate import Engine  # noqa: E402
@@ -277,8 +278,9 @@ class HF:
 
 # -- the decode step next to its bare matmuls ----------------------------------------------------
 def matmul_chain(engine: Engine):
-    """A jitted chain of the model's own weight matmuls at batch 1, in the decode step's order,
-    and nothing else (no attention, norms, RoPE, sampling): what a decode step cannot beat."""
+    """A jitted chain of the model's own weight matmuls at batch 1, in the decode step's order
+    and layout (q/k/v and w1/w3 fused where the engine's per-layer copies are), and nothing
+    else (no attention, norms, RoPE, sampling): what a decode step cannot beat."""
     cfg = engine.config
     layers = [jax.tree.map(lambda a: a, nnx.to_pure_dict(s)) for s in engine.weights.unstacked]
     params = nnx.to_pure_dict(engine.weights.state)
@@ -287,11 +289,17 @@ def matmul_chain(engine: Engine):
     def chain(x, layers, embed_out):
         for w in layers:
             a, f = w["attention"], w["feed_forward"]
-            q = x @ a["wq"].reshape(d, n * h)
-            kv = x @ a["wk"].reshape(d, k * h) + x @ a["wv"].reshape(d, k * h)
+            if isinstance(a["wq"], fused.FusedQKV):  # the steps' layout: one matmul each
+                q, kk, v = jnp.split(x @ a["wq"].w, [n * h, (n + k) * h], axis=-1)
+                gate, up = jnp.split(x @ f["w1"].w, 2, axis=-1)
+                kv = kk + v
+            else:
+                q = x @ a["wq"].reshape(d, n * h)
+                kv = x @ a["wk"].reshape(d, k * h) + x @ a["wv"].reshape(d, k * h)
+                gate, up = x @ f["w1"], x @ f["w3"]
             mix = q + jnp.repeat(kv.reshape(1, k, h), n // k, axis=1).reshape(1, n * h)
             x = x + mix @ a["wo"].reshape(n * h, d)
-            x = x + (jax.nn.silu(x @ f["w1"]) * (x @ f["w3"])) @ f["w2"]
+            x = x + (jax.nn.silu(gate) * up) @ f["w2"]
         return jnp.argmax(x @ embed_out, axis=-1)
 
     run = jax.jit(chain, compiler_options=engine.weights.compiler_options)  # as the steps
