@@ -339,8 +339,8 @@ def sampled_vs_greedy(model, reps: int, steps: int) -> dict:
     repetition. Median ms per step and the ratio to greedy."""
     from llama2_jax.inference.slots import Slots
     from llama2_jax.inference.params import SamplingParams
-    engine = Engine(model)
-    slots = Slots(engine.weights, 16, 512)
+    from llama2_jax.inference.weights import Weights
+    slots = Slots(Weights(model), 16, 512)  # the server's weights (not fused)
     rng = np.random.default_rng(1)
     prompts = rng.integers(3, model.config.vocab_size, (16, 64)).tolist()
     settings = {"greedy": GREEDY, "top_p 0.9": SamplingParams(0.6, 0.9, 0, seed=1),

@@ -44,17 +44,6 @@ def chain(x, layers, o, silu):
     return x @ o
 
 
-def chain_fused(x, layers, o, silu):
-    """`chain` with q/k/v and w1/w3 as one matrix each (layers of (wqkv, wo, w13, w2)): the
-    layout of the library's per-layer CPU copies (llama2_jax.model.fused)."""
-    for wqkv, wo, w13, w2 in layers:
-        q, k, v = jnp.split(x @ wqkv, 3, axis=-1)
-        x = x + (q + k + v) @ wo
-        gate, up = jnp.split(x @ w13, 2, axis=-1)
-        x = x + (silu(gate) * up) @ w2
-    return x @ o
-
-
 def chain_out_in(x, layers, o, silu):
     """`chain` with every weight stored [out, in] (the transpose of `chain`'s)."""
     def mm(a, w):

@@ -15,9 +15,8 @@ For each case:
                 and steps, attributed to the source line that made it (the compiled HLO's
                 metadata) and grouped: weight matmuls, attention, KV-cache write, norms and
                 RoPE, sampling, log-probabilities, slot state, other
-  chain ms      the same weights' matmul chain alone (matmul_chain.chain_fused: the steps'
-                layout; no attention or sampling), compiled with the same options: the floor
-                under the step
+  chain ms      the same weights' matmul chain alone (benchmarks/matmul_chain.py's, no
+                attention or sampling), compiled with the same options: the floor under the step
   --xla_defaults  both compiled with XLA:CPU's default library fusions (before 72f916d)
 """
 
@@ -45,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import pin_threads  # noqa: E402
-from benchmarks.matmul_chain import chain_fused  # noqa: E402
+from benchmarks.matmul_chain import chain  # noqa: E402
 from llama2_jax.inference.params import SamplingParams  # noqa: E402
 from llama2_jax.inference.slots import Slots  # noqa: E402
 from llama2_jax.inference.weights import DEFAULT_OPTIONS, EngineOptions, Weights  # noqa: E402
@@ -147,13 +146,10 @@ def chain_ms(params, rows: int, compiler_options, reps: int = 20) -> float:
           for k in ("wq", "wk", "wv")]
     wo = np.asarray(layers["attention"]["wo"]).reshape(BENCH_134M.n_layers, -1, BENCH_134M.dim)
     ff = [np.asarray(layers["feed_forward"][k]) for k in ("w1", "w3", "w2")]
-    # the steps' layout (llama2_jax.model.fused): q/k/v and w1/w3 as one matrix each
-    flat = [[jnp.asarray(np.concatenate([w[i] for w in ws], axis=-1)), jnp.asarray(wo[i]),
-             jnp.asarray(np.concatenate([ff[0][i], ff[1][i]], axis=-1)), jnp.asarray(ff[2][i])]
-            for i in range(BENCH_134M.n_layers)]
+    flat = [[jnp.asarray(w[i]) for w in (*ws, wo, *ff)] for i in range(BENCH_134M.n_layers)]
     out = jnp.asarray(np.asarray(params["output"]))
 
-    run = jax.jit(lambda x, layers, o: chain_fused(x, layers, o, jax.nn.silu),
+    run = jax.jit(lambda x, layers, o: chain(x, layers, o, jax.nn.silu),
                   compiler_options=compiler_options)
     x = jnp.ones((rows, BENCH_134M.dim), jnp.float32)
     jax.block_until_ready(run(x, flat, out))
@@ -167,7 +163,7 @@ def chain_ms(params, rows: int, compiler_options, reps: int = 20) -> float:
 
 def case(model, rows: int, sampling: str, steps: int, top: int, prompt: int,
          length: int, options: EngineOptions) -> dict:
-    slots = Slots(Weights(model, options=options, fuse=True), rows, length)  # as the server
+    slots = Slots(Weights(model, options=options), rows, length)
     rng = np.random.default_rng(0)
     for s in range(rows):
         tokens = rng.integers(3, BENCH_134M.vocab_size, prompt).tolist()

@@ -115,13 +115,15 @@ def report(name: str, lowered) -> StepReport:
 
 def abstract_slots(cfg: ModelConfig, mesh: Mesh, *, slots: int, length: int,
                    quantization: str = "none", chunk: int = 256, logprobs: bool = True,
-                   unstack: bool | None = None, kv_quantization: str = "none") -> Slots:
+                   unstack: bool | None = None, kv_quantization: str = "none",
+                   fuse: bool = False) -> Slots:
     """Slots over abstract weights on `mesh`: nothing allocated, for `Slots.lower_steps`.
-    unstack None: the layout the mesh's platform runs (per-layer on CPU, scanned elsewhere)."""
+    unstack None: the layout the mesh's platform runs (per-layer on CPU, scanned elsewhere);
+    fuse: as `Weights(fuse=...)` (the Engine's layout; the server's is unfused)."""
     model = checkpoint.abstract_model_on(cfg, mesh, quantization)
     if unstack is None:
         unstack = mesh.devices.flat[0].platform == "cpu"
-    return Slots(Weights(model, mesh, unstack=unstack, fuse=True), slots, length, chunk=chunk,
+    return Slots(Weights(model, mesh, unstack=unstack, fuse=fuse), slots, length, chunk=chunk,
                  logprobs=logprobs, abstract=True, kv_quantization=kv_quantization)
 
 

@@ -72,8 +72,8 @@ def test_adapters_refuse_fused_weights(one_device_mesh):
 
 
 def test_abstract_fused_weights_lower(one_device_mesh):
-    """The planner's steps (abstract weights on CPU) run the fused layout as the server does."""
-    slots = aot.abstract_slots(CFG, one_device_mesh, slots=2, length=32, chunk=8)
+    """Abstract weights (the planner's) take the fused layout too."""
+    slots = aot.abstract_slots(CFG, one_device_mesh, slots=2, length=32, chunk=8, fuse=True)
     assert slots.weights.fused
     qkv = nnx.to_pure_dict(slots.weights.unstacked[0])["attention"]["wq"]
     assert isinstance(qkv.w, jax.ShapeDtypeStruct) and qkv.w.dtype == jnp.dtype(CFG.weight_dtype)

@@ -66,8 +66,8 @@ class Weights:
       mesh: where they live (None: the mesh of the parameters).
       unstack: run the layers from per-layer copies (None: `unstack_default`).
       fuse: on CPU, keep the per-layer copies' q/k/v and w1/w3 as one matrix each
-        (`llama2_jax.model.fused`; float weights on one device only, `fused` says whether
-        they were). LoRA adapters bind to the separate matrices: not with adapters.
+        (`llama2_jax.model.fused`: faster at one row, not at 16; float weights on one device
+        only, `fused` says whether they were). Not with LoRA adapters.
     """
 
     def __init__(self, model: Transformer, mesh: Mesh | None = None, unstack: bool | None = None,

@@ -2,11 +2,13 @@
 
 On CPU, steps run the layers from per-layer copies of their weights (`Weights(unstack=...)`,
 `Transformer(unstacked=...)`). `fuse_layer` stores such a copy's wq | wk | wv as one
-[D, (N + 2K) * H] matrix and w1 | w3 as one [D, 2F]: a step then reads x once per group and
-runs one matmul where it ran three (two), which XLA:CPU does ~7% faster for the chain of a
-step's matmuls (benchmarks/RESULTS.md, issue 19). The stacked weights, checkpoints, sharding
-and training keep Meta's separate matrices; only float arrays on one device are fused (an
-8-bit or 4-bit weight, an adapter's wrapper, a sharded array keeps its own matmul).
+[D, (N + 2K) * H] matrix and w1 | w3 as one [D, 2F]: a step then runs one matmul where it ran
+three (two). XLA:CPU runs a one-row step ~8-12% faster that way and a 16-row step no faster
+(3-5% slower; benchmarks/RESULTS.md, issue 19), so the Engine (generate, the chat app: one row
+at a time) fuses and the server does not. The stacked weights, checkpoints, sharding and
+training keep Meta's separate matrices; only float arrays on one device are fused (an 8-bit
+or 4-bit weight, a sharded array keeps its own matmuls), and LoRA adapters need the separate
+ones.
 
 In the fused copy, `wq` holds a `FusedQKV` and `w1` a `FusedGateUp`; `wk`, `wv` and `w3` hold
 `Absent` (no array). `Attention` and `FeedForward` split the fused product.

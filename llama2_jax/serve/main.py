@@ -104,9 +104,9 @@ def check(config: ml_collections.ConfigDict) -> None:
 def _slots(config: ml_collections.ConfigDict, prepared: app_build.Prepared, length: int,
            err: TextIO) -> Slots:
     model = prepared.load(err)
-    adapters = app_build.adapter_limits(config)
-    slots = Slots(Weights(model, prepared.mesh, fuse=adapters is None), config.max_slots,
-                  length, chunk=config.prefill_chunk, adapters=adapters,
+    slots = Slots(Weights(model, prepared.mesh), config.max_slots, length,
+                  chunk=config.prefill_chunk,
+                  adapters=app_build.adapter_limits(config),
                   kv_quantization=app_build.kv_method(config))
     err.write(app_build.banner("serve", model, prepared.source, prepared.mesh, length))
     return slots
