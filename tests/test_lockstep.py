@@ -152,10 +152,11 @@ def test_a_follower_replays_the_scheduler_exactly(engine):  # noqa: F811
     assert store.sent("insert") > 0 and store.sent("release") > 0
 
 
-def test_a_follower_replays_adapter_loads_and_rows(engine, tmp_path):  # noqa: F811
+def test_a_follower_replays_adapter_loads_and_rows(engine, model, tmp_path):  # noqa: F811
     """Adapters loaded at start and between steps, rows of an adapter beside base rows: the
     follower's adapter stack, caches and state end as process 0's."""
     from llama2_jax.inference.adapters import limits_for
+    from llama2_jax.inference.weights import Weights
     from llama2_jax.model import adapter
     from tests.conftest import random_adapter
     dirs = [str(tmp_path / name) for name in ("a", "b")]
@@ -164,7 +165,8 @@ def test_a_follower_replays_adapter_loads_and_rows(engine, tmp_path):  # noqa: F
     limits = limits_for(dirs)
     store = Store()
     to_followers, from_leader = pair(store)
-    make = lambda: Slots(engine.weights, 2, 128, chunk=16, kv_block=32,  # noqa: E731
+    weights = Weights(model)  # the server's: adapters bind to separate q/k/v (not the Engine's)
+    make = lambda: Slots(weights, 2, 128, chunk=16, kv_block=32,  # noqa: E731
                          adapters=limits)
     mine, theirs = make(), make()
     leader = lockstep.Leader(mine, to_followers)
