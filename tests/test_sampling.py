@@ -184,3 +184,15 @@ def test_blocked_argmax_and_top_k_equal_xla_ties_included(vocab):
             np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
         np.testing.assert_array_equal(np.asarray(jax.jit(sampling.argmax)(x)),
                                       np.asarray(jnp.argmax(x, axis=-1)))
+
+
+def test_other_platforms_keep_xla_argmax_and_top_k():
+    """The blocks are XLA:CPU's fast path only: lowered for cuda or tpu, no [B, blocks, BLOCK]
+    view of the logits appears (and on CPU it does)."""
+    x = jax.ShapeDtypeStruct((4, 32000), jnp.float32)
+    view = f"4x{-(-32000 // sampling.BLOCK)}x{sampling.BLOCK}xf32"
+    for fn in (sampling.argmax, lambda x: sampling.top_k(x, 64)):
+        f = jax.jit(fn)
+        assert view in f.trace(x).lower(lowering_platforms=("cpu",)).as_text()
+        for platform in ("cuda", "tpu"):
+            assert view not in f.trace(x).lower(lowering_platforms=(platform,)).as_text()

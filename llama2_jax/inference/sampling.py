@@ -15,11 +15,12 @@ Meta's top-p leave (see `SamplingParams`), found without sorting the vocabulary:
 A row that the candidates resolve always takes their floor, whichever branch its batch runs, so
 a row's tokens never depend on what else is batched with it.
 
-The argmax and the top-k of a row (`argmax`, `top_k`) go through blocks of BLOCK tokens: the
-maximum of each block first, then the few blocks that can hold the answer. XLA:CPU's argmax
-(a reduction over value and index pairs) and `lax.top_k` over a whole 32,000-token row are
-many times slower than these (benchmarks/RESULTS.md, issue 19); the results, ties included,
-are theirs.
+On CPU, the argmax and the top-k of a row (`argmax`, `top_k`) go through blocks of BLOCK
+tokens: the maximum of each block first, then the few blocks that can hold the answer.
+XLA:CPU's argmax (a reduction over value and index pairs) and `lax.top_k` over a whole
+32,000-token row are many times slower than these (benchmarks/RESULTS.md, issue 19); the
+results, ties included, are theirs. Other platforms keep jnp.argmax and lax.top_k (picked by
+`lax.platform_dependent`).
 """
 
 from __future__ import annotations
@@ -88,10 +89,16 @@ def _blocks(x: jax.Array) -> jax.Array:
 
 
 def argmax(x: jax.Array) -> jax.Array:
-    """[B] int32: jnp.argmax(x, axis=-1) of x [B, V] (the first of equal maxima): the block
-    holding the first maximum, then the first maximum inside it."""
-    if x.shape[-1] <= 2 * BLOCK:
+    """[B] int32: jnp.argmax(x, axis=-1) of x [B, V] (the first of equal maxima); on CPU the
+    block holding the first maximum, then the first maximum inside it."""
+    def plain(x):
         return jnp.argmax(x, axis=-1).astype(i32)
+    if x.shape[-1] <= 2 * BLOCK:
+        return plain(x)
+    return jax.lax.platform_dependent(x, cpu=_blocked_argmax, default=plain)
+
+
+def _blocked_argmax(x: jax.Array) -> jax.Array:
     xb = _blocks(x)
     blk = jnp.argmax(xb.max(axis=-1), axis=-1)  # [B]
     inner = jnp.take_along_axis(xb, blk[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
@@ -101,13 +108,18 @@ def argmax(x: jax.Array) -> jax.Array:
 def top_k(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     """(values [B, n], ids [B, n] int32): `lax.top_k(x, n)` of x [B, V], ties to the lower id.
 
-    The n largest lie in the n blocks with the largest maxima (a block left out has n blocks
+    On CPU: the n largest lie in the n blocks with the largest maxima (a block left out has n blocks
     at least as large before it); those blocks, in vocabulary order, are ranked with
     lax.top_k, so equal values still go to the lower id."""
-    V = x.shape[-1]
-    if V < 2 * n * BLOCK:
+    def plain(x):
         values, ids = jax.lax.top_k(x, n)
         return values, ids.astype(i32)
+    if x.shape[-1] < 2 * n * BLOCK:
+        return plain(x)
+    return jax.lax.platform_dependent(x, cpu=lambda x: _blocked_top_k(x, n), default=plain)
+
+
+def _blocked_top_k(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     xb = _blocks(x)
     blocks = jnp.sort(jax.lax.top_k(xb.max(axis=-1), n)[1], axis=-1)  # [B, n] ascending
     picked = jnp.take_along_axis(xb, blocks[:, :, None], axis=1)  # [B, n, BLOCK]
