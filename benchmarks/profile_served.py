@@ -73,12 +73,7 @@ class Timed:
         slots = self.slots
 
         def timed(*args, **kwargs):
-            shape = None
-            if name == "decode":
-                live = np.flatnonzero(slots.positions < slots.length)
-                if live.size:
-                    shape = (slots.shapes.row_bucket(int(live[-1]) + 1),
-                             slots.shapes.attend_bucket(int(slots.positions[live].max()) + 1))
+            shape = slots.shapes.decode_shape(slots.positions) if name == "decode" else None
             t = time.perf_counter()
             out = fn(*args, **kwargs)
             jax.block_until_ready(jax.tree.leaves(out))
@@ -164,18 +159,15 @@ def main() -> None:
                 with Timed(slots) as timed:
                     inst = closed_loop(slots, prompts, args.clients, args.new_tokens, params)
                 device = {k: sum(timed.seconds[k]) for k in TIMED}
+                shapes = {f"{r} rows, attend {a}": v for (r, a), v in sorted(
+                    (k, v) for k, v in timed.seconds.items() if isinstance(k, tuple))}
                 inst.update({f"{k}_s": v for k, v in device.items()},
                             host_s=inst["wall_s"] - sum(device.values()),
                             decode_calls=len(timed.seconds["decode"]),
                             prefill_calls=len(timed.seconds["prefill"]),
-                            decode_ms_by_shape={f"{r} rows, attend {a}": 1e3 * statistics.mean(v)
-                                                for (r, a), v in sorted(
-                                                    (k, v) for k, v in timed.seconds.items()
-                                                    if isinstance(k, tuple))},
-                            decode_calls_by_shape={f"{r} rows, attend {a}": len(v)
-                                                   for (r, a), v in sorted(
-                                                       (k, v) for k, v in timed.seconds.items()
-                                                       if isinstance(k, tuple))})
+                            decode_ms_by_shape={k: 1e3 * statistics.mean(v)
+                                                for k, v in shapes.items()},
+                            decode_calls_by_shape={k: len(v) for k, v in shapes.items()})
                 results[(name, sampling)].append({"plain": plain, "instrumented": inst})
                 print(f"rep {rep} | {name} | {sampling} | plain {plain['tok_s']:.1f} tok/s "
                       f"({plain['wall_s']:.1f} s) | instrumented {inst['wall_s']:.1f} s: "

@@ -13,6 +13,7 @@ import pytest
 
 from llama2_jax.model import checkpoint
 from llama2_jax.inference.params import GREEDY, SamplingParams
+from llama2_jax.inference.buckets import Shapes
 from llama2_jax.inference.slots import Slots
 from llama2_jax.model.config import TINY
 from llama2_jax.model.kv_cache import Blocks, KVCache
@@ -149,6 +150,20 @@ def test_decode_computes_only_the_rows_up_to_the_highest_slot_in_use(engine):
         assert out.tokens.shape == (1,)
         got_p.append(int(out.tokens[0]))
     assert got_p == alone(engine, p, 10) and got_q == alone(engine, q, 7)
+
+
+def test_decode_shape_is_the_highest_slot_and_the_longest_position_in_use():
+    shapes = Shapes.make(8, 128, chunk=32, kv_block=16, row_growth=2)  # rows 1, 2, 4, 8
+    idle = np.full(8, 128)
+    assert shapes.decode_shape(idle) == (1, 16)
+    at = idle.copy()
+    at[0], at[5] = 40, 3  # slot 5 in use: all 8 rows; position 40 needs 41 of them: 64
+    assert shapes.decode_shape(at) == (8, 64)
+    at[5] = 128
+    at[1] = 15  # slots 0-1: 2 rows; position 40 still the longest
+    assert shapes.decode_shape(at) == (2, 64)
+    at[0] = 128
+    assert shapes.decode_shape(at) == (2, 16)  # slot 1 alone at 15: 16 positions
 
 
 def test_decode_steps_between_chunks_leave_a_prompt_being_prefilled_intact(engine):

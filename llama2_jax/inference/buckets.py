@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import numpy as np
+
 # (row groups) x (position blocks) pairs a cache may have: each pair is a few kernels per
 # layer in every compiled step, and XLA:CPU maps memory for each kernel (64 slots in 7 groups
 # x 5 blocks of BENCH_134M exceeded Linux's default 65530 memory maps).
@@ -135,6 +137,15 @@ class Shapes:
 
     def row_bucket(self, n: int) -> int:
         return next(r for r in self.row_buckets() if r >= n)
+
+    def decode_shape(self, positions: np.ndarray) -> tuple[int, int]:
+        """(rows, attend) of a decode step over slots at `positions` [max_slots] (`length`:
+        idle): the row bucket of the highest slot in use, the attend bucket of the longest."""
+        live = np.flatnonzero(positions < self.length)
+        if not live.size:
+            return self.row_bucket(1), self.attend_bucket(1)
+        return (self.row_bucket(int(live[-1]) + 1),
+                self.attend_bucket(int(positions[live].max()) + 1))
 
     # -- warm-up -----------------------------------------------------------------------------
     def prefill_shapes(self) -> list[tuple[int, int]]:

@@ -341,10 +341,7 @@ class Slots:
         [max_slots, W] bitmasks of the tokens each slot may draw (a row of zeros: any; None:
         no slot constrained)."""
         active = self.positions < self.length
-        live = np.flatnonzero(active)
-        rows = self.shapes.row_bucket(int(live[-1]) + 1 if live.size else 1)
-        attend = self.shapes.attend_bucket(
-            int(self.positions[live].max()) + 1 if live.size else 1)
+        rows, attend = self.shapes.decode_shape(self.positions)
         lora, index = self._lora(self.row_adapter)
         with jax.set_mesh(self.weights.mesh):
             out, self.state, self.cache = self._decode(self.weights.leaves, lora, self.cache,
