@@ -5,6 +5,7 @@ with every device call waited for and timed.
   python benchmarks/profile_served.py                     # 16 clients, greedy and top_p
   python benchmarks/profile_served.py --clients=64 --sampling=greedy --reps=1
   python benchmarks/profile_served.py --kv_block=128,0    # two cache layouts, alternating
+  python benchmarks/profile_served.py --attention=kernel,xla   # decode attention's two paths
 
 Workload (as bench_serve's): `clients` closed-loop clients, each submitting its next request
 when its previous one ends, `requests_per_client` requests each; prompts of random token ids,
@@ -12,7 +13,7 @@ when its previous one ends, `requests_per_client` requests each; prompts of rand
 fp32 with random weights; slots = clients, context = max_prompt + new_tokens (bench_serve's
 server).
 
-For each (layout, sampling), `reps` times, alternating, so that every case sees the same
+For each (attention, layout, sampling), `reps` times, alternating, so that every case sees the same
 machine:
   plain         output tok/s as the server's device loop runs it (the next step dispatched
                 before the previous tokens are read)
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -44,7 +46,7 @@ from llama2_jax.inference.params import SamplingParams  # noqa: E402
 from llama2_jax.inference.requests import Done, Request  # noqa: E402
 from llama2_jax.inference.scheduler import Scheduler  # noqa: E402
 from llama2_jax.inference.slots import Slots  # noqa: E402
-from llama2_jax.inference.weights import Weights  # noqa: E402
+from llama2_jax.inference.weights import EngineOptions, Weights  # noqa: E402
 from llama2_jax.model import checkpoint  # noqa: E402
 from llama2_jax.model.config import BENCH_134M  # noqa: E402
 
@@ -125,6 +127,8 @@ def main() -> None:
     ap.add_argument("--prefill_chunk", type=int, default=256)
     ap.add_argument("--kv_block", default="0", help="comma list; 0 = the default layout")
     ap.add_argument("--sampling", default="greedy,top_p")
+    ap.add_argument("--attention", default="kernel",
+                    help="comma list of kernel (llama2_jax.model.cpu_attention) / xla")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="")
@@ -132,18 +136,23 @@ def main() -> None:
     pin_threads(os.cpu_count())
     context = args.max_prompt + args.new_tokens
     cfg = dataclasses.replace(BENCH_134M, max_seq_len=context)
-    weights = Weights(checkpoint.random_model(cfg, seed=args.seed))
+    model = checkpoint.random_model(cfg, seed=args.seed)
     rng = np.random.default_rng(args.seed)
     n = args.clients * args.requests_per_client
     prompts = [rng.integers(3, cfg.vocab_size, rng.integers(args.min_prompt, args.max_prompt + 1))
                .tolist() for _ in range(n)]
     layouts = {}
-    for kv in (int(k) for k in args.kv_block.split(",")):
+    for attention, kv in itertools.product(args.attention.split(","),
+                                           (int(k) for k in args.kv_block.split(","))):
         t = time.perf_counter()
+        weights = Weights(model, options=EngineOptions(
+            cpu_attention_kernel=attention == "kernel"))
+        if weights.decode_kernel != (attention == "kernel"):
+            sys.exit(f"--attention={attention}: the kernel is not available here")
         slots = Slots(weights, args.clients, context, chunk=args.prefill_chunk,
                       kv_block=kv or None)
         slots.warm_up()
-        name = f"kv_block {slots.shapes.kv_block}, blocks {slots.shapes.blocks}"
+        name = f"{attention}, kv_block {slots.shapes.kv_block}, blocks {slots.shapes.blocks}"
         layouts[name] = slots
         print(f"{name}: row groups {slots.shapes.groups}, compiled in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
@@ -174,8 +183,8 @@ def main() -> None:
                       f"prefill {inst['prefill_s']:.1f} s in {inst['prefill_calls']} chunks, "
                       f"decode {inst['decode_s']:.1f} s in {inst['decode_calls']} steps, "
                       f"host {inst['host_s']:.1f} s", flush=True)
-    print("\n| layout | sampling | plain tok/s (median of reps) | prefill s | decode s | host s "
-          "| decode ms by (rows, attend), most frequent |")
+    print("\n| attention, layout | sampling | plain tok/s (median of reps) | prefill s | decode s "
+          "| host s | decode ms by (rows, attend), most frequent |")
     print("|---|---|---:|---:|---:|---:|---|")
     for (name, sampling), runs in results.items():
         inst = runs[-1]["instrumented"]

@@ -139,7 +139,7 @@ class Slots:
         s = live.sampling._replace(temperature=jnp.where(act, live.sampling.temperature, 0.0))
         want_top = act & live.want_top
         logits, cache = model(live.tokens[:, None], positions[:, None], cache, attend=attend,
-                              unstacked=unstacked)
+                              unstacked=unstacked, cpu_kernel=self.weights.decode_kernel)
         logits = logits[:, 0]  # [rows, V]
         penalized = act & pen.on[:rows]
         x = penalties.apply(logits, pen, penalized, s.count)

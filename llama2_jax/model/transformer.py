@@ -106,7 +106,7 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), stack)
 
     def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None,
-                 attend=None, read_only=False):
+                 attend=None, read_only=False, cpu_kernel=False):
         """x [B, T, D]; positions [B, T]; kv: the cache (Blocks) or None.
 
         Query at position p sees positions s <= p: the batch's own tokens (and `mask_extra`
@@ -143,7 +143,8 @@ class Attention(nnx.Module):
             kv = (k, v)
         else:
             kv = kv_cache.write(kv, k, v, layer, positions)
-            out = kv_cache.attention(q, kv, layer, positions, attend)  # [B, T, K, G, H]
+            out = kv_cache.attention(q, kv, layer, positions, attend,
+                                     cpu_kernel)  # [B, T, K, G, H]
         out = out.reshape(B, T, N * H)
         return linear("BTQ,QD->BTD", out, self.wo[...].reshape(N * H, D)), kv
 
@@ -174,9 +175,9 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg, rngs, stack)
 
     def __call__(self, x, positions, cos, sin, mask_extra=None, kv=None, layer=None,
-                 attend=None, read_only=False):
+                 attend=None, read_only=False, cpu_kernel=False):
         h, kv = self.attention(self.attention_norm(x), positions, cos, sin, mask_extra, kv, layer,
-                               attend, read_only)
+                               attend, read_only, cpu_kernel)
         x = x + h
         x = x + self.feed_forward(self.ffn_norm(x))
         return constrain(x, ("batch", "length", None)), kv
@@ -194,7 +195,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache=None, *,
                  logits_at: jax.Array | None = None, mask_extra: jax.Array | None = None,
                  remat: bool = False, unstacked: Sequence[nnx.State] | None = None,
-                 attend: int | None = None):
+                 attend: int | None = None, cpu_kernel: bool = False):
         """Run the model.
 
         Args:
@@ -214,6 +215,9 @@ class Transformer(nnx.Module):
             instead of the scan; `cache` is then a tuple of L one-layer caches. XLA:CPU
             copies every scanned layer's weights out of the stack before its matmuls: on CPU
             this decodes ~1.5x faster, at the price of a second copy of the layers.
+          cpu_kernel: one position per row over a per-layer cache (`unstacked`): attention
+            through llama2_jax.model.cpu_attention's kernel, which the caller has checked is
+            `available()` and that the arrays live on one CPU device.
         Returns:
           (logits [B, T, V] or [B, V] float32, updated cache or None).
         """
@@ -227,7 +231,8 @@ class Transformer(nnx.Module):
             h, kv = carry
             layer_state, layer = xs
             block = nnx.merge(graphdef, layer_state)
-            h, kv = block(h, positions, cos, sin, mask_extra, kv, layer, attend)
+            h, kv = block(h, positions, cos, sin, mask_extra, kv, layer, attend,
+                          cpu_kernel=cpu_kernel)
             return (h, kv), None
 
         if remat:
