@@ -5,7 +5,7 @@ with every device call waited for and timed.
   python benchmarks/profile_served.py                     # 16 clients, greedy and top_p
   python benchmarks/profile_served.py --clients=64 --sampling=greedy --reps=1
   python benchmarks/profile_served.py --kv_block=128,0    # two cache layouts, alternating
-  python benchmarks/profile_served.py --attention=kernel,xla   # decode attention's two paths
+  python benchmarks/profile_served.py --attention=kernel,xla   # with and without the CPU kernels
 
 Workload (as bench_serve's): `clients` closed-loop clients, each submitting its next request
 when its previous one ends, `requests_per_client` requests each; prompts of random token ids,
@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--kv_block", default="0", help="comma list; 0 = the default layout")
     ap.add_argument("--sampling", default="greedy,top_p")
     ap.add_argument("--attention", default="kernel",
-                    help="comma list of kernel (llama2_jax.model.cpu_attention) / xla")
+                    help="comma list of kernel (llama2_jax.model.cpu_kernels) / xla")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="")
@@ -145,9 +145,8 @@ def main() -> None:
     for attention, kv in itertools.product(args.attention.split(","),
                                            (int(k) for k in args.kv_block.split(","))):
         t = time.perf_counter()
-        weights = Weights(model, options=EngineOptions(
-            cpu_attention_kernel=attention == "kernel"))
-        if weights.decode_kernel != (attention == "kernel"):
+        weights = Weights(model, options=EngineOptions(cpu_kernels=attention == "kernel"))
+        if weights.cpu_kernels != (attention == "kernel"):
             sys.exit(f"--attention={attention}: the kernel is not available here")
         slots = Slots(weights, args.clients, context, chunk=args.prefill_chunk,
                       kv_block=kv or None)

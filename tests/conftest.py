@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)  # `convert/` is not a package users install, but tests
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# The CPU decode attention kernel (llama2_jax.model.cpu_attention) is built into the
+# The CPU kernels (llama2_jax.model.cpu_kernels) are built into the
 # repository, not the user's home.
 os.environ.setdefault("LLAMA2_JAX_KERNEL_DIR", os.path.join(ROOT, ".pytest_kernels"))
 

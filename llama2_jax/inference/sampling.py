@@ -10,7 +10,8 @@ Meta's top-p leave (see `SamplingParams`), found without sorting the vocabulary:
               trained model, and whenever a client sends top_k (40 by default in many tools);
   bisection   otherwise (a flat distribution, top-p over thousands of tokens): the floor is
               found by bisection over the logits' 32-bit order, 32 masked sums per threshold,
-              for the batch only when one of its sampled rows needs it.
+              for the batch only when one of its sampled rows needs it; on one CPU device by
+              selection in a custom call instead (llama2_jax.model.cpu_kernels).
 
 A row that the candidates resolve always takes their floor, whichever branch its batch runs, so
 a row's tokens never depend on what else is batched with it.
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from llama2_jax.inference.params import TOP_LOGPROBS
+from llama2_jax.model import cpu_kernels
 
 f32, i32, u32 = jnp.float32, jnp.int32, jnp.uint32
 CANDIDATES = 64  # logits per row the cheap path ranks
@@ -55,7 +57,7 @@ class RowSampling(NamedTuple):
     min_p: jax.Array | None = None
 
 
-def sample_rows(logits: jax.Array, s: RowSampling) -> jax.Array:
+def sample_rows(logits: jax.Array, s: RowSampling, cpu_kernel: bool = False) -> jax.Array:
     """One token per row of logits [B, V] with row b's own settings; [B] int32.
 
     Greedy rows (temperature 0) take the argmax. Sampled rows: logits / temperature, then
@@ -63,14 +65,16 @@ def sample_rows(logits: jax.Array, s: RowSampling) -> jax.Array:
     (tokens in order of probability are kept while the mass before them is at most top_p),
     and of those the ones at least min_p times as probable as the most probable token,
     drawn with `uniform(fold_in(key, count))` (`draw`). The sampled work runs only when some
-    row samples.
+    row samples. `cpu_kernel`: the floor of rows the candidates leave unresolved by
+    llama2_jax.model.cpu_kernels.nucleus_floor (the caller has checked that it is available
+    and the logits are on one CPU device) instead of the bisection.
     """
     greedy = argmax(logits)
     sampling = s.temperature > 0
 
     def sampled():
         x = logits.astype(f32) / jnp.where(sampling, s.temperature, 1.0)[:, None]
-        floor = nucleus_floor(x, s.top_k, s.top_p, sampling)
+        floor = nucleus_floor(x, s.top_k, s.top_p, sampling, cpu_kernel)
         if s.min_p is not None:  # p >= min_p * p_max, in logits
             least = x.max(axis=-1) + jnp.log(jnp.where(s.min_p > 0, s.min_p, 1.0))
             floor = jnp.maximum(floor, jnp.where(s.min_p > 0, least, -jnp.inf)[:, None])
@@ -147,16 +151,20 @@ def uniforms(key: jax.Array, count: jax.Array) -> jax.Array:
 
 
 def nucleus_floor(x: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                  sampling: jax.Array) -> jax.Array:
+                  sampling: jax.Array, cpu_kernel: bool = False) -> jax.Array:
     """[B, 1]: the smallest logit of x [B, V] that top-k then top-p keep (tokens >= it are kept).
     Only rows where `sampling` is True need a right answer."""
     V = x.shape[-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
     floor, resolved = _candidate_floor(x, k, top_p)
-    return jax.lax.cond(
-        jnp.any(sampling & ~resolved),
-        lambda: jnp.where(resolved[:, None], floor, _bisect_floor(x, k, top_p)),
-        lambda: floor)
+
+    def search():
+        if cpu_kernel:  # the same floor, selected (masses in float64)
+            return cpu_kernels.nucleus_floor(x, k, top_p, sampling & ~resolved)[:, None]
+        return _bisect_floor(x, k, top_p)
+
+    return jax.lax.cond(jnp.any(sampling & ~resolved),
+                        lambda: jnp.where(resolved[:, None], floor, search()), lambda: floor)
 
 
 def _candidate_floor(x, k, top_p):

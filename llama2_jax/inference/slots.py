@@ -139,12 +139,12 @@ class Slots:
         s = live.sampling._replace(temperature=jnp.where(act, live.sampling.temperature, 0.0))
         want_top = act & live.want_top
         logits, cache = model(live.tokens[:, None], positions[:, None], cache, attend=attend,
-                              unstacked=unstacked, cpu_kernel=self.weights.decode_kernel)
+                              unstacked=unstacked, cpu_kernel=self.weights.cpu_kernels)
         logits = logits[:, 0]  # [rows, V]
         penalized = act & pen.on[:rows]
         x = penalties.apply(logits, pen, penalized, s.count)
         x = mask_rows(x, act & jnp.any(allowed[:rows] != 0, axis=-1), allowed[:rows])
-        tokens = sample_rows(x, s)
+        tokens = sample_rows(x, s, self.weights.cpu_kernels)
         live = SlotState(tokens, jnp.minimum(positions + 1, self.length),
                          live.sampling._replace(count=s.count + 1), want_top, None)
         state = jax.tree.map(
@@ -176,7 +176,7 @@ class Slots:
                                jnp.zeros(1, i32), min_p[None])
         x = penalties.apply(logits, row_penalties, row_penalties.on, jnp.zeros(1, i32))
         x = mask_rows(x, jnp.any(allowed != 0)[None], allowed[None])
-        first = sample_rows(x, sampling)
+        first = sample_rows(x, sampling, self.weights.cpu_kernels)
         s = state.sampling
 
         def put(array, value):

@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from llama2_jax.model import cpu_attention, fused, sharding
+from llama2_jax.model import cpu_kernels, fused, sharding
 from llama2_jax.model.transformer import Transformer, unstack_layers
 
 
@@ -30,14 +30,14 @@ class EngineOptions:
     compiler_options`). XLA:CPU hands dots and the reductions and elementwise work around them
     to YNNPACK fusions by default; at decode and prefill shapes its own dot emitters are faster,
     with YNNPACK kept for reductions (benchmarks/RESULTS.md, "Where a decode step's time goes").
-    cpu_attention_kernel: decode attention through llama2_jax.model.cpu_attention's kernel
-      where it can run (`Weights.decode_kernel`).
+    cpu_kernels: decode attention and the sampler's top-p floor through the kernels of
+      llama2_jax.model.cpu_kernels where they can run (`Weights.cpu_kernels`).
     """
 
     unstack_max_bytes: int = 2 << 30
     cpu_compiler_options: tuple[tuple[str, str], ...] = (
         ("xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_REDUCE"),)
-    cpu_attention_kernel: bool = True
+    cpu_kernels: bool = True
 
 
 DEFAULT_OPTIONS = EngineOptions()
@@ -100,12 +100,12 @@ class Weights:
         return dict(self.options.cpu_compiler_options) if self.platform == "cpu" else None
 
     @property
-    def decode_kernel(self) -> bool:
-        """Whether decode steps attend through the CPU kernel (`Transformer(cpu_kernel=)`):
-        per-layer caches on one CPU device, the option on and the kernel built (compiled on
-        the first call in a process)."""
+    def cpu_kernels(self) -> bool:
+        """Whether steps use llama2_jax.model.cpu_kernels (decode attention over per-layer
+        caches, the sampler's floor): on one CPU device, with the option on and the kernels
+        built (compiled on the first call in a process)."""
         return bool(self.per_layer and self.platform == "cpu" and self.mesh.devices.size == 1
-                    and self.options.cpu_attention_kernel and cpu_attention.available())
+                    and self.options.cpu_kernels and cpu_kernels.available())
 
     @property
     def per_layer(self) -> bool:

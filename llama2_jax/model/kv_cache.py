@@ -36,7 +36,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from llama2_jax.model import cpu_attention, sharding
+from llama2_jax.model import cpu_kernels, sharding
 
 f32 = jnp.float32
 KV_METHODS = ("none", "int8", "fp8")
@@ -301,14 +301,14 @@ def attention(q: jax.Array, cache: Blocks, layer, positions: jax.Array,
     """Attention of q [B, T, K, G, H] (rows 0..B-1 at `positions` [B, T]) over the cache, this
     step's keys/values written: query at position p sees slots s <= p. Only the cache's first
     `attend` positions (all if None) are read: whole blocks, but where `attend` ends inside
-    one. `kernel`: one position per row (T = 1) through cpu_attention's kernel where it takes
+    one. `kernel`: one position per row (T = 1) through cpu_kernels.decode_attention where it takes
     the cache (each row reads its own positions only; a row past the cache's end is idle and
     gets zeros). Returns [B, T, K, G, H] in q.dtype.
     """
-    if kernel and q.shape[1] == 1 and cpu_attention.supports(
+    if kernel and q.shape[1] == 1 and cpu_kernels.attention_supports(
             q, *zip(*[(b.k, b.v) for g in cache.groups for b in g])):
         return jnp.concatenate([
-            cpu_attention.decode_attention(q[start:start + n, 0], [b.k for b in group],
+            cpu_kernels.decode_attention(q[start:start + n, 0], [b.k for b in group],
                                            [b.v for b in group], positions[start:start + n, 0])
             for group, start, n in _groups_for(cache, q.shape[0])], axis=0)[:, None]
     attend = cache.length if attend is None else attend

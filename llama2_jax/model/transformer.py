@@ -216,7 +216,7 @@ class Transformer(nnx.Module):
             copies every scanned layer's weights out of the stack before its matmuls: on CPU
             this decodes ~1.5x faster, at the price of a second copy of the layers.
           cpu_kernel: one position per row over a per-layer cache (`unstacked`): attention
-            through llama2_jax.model.cpu_attention's kernel, which the caller has checked is
+            through llama2_jax.model.cpu_kernels.decode_attention, which the caller has checked is
             `available()` and that the arrays live on one CPU device.
         Returns:
           (logits [B, T, V] or [B, V] float32, updated cache or None).
