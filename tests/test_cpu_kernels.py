@@ -160,3 +160,27 @@ def test_nucleus_floor_keeps_ties_together_as_the_bisection_does():
         got = cpu_kernels.nucleus_floor(x, k, top_p, jnp.asarray([True]))
         bisected = sampling._bisect_floor(x[:, :7], k - 1, top_p)[:, 0]  # no NaN for XLA's
         assert np.array_equal(np.asarray(x[0, :7] >= got), np.asarray(x[0, :7] >= bisected))
+
+
+def test_sampler_draws_the_same_tokens_with_the_kernel():
+    from llama2_jax.inference.sampling import RowSampling, sample_rows
+
+    rng = np.random.default_rng(4)
+    B, V = 12, 4000
+    scale = np.array([0.05, 0.5, 3.0, 8.0] * 3)[:, None]  # flat to peaked rows
+    x = jnp.asarray(rng.standard_normal((B, V)) * scale, jnp.float32)
+    s = RowSampling(
+        temperature=jnp.asarray([0.0, 0.7, 1.0, 0.6] * 3, jnp.float32),
+        top_p=jnp.asarray([1.0, 0.9, 0.5, 0.95, 1.0, 0.3, 0.9, 0.99, 0.8, 1.0, 0.7, 0.6],
+                          jnp.float32),
+        top_k=jnp.asarray([0, 0, 40, 0, 5, 0, 1000, 0, 0, 3, 0, 200], jnp.int32),
+        key=jax.vmap(jax.random.key_data)(jax.random.split(jax.random.key(0), B)).astype(
+            jnp.uint32),
+        count=jnp.arange(B, dtype=jnp.int32),
+        min_p=jnp.asarray([0.0] * 8 + [0.05, 0.0, 0.1, 0.0], jnp.float32))
+    draws = {}
+    for kernel in (True, False):
+        step = jax.jit(sample_rows, static_argnums=2)
+        draws[kernel] = np.stack([np.asarray(step(x, s._replace(count=s.count + i), kernel))
+                                  for i in range(20)])
+    np.testing.assert_array_equal(draws[True], draws[False])

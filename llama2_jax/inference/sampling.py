@@ -156,15 +156,13 @@ def nucleus_floor(x: jax.Array, top_k: jax.Array, top_p: jax.Array,
     Only rows where `sampling` is True need a right answer."""
     V = x.shape[-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    if cpu_kernel:  # every sampled row's floor in a few passes (masses in float64)
+        return cpu_kernels.nucleus_floor(x, k, top_p, sampling)[:, None]
     floor, resolved = _candidate_floor(x, k, top_p)
-
-    def search():
-        if cpu_kernel:  # the same floor, selected (masses in float64)
-            return cpu_kernels.nucleus_floor(x, k, top_p, sampling & ~resolved)[:, None]
-        return _bisect_floor(x, k, top_p)
-
-    return jax.lax.cond(jnp.any(sampling & ~resolved),
-                        lambda: jnp.where(resolved[:, None], floor, search()), lambda: floor)
+    return jax.lax.cond(
+        jnp.any(sampling & ~resolved),
+        lambda: jnp.where(resolved[:, None], floor, _bisect_floor(x, k, top_p)),
+        lambda: floor)
 
 
 def _candidate_floor(x, k, top_p):
