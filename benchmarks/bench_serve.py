@@ -95,6 +95,9 @@ flags.DEFINE_integer("requests_per_client", 2, "Requests per run = this x concur
 flags.DEFINE_integer("min_requests", 8, "... but at least this many.")
 flags.DEFINE_integer("mixed_requests", 200, "Requests of the mixed phase (0 = skip it).")
 flags.DEFINE_integer("prefill_chunk", 256, "The server's prefill_chunk.")
+flags.DEFINE_enum("kv_quantization", "none", ["none", "int8", "fp8"],
+                  "Our server's KV cache (none: float32; llama-server's default is F16, its "
+                  "-ctk/-ctv go in --llama_cpp_args).")
 flags.DEFINE_list("sides", ["ours", "hf", "generate", "llama_cpp"], "What to run.")
 flags.DEFINE_enum("llama_cpp_slots", "level", ["level", "max"],
                   "llama-server's -np: each level's clients (a server per level), or the "
@@ -346,7 +349,7 @@ def run() -> dict:
         sides=FLAGS.sides,
         prompts=f"{FLAGS.min_prompt}-{FLAGS.max_prompt} tokens, uniform",
         max_slots=max(levels), prefill_chunk=FLAGS.prefill_chunk, threads=FLAGS.threads,
-        sampling=FLAGS.sampling,
+        sampling=FLAGS.sampling, kv_quantization=FLAGS.kv_quantization,
         jax=jax.__version__, python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")))
     for c in levels:
@@ -360,7 +363,8 @@ def run() -> dict:
             server = ServerProcess(
                 checkpoint_dir=path, train_config="", model_name=MODEL, dtype="float32",
                 context_length=context, max_slots=max(levels), max_queue=1024,
-                prefill_chunk=FLAGS.prefill_chunk, prefix_cache_mb=0)
+                prefill_chunk=FLAGS.prefill_chunk, prefix_cache_mb=0,
+                kv_quantization=FLAGS.kv_quantization)
             try:
                 server.wait_ready(timeout=1800)
                 out["server_start_s"] = time.perf_counter() - t0

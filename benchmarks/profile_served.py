@@ -6,6 +6,7 @@ with every device call waited for and timed.
   python benchmarks/profile_served.py --clients=64 --sampling=greedy --reps=1
   python benchmarks/profile_served.py --kv_block=128,0    # two cache layouts, alternating
   python benchmarks/profile_served.py --attention=kernel,xla   # with and without the CPU kernels
+  python benchmarks/profile_served.py --kv_quantization=none,int8   # float32 / 8-bit KV cache
 
 Workload (as bench_serve's): `clients` closed-loop clients, each submitting its next request
 when its previous one ends, `requests_per_client` requests each; prompts of random token ids,
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--prefill_chunk", type=int, default=256)
     ap.add_argument("--kv_block", default="0", help="comma list; 0 = the default layout")
     ap.add_argument("--sampling", default="greedy,top_p")
+    ap.add_argument("--kv_quantization", default="none", help="comma list of none/int8/fp8")
     ap.add_argument("--attention", default="kernel",
                     help="comma list of kernel (llama2_jax.model.cpu_kernels) / xla")
     ap.add_argument("--reps", type=int, default=2)
@@ -142,16 +144,18 @@ def main() -> None:
     prompts = [rng.integers(3, cfg.vocab_size, rng.integers(args.min_prompt, args.max_prompt + 1))
                .tolist() for _ in range(n)]
     layouts = {}
-    for attention, kv in itertools.product(args.attention.split(","),
-                                           (int(k) for k in args.kv_block.split(","))):
+    for attention, kv, kvq in itertools.product(args.attention.split(","),
+                                                (int(k) for k in args.kv_block.split(",")),
+                                                args.kv_quantization.split(",")):
         t = time.perf_counter()
         weights = Weights(model, options=EngineOptions(cpu_kernels=attention == "kernel"))
         if weights.cpu_kernels != (attention == "kernel"):
             sys.exit(f"--attention={attention}: the kernel is not available here")
         slots = Slots(weights, args.clients, context, chunk=args.prefill_chunk,
-                      kv_block=kv or None)
+                      kv_block=kv or None, kv_quantization=kvq)
         slots.warm_up()
-        name = f"{attention}, kv_block {slots.shapes.kv_block}, blocks {slots.shapes.blocks}"
+        name = (f"{attention}, cache {kvq}, kv_block {slots.shapes.kv_block}, "
+                f"blocks {slots.shapes.blocks}")
         layouts[name] = slots
         print(f"{name}: row groups {slots.shapes.groups}, compiled in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
