@@ -18,16 +18,13 @@
 // bucket (benchmarks/RESULTS.md, "Third look: where a served run's time goes").
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -86,6 +83,15 @@ struct Problem {
   Kind kind;
 };
 
+// fn(block, positions of it to read) for the blocks holding positions 0..n-1.
+template <typename Fn>
+void each_block(const Problem& p, int64_t n, Fn fn) {
+  for (const Block& blk : p.blocks) {
+    if (blk.offset >= n) break;
+    fn(blk, std::min(blk.length, n - blk.offset));
+  }
+}
+
 template <typename T, bool kScaled>
 void one_item(const Problem& p, int64_t item, std::vector<float>& scores) {
   const int64_t b = item / p.K, kh = item % p.K;
@@ -100,9 +106,7 @@ void one_item(const Problem& p, int64_t item, std::vector<float>& scores) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
 
   // Scores: each key read once for the G query heads.
-  for (const Block& blk : p.blocks) {
-    if (blk.offset >= n) break;
-    const int64_t take = std::min(blk.length, n - blk.offset);
+  each_block(p, n, [&](const Block& blk, int64_t take) {
     const T* keys = static_cast<const T*>(blk.k) + (b * p.K + kh) * blk.length * H;
     const float* ks = kScaled ? blk.ks + (b * p.K + kh) * blk.length : nullptr;
     for (int64_t t = 0; t < take; ++t) {
@@ -115,7 +119,7 @@ void one_item(const Problem& p, int64_t item, std::vector<float>& scores) {
         scores[g * n + blk.offset + t] = acc * f;
       }
     }
-  }
+  });
   // Softmax over each query head's n scores.
   std::vector<float> inv(G);
   for (int64_t g = 0; g < G; ++g) {
@@ -130,9 +134,7 @@ void one_item(const Problem& p, int64_t item, std::vector<float>& scores) {
     inv[g] = 1.0f / sum;
   }
   // Values: each read once for the G query heads.
-  for (const Block& blk : p.blocks) {
-    if (blk.offset >= n) break;
-    const int64_t take = std::min(blk.length, n - blk.offset);
+  each_block(p, n, [&](const Block& blk, int64_t take) {
     const T* values = static_cast<const T*>(blk.v) + (b * p.K + kh) * blk.length * H;
     const float* vs = kScaled ? blk.vs + (b * p.K + kh) * blk.length : nullptr;
     for (int64_t t = 0; t < take; ++t) {
@@ -143,7 +145,7 @@ void one_item(const Problem& p, int64_t item, std::vector<float>& scores) {
         for (int64_t h = 0; h < H; ++h) og[h] += w * load(value, h);
       }
     }
-  }
+  });
   for (int64_t g = 0; g < G; ++g)
     for (int64_t h = 0; h < H; ++h) out[g * H + h] *= inv[g];
 }
@@ -158,30 +160,6 @@ void run_item(const Problem& p, int64_t item) {
   }
 }
 
-// Items shared out by an atomic counter. The caller works too and then waits only for items
-// already claimed, so a pool task that starts late (or never, if the pool is busy) costs
-// nothing: it finds no work and returns. The state outlives the call for such late tasks.
-struct Shared {
-  Problem problem;
-  int64_t items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void work() {
-    for (;;) {
-      const int64_t i = next.fetch_add(1);
-      if (i >= items) return;
-      run_item(problem, i);
-      if (done.fetch_add(1) + 1 == items) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
-
 ffi::Error decode_attention(ffi::ThreadPool pool, ffi::AnyBuffer q,
                             ffi::Buffer<ffi::S32> positions, ffi::RemainingArgs blocks,
                             ffi::Result<ffi::AnyBuffer> out) {
@@ -190,8 +168,7 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::AnyBuffer q,
   auto qd = q.dimensions();
   if (qd.size() != 4)
     return ffi::Error::InvalidArgument("decode_attention: q must be [B, K, G, H]");
-  auto s = std::make_shared<Shared>();
-  Problem& p = s->problem;
+  Problem p;
   p.B = qd[0], p.K = qd[1], p.G = qd[2], p.H = qd[3];
   p.q = q.typed_data<float>();
   p.positions = positions.typed_data();
@@ -252,13 +229,7 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::AnyBuffer q,
     offset += kd[r - 2];
   }
   p.total = offset;
-  s->items = p.B * p.K;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t helpers = std::min(threads, s->items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([s] { s->work(); });
-  s->work();
-  std::unique_lock<std::mutex> lock(s->mu);
-  s->cv.wait(lock, [&] { return s->done.load() == s->items; });
+  parallel_for(pool, p.B * p.K, [&p](int64_t item) { run_item(p, item); });
   return ffi::Error::Success();
 }
 

@@ -4,6 +4,7 @@ first use and registered with XLA (`jax.ffi`), and the functions that call them.
   cpu_attention.cc  decode attention (`decode_attention`, used by kv_cache.attention)
   cpu_sampling.cc   the top-k / top-p floor of sampled rows (`nucleus_floor`, used by
                     llama2_jax.inference.sampling)
+  cpu_parallel.h    their work shared out to XLA's intra-op threads
 
 Why: XLA:CPU runs a decode step's batched attention dots as one small matrix-vector product per
 (row, head), one after the other on one core, and over every position of the step's `attend`
@@ -40,6 +41,7 @@ import jaxlib
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_sampling.cc")
+HEADERS = (HERE / "cpu_parallel.h",)  # included by the sources
 TARGETS = {"llama2_jax_decode_attention": "Llama2JaxDecodeAttention",
            "llama2_jax_nucleus_floor": "Llama2JaxNucleusFloor"}  # XLA name: C symbol
 ATTENTION, FLOOR = TARGETS
@@ -78,7 +80,7 @@ def build(compiler: str | None = None) -> Path:
     if compiler is None:
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
     key = hashlib.sha256("\0".join([
-        *(s.read_text() for s in SOURCES), jaxlib.__version__, compiler, *FLAGS,
+        *(s.read_text() for s in SOURCES + HEADERS), jaxlib.__version__, compiler, *FLAGS,
         _cpu_signature()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():

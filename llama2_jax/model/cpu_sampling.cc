@@ -16,17 +16,14 @@
 // sums over [B, 32000] cost a 16-row step ~4 ms on XLA:CPU (benchmarks/RESULTS.md).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <utility>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -121,56 +118,28 @@ float row_floor(const float* row, int64_t V, int64_t k, float top_p, Scratch& sc
   return floor;
 }
 
-struct Shared {
-  const float* x;
-  const int32_t* k;
-  const float* top_p;
-  const int32_t* want;
-  float* out;
-  int64_t B, V;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void work() {
-    thread_local Scratch scratch;
-    for (;;) {
-      const int64_t b = next.fetch_add(1);
-      if (b >= B) return;
-      const int64_t kb = std::clamp<int64_t>(k[b], 1, V);
-      out[b] = want[b] ? row_floor(x + b * V, V, kb, top_p[b], scratch)
-                       : -std::numeric_limits<float>::infinity();
-      if (done.fetch_add(1) + 1 == B) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
-
 ffi::Error nucleus_floor(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> k,
                          ffi::Buffer<ffi::F32> top_p, ffi::Buffer<ffi::S32> want,
                          ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions();
   if (xd.size() != 2)
     return ffi::Error::InvalidArgument("nucleus_floor: x must be [B, V]");
-  auto s = std::make_shared<Shared>();
-  s->B = xd[0], s->V = xd[1];
-  if (k.element_count() != static_cast<size_t>(s->B) ||
-      top_p.element_count() != static_cast<size_t>(s->B) ||
-      want.element_count() != static_cast<size_t>(s->B) ||
-      out->element_count() != static_cast<size_t>(s->B))
+  const int64_t B = xd[0], V = xd[1];
+  if (k.element_count() != static_cast<size_t>(B) ||
+      top_p.element_count() != static_cast<size_t>(B) ||
+      want.element_count() != static_cast<size_t>(B) ||
+      out->element_count() != static_cast<size_t>(B))
     return ffi::Error::InvalidArgument("nucleus_floor: k, top_p, want and out must be [B]");
-  if (s->B == 0) return ffi::Error::Success();
-  s->x = x.typed_data(), s->k = k.typed_data(), s->top_p = top_p.typed_data();
-  s->want = want.typed_data(), s->out = out->typed_data();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t helpers = std::min(threads, s->B) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([s] { s->work(); });
-  s->work();
-  std::unique_lock<std::mutex> lock(s->mu);
-  s->cv.wait(lock, [&] { return s->done.load() == s->B; });
+  const float* xs = x.typed_data();
+  const int32_t *ks = k.typed_data(), *wants = want.typed_data();
+  const float* ps = top_p.typed_data();
+  float* floors = out->typed_data();
+  parallel_for(pool, B, [=](int64_t b) {
+    thread_local Scratch scratch;
+    const int64_t kb = std::clamp<int64_t>(ks[b], 1, V);
+    floors[b] = wants[b] && V > 0 ? row_floor(xs + b * V, V, kb, ps[b], scratch)
+                                  : -std::numeric_limits<float>::infinity();
+  });
   return ffi::Error::Success();
 }
 
