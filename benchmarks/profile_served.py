@@ -143,12 +143,15 @@ def main() -> None:
     n = args.clients * args.requests_per_client
     prompts = [rng.integers(3, cfg.vocab_size, rng.integers(args.min_prompt, args.max_prompt + 1))
                .tolist() for _ in range(n)]
-    layouts = {}
+    layouts, weights_by = {}, {}
     for attention, kv, kvq in itertools.product(args.attention.split(","),
                                                 (int(k) for k in args.kv_block.split(",")),
                                                 args.kv_quantization.split(",")):
         t = time.perf_counter()
-        weights = Weights(model, options=EngineOptions(cpu_kernels=attention == "kernel"))
+        if attention not in weights_by:  # one per-layer copy of the weights per path
+            weights_by[attention] = Weights(model, options=EngineOptions(
+                cpu_kernels=attention == "kernel"))
+        weights = weights_by[attention]
         if weights.cpu_kernels != (attention == "kernel"):
             sys.exit(f"--attention={attention}: the kernel is not available here")
         slots = Slots(weights, args.clients, context, chunk=args.prefill_chunk,

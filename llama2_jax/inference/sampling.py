@@ -67,9 +67,9 @@ def sample_rows(logits: jax.Array, s: RowSampling, cpu_kernel: bool = False) -> 
     (tokens in order of probability are kept while the mass before them is at most top_p),
     and of those the ones at least min_p times as probable as the most probable token,
     drawn with `uniform(fold_in(key, count))` (`draw`). The sampled work runs only when some
-    row samples. `cpu_kernel`: the floor of rows the candidates leave unresolved by
+    row samples. `cpu_kernel`: every sampled row's floor by
     llama2_jax.model.cpu_kernels.nucleus_floor (the caller has checked that it is available
-    and the logits are on one CPU device) instead of the bisection.
+    and the logits are on one CPU device) instead of the candidates and the bisection.
     """
     greedy = argmax(logits)
     sampling = s.temperature > 0

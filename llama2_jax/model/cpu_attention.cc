@@ -1,4 +1,4 @@
-// Decode attention on CPU as an XLA FFI custom call (llama2_jax/model/cpu_attention.py builds
+// Decode attention on CPU as an XLA FFI custom call (llama2_jax/model/cpu_kernels.py builds
 // and registers it).
 //
 // One query position per row: q [B, K, G, H] (K KV heads, G query heads each) over a cache
@@ -36,8 +36,8 @@ struct Block {
   const void* v;
   const float* ks;       // 8-bit blocks: the keys' and values' scales [R, K, S_j]
   const float* vs;
-  int64_t rows, length;  // R, S_j
-  int64_t offset;        // the block's first position
+  int64_t length;  // S_j
+  int64_t offset;  // the block's first position
 };
 
 enum class Kind { kF32, kBF16, kS8, kF8 };
@@ -120,8 +120,7 @@ void one_item(const Problem& p, int64_t item, std::vector<float>& scores) {
       }
     }
   });
-  // Softmax over each query head's n scores.
-  std::vector<float> inv(G);
+  // Softmax over each query head's n scores, in place.
   for (int64_t g = 0; g < G; ++g) {
     float* s = scores.data() + g * n;
     float m = s[0];
@@ -131,7 +130,8 @@ void one_item(const Problem& p, int64_t item, std::vector<float>& scores) {
       s[t] = std::exp(s[t] - m);
       sum += s[t];
     }
-    inv[g] = 1.0f / sum;
+    const float inv = 1.0f / sum;
+    for (int64_t t = 0; t < n; ++t) s[t] *= inv;
   }
   // Values: each read once for the G query heads.
   each_block(p, n, [&](const Block& blk, int64_t take) {
@@ -146,8 +146,6 @@ void one_item(const Problem& p, int64_t item, std::vector<float>& scores) {
       }
     }
   });
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t h = 0; h < H; ++h) out[g * H + h] *= inv[g];
 }
 
 void run_item(const Problem& p, int64_t item) {
@@ -213,7 +211,7 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::AnyBuffer q,
     if ((r != 3 && r != 4) || kd[r - 3] != p.K || kd[r - 1] != p.H || rows < p.B)
       return ffi::Error::InvalidArgument(
           "decode_attention: a block must be [R >= B, K, S, H] or [K, S, H] (B = 1)");
-    Block blk{k->untyped_data(), v->untyped_data(), nullptr, nullptr, rows, kd[r - 2], offset};
+    Block blk{k->untyped_data(), v->untyped_data(), nullptr, nullptr, kd[r - 2], offset};
     if (scaled) {
       auto ks = blocks.get<ffi::AnyBuffer>(j + nb);
       auto vs = blocks.get<ffi::AnyBuffer>(j + 3 * nb);

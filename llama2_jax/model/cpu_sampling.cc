@@ -1,6 +1,6 @@
 // The top-k / top-p floor of sampled rows on CPU as an XLA FFI custom call
 // (llama2_jax/model/cpu_kernels.py builds and registers it; llama2_jax/inference/sampling.py
-// calls it where its candidates do not resolve a row).
+// calls it for every sampled row, in place of its candidates and bisection).
 //
 // For each row of x [B, V] float32 (logits over the temperature) with k [B] int32 (1..V; V:
 // no top-k), top_p [B] float32 and want [B] int32 (0: the row is not sampled, its floor is
