@@ -75,7 +75,7 @@ from llama2_jax.model import fused  # noqa: E402
 from llama2_jax.model.checkpoint import params_of, random_model  # noqa: E402
 from llama2_jax.model.config import BENCH_134M, LLAMA2_7B  # noqa: E402
 from llama2_jax.inference.generate import Engine  # noqa: E402
-from llama2_jax.model.transformer import param_count  # noqa: E402
+from llama2_jax.model.transformer import linear, param_count  # noqa: E402
 from llama2_jax.inference.params import GREEDY  # noqa: E402
 from llama2_jax.inference.buckets import pow2_at_least  # noqa: E402
 from llama2_jax.inference.generate import MIN_LENGTH  # noqa: E402
@@ -279,28 +279,32 @@ class HF:
 # -- the decode step next to its bare matmuls ----------------------------------------------------
 def matmul_chain(engine: Engine):
     """A jitted chain of the model's own weight matmuls at batch 1, in the decode step's order
-    and layout (q/k/v and w1/w3 fused where the engine's per-layer copies are), and nothing
+    and layout (q/k/v and w1/w3 fused where the engine's per-layer copies are; through the
+    CPU matmul kernel where they are packed, llama2_jax.model.packed), and nothing
     else (no attention, norms, RoPE, sampling): what a decode step cannot beat."""
     cfg = engine.config
     layers = [jax.tree.map(lambda a: a, nnx.to_pure_dict(s)) for s in engine.weights.unstacked]
     params = nnx.to_pure_dict(engine.weights.state)
     d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
+    def mm(x, w):  # as the steps multiply: plain arrays by XLA, packed ones by the kernel
+        return linear("BD,DQ->BQ", x, w)
+
     def chain(x, layers, embed_out):
         for w in layers:
             a, f = w["attention"], w["feed_forward"]
             if isinstance(a["wq"], fused.FusedQKV):  # the steps' layout: one matmul each
-                q, kk, v = jnp.split(x @ a["wq"].w, [n * h, (n + k) * h], axis=-1)
-                gate, up = jnp.split(x @ f["w1"].w, 2, axis=-1)
+                q, kk, v = jnp.split(mm(x, a["wq"].w), [n * h, (n + k) * h], axis=-1)
+                gate, up = jnp.split(mm(x, f["w1"].w), 2, axis=-1)
                 kv = kk + v
             else:
-                q = x @ a["wq"].reshape(d, n * h)
-                kv = x @ a["wk"].reshape(d, k * h) + x @ a["wv"].reshape(d, k * h)
-                gate, up = x @ f["w1"], x @ f["w3"]
+                q = mm(x, a["wq"].reshape(d, n * h))
+                kv = mm(x, a["wk"].reshape(d, k * h)) + mm(x, a["wv"].reshape(d, k * h))
+                gate, up = mm(x, f["w1"]), mm(x, f["w3"])
             mix = q + jnp.repeat(kv.reshape(1, k, h), n // k, axis=1).reshape(1, n * h)
-            x = x + mix @ a["wo"].reshape(n * h, d)
-            x = x + (jax.nn.silu(gate) * up) @ f["w2"]
-        return jnp.argmax(x @ embed_out, axis=-1)
+            x = x + mm(mix, a["wo"].reshape(n * h, d))
+            x = x + mm(jax.nn.silu(gate) * up, f["w2"])
+        return jnp.argmax(mm(x, embed_out), axis=-1)
 
     run = jax.jit(chain, compiler_options=engine.weights.compiler_options)  # as the steps
     x = jnp.ones((1, d), cfg.compute_dtype)

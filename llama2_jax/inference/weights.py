@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from llama2_jax.model import cpu_kernels, fused, sharding
+from llama2_jax.model import cpu_kernels, fused, packed, sharding
 from llama2_jax.model.transformer import Transformer, unstack_layers
 
 
@@ -30,7 +30,8 @@ class EngineOptions:
     compiler_options`). XLA:CPU hands dots and the reductions and elementwise work around them
     to YNNPACK fusions by default; at decode and prefill shapes its own dot emitters are faster,
     with YNNPACK kept for reductions (benchmarks/RESULTS.md, "Where a decode step's time goes").
-    cpu_kernels: decode attention and the sampler's top-p floor through the kernels of
+    cpu_kernels: decode attention, the sampler's top-p floor and the weight matmuls (over
+      packed weights, llama2_jax.model.packed) through the kernels of
       llama2_jax.model.cpu_kernels where they can run (`Weights.cpu_kernels`).
     """
 
@@ -86,6 +87,12 @@ class Weights:
                           and all(fused.fusable(s) for s in self.unstacked))
         if self.fused:
             self.unstacked = tuple(fused.fuse_layer(s) for s in self.unstacked)
+        # The kernels' matmuls read their weights packed in tiles: the per-layer copies (a
+        # copy already) and the output matrix are stored so, in place of the plain arrays.
+        self.packed = self.cpu_kernels
+        if self.packed:
+            self.unstacked = tuple(packed.pack_layer(s) for s in self.unstacked)
+            self.state = packed.pack_output(self.state)
         leaves, self._treedef = jax.tree.flatten((self.state, self.unstacked))
         self.leaves = tuple(leaves)
 
@@ -102,8 +109,8 @@ class Weights:
     @property
     def cpu_kernels(self) -> bool:
         """Whether steps use llama2_jax.model.cpu_kernels (decode attention over per-layer
-        caches, the sampler's floor): on one CPU device, with the option on and the kernels
-        built (compiled on the first call in a process)."""
+        caches, the sampler's floor, matmuls over packed weights): on one CPU device, with
+        the option on and the kernels built (compiled on the first call in a process)."""
         return bool(self.per_layer and self.platform == "cpu" and self.mesh.devices.size == 1
                     and self.options.cpu_kernels and cpu_kernels.available())
 

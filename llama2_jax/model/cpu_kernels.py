@@ -4,6 +4,8 @@ first use and registered with XLA (`jax.ffi`), and the functions that call them.
   cpu_attention.cc  decode attention (`decode_attention`, used by kv_cache.attention)
   cpu_sampling.cc   the top-k / top-p floor of sampled rows (`nucleus_floor`, used by
                     llama2_jax.inference.sampling)
+  cpu_matmul.cc     weight matmuls over tile-packed weights (`matmul`, used by
+                    llama2_jax.model.packed)
   cpu_parallel.h    their work shared out to XLA's intra-op threads
 
 Why: XLA:CPU runs a decode step's batched attention dots as one small matrix-vector product per
@@ -40,11 +42,12 @@ import jax.numpy as jnp
 import jaxlib
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_sampling.cc")
+SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_sampling.cc", HERE / "cpu_matmul.cc")
 HEADERS = (HERE / "cpu_parallel.h",)  # included by the sources
 TARGETS = {"llama2_jax_decode_attention": "Llama2JaxDecodeAttention",
-           "llama2_jax_nucleus_floor": "Llama2JaxNucleusFloor"}  # XLA name: C symbol
-ATTENTION, FLOOR = TARGETS
+           "llama2_jax_nucleus_floor": "Llama2JaxNucleusFloor",
+           "llama2_jax_matmul": "Llama2JaxMatmul"}  # XLA name: C symbol
+ATTENTION, FLOOR, MATMUL = TARGETS
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
          # float sums may be reordered (vectorised); no errno from exp
          "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
@@ -155,3 +158,11 @@ def nucleus_floor(x: jax.Array, k: jax.Array, top_p: jax.Array, want: jax.Array)
     call = jax.ffi.ffi_call(FLOOR, jax.ShapeDtypeStruct(x.shape[:1], jnp.float32))
     return call(x.astype(jnp.float32), k.astype(jnp.int32), top_p.astype(jnp.float32),
                 want.astype(jnp.int32))
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] @ W [K, N] in float32, W packed as w [N / T, K, T] float32 or bfloat16
+    (llama2_jax.model.packed). See cpu_matmul.cc."""
+    n = w.shape[0] * w.shape[2]
+    call = jax.ffi.ffi_call(MATMUL, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
+    return call(x.astype(jnp.float32), w)
