@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -175,6 +176,11 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
                                   quantization)["layers"]
         if everything <= DEFAULT_OPTIONS.unstack_max_bytes:
             out["per-layer weight copy"] = w["layers"]
+            if (quantization == "none" and math.prod(mesh.values()) == 1
+                    and cfg.weight_dtype.name in ("float32", "bfloat16")):
+                # with the CPU kernels (a C++ compiler present), the output matrix is also
+                # held packed in tiles (llama2_jax.model.packed), next to the model's own
+                out["packed output matrix"] = cfg.dim * cfg.vocab_size * cfg.weight_dtype.itemsize
         else:
             out["scanned layer copy"] = scanned_layer_bytes(cfg, mesh, quantization, rows,
                                                             context)

@@ -1,5 +1,6 @@
 """The CPU decode attention kernel (llama2_jax.model.cpu_kernels) against XLA's attention over
-the same cache, and the engine with and without it."""
+the same cache, the sampler's floor kernel against Meta's top-p, and the engine with and without
+the kernels (its matmul kernel over packed weights: tests/test_packed.py)."""
 
 import numpy as np
 import pytest
@@ -97,8 +98,9 @@ def test_engine_decodes_the_same_with_and_without_the_kernels(one_device_mesh, k
         slots = Slots(weights, 4, 128, chunk=64, kv_block=16, kv_quantization=kv_quantization)
         decode = [lowered.as_text() for name, lowered in slots.lower_steps(every=False)
                   if name.startswith("decode")]
-        assert decode and all((cpu_kernels.ATTENTION in t and cpu_kernels.FLOOR in t) is on
-                              for t in decode)
+        assert decode and all((cpu_kernels.ATTENTION in t and cpu_kernels.FLOOR in t
+                               and cpu_kernels.MATMUL in t) is on for t in decode)
+        assert weights.packed is on  # and the weights' matmuls through the kernel
         for slot, (prompt, params) in prompts.items():
             slots.prefill(slot, prompt, 0, True, params)
         steps = [slots.decode() for _ in range(16)]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-class _Whole:
+class Whole:
     """A parameter's value that is read whole: `param[...]` gives it back."""
 
     def __getitem__(self, index):
@@ -33,7 +33,7 @@ class _Whole:
 
 
 @dataclasses.dataclass(frozen=True)
-class FusedQKV(_Whole):
+class FusedQKV(Whole):
     """wq | wk | wv of one layer as w [D, (N + 2K) * H]; `shape` is wq's [D, N, H]."""
 
     w: jax.Array
@@ -47,7 +47,7 @@ class FusedQKV(_Whole):
 
 
 @dataclasses.dataclass(frozen=True)
-class FusedGateUp(_Whole):
+class FusedGateUp(Whole):
     """w1 | w3 of one layer as w [D, 2F]; `shape` is w1's [D, F]."""
 
     w: jax.Array
@@ -58,7 +58,7 @@ class FusedGateUp(_Whole):
 
 
 @dataclasses.dataclass(frozen=True)
-class Absent(_Whole):
+class Absent(Whole):
     """Where a fused matrix's other parts were (wk, wv, w3): no array."""
 
 

@@ -33,7 +33,7 @@ IN_AXES = {"wo": 2}
 
 
 @dataclasses.dataclass(frozen=True)
-class Packed(fused._Whole):
+class Packed(fused.Whole):
     """A weight of logical `shape` (its first `n_in` axes the inputs), packed as
     w [ceil(N / TILE), K, TILE]."""
 
