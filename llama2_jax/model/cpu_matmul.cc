@@ -8,10 +8,12 @@
 // vector registers while the tile streams past (from memory for the first rows, from the
 // cache for the next ones).
 //
-// Why: XLA:CPU's dots read a [K, N] weight one strided column panel at a time (and pack it
-// first) for a few rows; a decode step's matmuls then ran at 60-80% of what the memory
-// delivers at one row, and at 16 rows were slower than llama.cpp's whole step. A packed tile
-// is read front to back (benchmarks/RESULTS.md, "Fifth look").
+// Why: XLA:CPU's dots over BENCH_134M's weights ran at ~20 GB/s at one row (the machine
+// reads ~27) and far from its arithmetic peak at 4-64 rows, and at 16 rows took longer than
+// llama.cpp's whole step. A first version of this kernel read [K, N] weights in place, tile
+// by tile (a short run from every row of the weight): 0.67x XLA's speed at one row. Packed,
+// each tile is one run read front to back: 1.14-1.17x XLA at one row, ~1.5x at 4-64 rows
+// (benchmarks/matmul_chain.py; benchmarks/RESULTS.md, "Fifth look").
 
 #include <cstdint>
 #include <cstring>

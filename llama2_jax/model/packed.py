@@ -4,8 +4,8 @@ A weight W viewed as [K, N] (its input axes, then its output axes) is stored as
 w [N / TILE, K, TILE]: each tile of TILE output columns is one contiguous run, which the
 kernel reads front to back once per step and reuses for every row from the cache. XLA:CPU's
 own dots read a [K, N] weight in strided panels; over packed tiles a decode step's weight
-matmuls ran 1.1-1.2x faster at one row and ~1.6x at 16 rows, prefill chunks (64-256 rows)
-1.2-1.4x (benchmarks/RESULTS.md, "Fifth look").
+matmuls ran 1.14-1.17x faster at one row, 1.47-1.59x at 16 rows and 1.2-1.5x at prefill's
+64-256 rows (benchmarks/matmul_chain.py; benchmarks/RESULTS.md, "Fifth look").
 
 Where: `Weights` packs its per-layer copies and the output matrix when the steps run on one
 CPU device with the kernels available (`Weights.packed`); nothing else changes. A packed weight
