@@ -12,7 +12,7 @@ from llama2_jax.inference.adapters import Limits
 from llama2_jax.inference.params import GREEDY
 from llama2_jax.inference.slots import Slots
 from llama2_jax.inference.weights import Weights
-from llama2_jax.model import checkpoint, fused, quant
+from llama2_jax.model import checkpoint, fused, packed, quant
 from llama2_jax.model.config import TINY_GQA
 from llama2_jax.model.sharding import make_mesh
 
@@ -32,6 +32,14 @@ def run(weights: Weights, prompt, steps: int):
     return tokens, np.asarray(out.logprob)
 
 
+def unpacked(w) -> np.ndarray:
+    """A weight's values as [in, out] (a packed one's tiles put back side by side)."""
+    if isinstance(w, packed.Packed):  # where the CPU kernels run, Weights packs its copies
+        a = np.asarray(w.w)
+        return a.transpose(1, 0, 2).reshape(a.shape[1], -1)[:, :w.n]
+    return np.asarray(w)
+
+
 def test_fused_layers_give_the_separate_matrices_tokens(one_device_mesh):
     model = checkpoint.random_model(CFG, one_device_mesh, seed=3)
     plain, merged = Weights(model, unstack=True), Weights(model, unstack=True, fuse=True)
@@ -44,8 +52,8 @@ def test_fused_layers_give_the_separate_matrices_tokens(one_device_mesh):
     want = np.concatenate([np.asarray(stacked["attention"][t][1]).reshape(d, -1)
                            for t in ("wq", "wk", "wv")], axis=-1)
     assert qkv.w.shape == (d, (CFG.n_heads + 2 * CFG.n_kv_heads) * h)
-    np.testing.assert_array_equal(np.asarray(qkv.w), want)
-    np.testing.assert_array_equal(np.asarray(gate_up.w), np.concatenate(
+    np.testing.assert_array_equal(unpacked(qkv.w), want)
+    np.testing.assert_array_equal(unpacked(gate_up.w), np.concatenate(
         [np.asarray(stacked["feed_forward"][t][1]) for t in ("w1", "w3")], axis=-1))
     assert len(merged.leaves) < len(plain.leaves)  # wk, wv, w3 hold no arrays
 
@@ -76,6 +84,7 @@ def test_abstract_fused_weights_lower(one_device_mesh):
     slots = aot.abstract_slots(CFG, one_device_mesh, slots=2, length=32, chunk=8, fuse=True)
     assert slots.weights.fused
     qkv = nnx.to_pure_dict(slots.weights.unstacked[0])["attention"]["wq"]
-    assert isinstance(qkv.w, jax.ShapeDtypeStruct) and qkv.w.dtype == jnp.dtype(CFG.weight_dtype)
+    w = qkv.w.w if isinstance(qkv.w, packed.Packed) else qkv.w  # packed for the CPU kernels
+    assert isinstance(w, jax.ShapeDtypeStruct) and w.dtype == jnp.dtype(CFG.weight_dtype)
     names = [name for name, _ in slots.lower_steps(every=False)]
     assert any(n.startswith("decode") for n in names)
