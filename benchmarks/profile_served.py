@@ -6,6 +6,7 @@ with every device call waited for and timed.
   python benchmarks/profile_served.py --clients=64 --sampling=greedy --reps=1
   python benchmarks/profile_served.py --kv_block=128,0    # two cache layouts, alternating
   python benchmarks/profile_served.py --attention=kernel,xla   # with and without the CPU kernels
+                                                   # (all of them: matmuls, attention, floor)
   python benchmarks/profile_served.py --kv_quantization=none,int8   # float32 / 8-bit KV cache
 
 Workload (as bench_serve's): `clients` closed-loop clients, each submitting its next request
@@ -130,7 +131,8 @@ def main() -> None:
     ap.add_argument("--sampling", default="greedy,top_p")
     ap.add_argument("--kv_quantization", default="none", help="comma list of none/int8/fp8")
     ap.add_argument("--attention", default="kernel",
-                    help="comma list of kernel (llama2_jax.model.cpu_kernels) / xla")
+                    help="comma list of kernel (every llama2_jax.model.cpu_kernels kernel: "
+                    "matmuls over packed weights, attention, top-p's floor) / xla (none)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="")
