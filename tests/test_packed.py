@@ -85,3 +85,10 @@ def test_weights_pack_their_copies_only_where_the_kernels_run(one_device_mesh):
 
 def nnx_value(param):
     return param[...]
+
+
+def test_a_packed_weight_without_the_kernel_says_so(monkeypatch):
+    p = packed.pack(jnp.ones((8, 32), jnp.float32))
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs the CPU matmul kernel"):
+        p.einsum("BD,DQ->BQ", jnp.ones((1, 8), jnp.float32))

@@ -163,6 +163,9 @@ def nucleus_floor(x: jax.Array, k: jax.Array, top_p: jax.Array, want: jax.Array)
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [M, K] @ W [K, N] in float32, W packed as w [N / T, K, T] float32 or bfloat16
     (llama2_jax.model.packed). See cpu_matmul.cc."""
+    if not available():  # registers the kernels on first use
+        raise RuntimeError("llama2_jax: a packed weight needs the CPU matmul kernel, which is "
+                           "not available here (see the warning above); use the plain array")
     n = w.shape[0] * w.shape[2]
     call = jax.ffi.ffi_call(MATMUL, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
     return call(x.astype(jnp.float32), w)
