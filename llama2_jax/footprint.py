@@ -40,7 +40,7 @@ from jax.sharding import AbstractMesh
 
 from llama2_jax.devices import MiB, Devices
 from llama2_jax.inference.buckets import Shapes, group_sizes
-from llama2_jax.model import cpu_matmul, kv_cache, quant, sharding
+from llama2_jax.model import cpu_matmul, kv_cache, packed, quant, sharding
 from llama2_jax.model.config import ModelConfig
 
 # What a CPU process holds besides its arrays and compiled code: Python, jaxlib, the tokenizer
@@ -177,7 +177,7 @@ def inference_bytes(cfg: ModelConfig, task: Task, devices: Devices, mesh: dict[s
         if everything <= DEFAULT_OPTIONS.unstack_max_bytes:
             out["per-layer weight copy"] = w["layers"]
             if (quantization == "none" and math.prod(mesh.values()) == 1
-                    and cfg.weight_dtype.name in ("float32", "bfloat16")):
+                    and cfg.weight_dtype in packed.DTYPES):
                 # with the CPU kernels (a C++ compiler present), the output matrix is also
                 # held packed in tiles (llama2_jax.model.packed), next to the model's own
                 out["packed output matrix"] = cfg.dim * cfg.vocab_size * cfg.weight_dtype.itemsize

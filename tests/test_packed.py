@@ -76,15 +76,11 @@ def test_weights_pack_their_copies_only_where_the_kernels_run(one_device_mesh):
         assert isinstance(layer["feed_forward"]["w2"][...], packed.Packed)
         assert isinstance(weights.state["output"][...], packed.Packed)
         assert not isinstance(weights.state["tok_embeddings"][...], packed.Packed)
-    assert isinstance(nnx_value(model.output), jax.Array)  # the caller's model is untouched
+    assert isinstance(model.output[...], jax.Array)  # the caller's model is untouched
     off = Weights(model, options=EngineOptions(cpu_kernels=False))
     assert not off.packed and isinstance(off.state["output"][...], jax.Array)
     scanned = Weights(model, unstack=False)  # layers scanned from the stack: nothing packed
     assert not scanned.packed and isinstance(scanned.state["output"][...], jax.Array)
-
-
-def nnx_value(param):
-    return param[...]
 
 
 def test_a_packed_weight_without_the_kernel_says_so(monkeypatch):

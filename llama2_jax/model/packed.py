@@ -60,8 +60,6 @@ class Packed(fused.Whole):
     def reshape(self, *shape) -> "Packed":
         """The same weight viewed as `shape`, whose leading axes still hold the K inputs."""
         shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
-        shape = tuple(self.k * self.n // math.prod(s for s in shape if s != -1) if s == -1
-                      else s for s in shape)
         for n_in in range(1, len(shape)):
             if math.prod(shape[:n_in]) == self.k and math.prod(shape[n_in:]) == self.n:
                 return Packed(self.w, shape, n_in)
